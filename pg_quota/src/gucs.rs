@@ -1,0 +1,56 @@
+//! Every GUC the extension defines, in one place.
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+
+/// When set, the engine's clock reads this timestamptz instead of `now()`. Superuser only,
+/// so a client cannot move its own windows.
+pub static FAKE_NOW: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// Reservations older than this are released by quota.sweep(): a crashed relay's leftovers.
+pub static RESERVATION_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(600);
+
+/// Seconds between two sweeps of the background worker; 0 turns it off.
+pub static SWEEP_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+
+/// The database whose quota.sweep() the background worker runs.
+pub static SWEEP_DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+
+pub fn register() {
+    GucRegistry::define_int_guc(
+        c"pg_quota.sweep_interval",
+        c"Seconds between two runs of quota.sweep() by the background worker (0 = off).",
+        c"The worker exists only when pg_quota is in shared_preload_libraries.",
+        &SWEEP_INTERVAL_S,
+        0,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_string_guc(
+        c"pg_quota.sweep_database",
+        c"Database in which the background worker runs quota.sweep().",
+        c"Set it in postgresql.conf next to shared_preload_libraries.",
+        &SWEEP_DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_quota.reservation_ttl",
+        c"Age after which quota.sweep() releases a reservation that was never settled.",
+        c"Longer than the slowest upstream request you allow; the relay's own timeout is shorter.",
+        &RESERVATION_TTL_S,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_string_guc(
+        c"pg_quota.fake_now",
+        c"Timestamp the quota engine uses as the current time (tests only).",
+        c"Empty means the real transaction time, now(). Every window computation reads the \
+          clock through quota.clock(), which honours this setting.",
+        &FAKE_NOW,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+}

@@ -1,0 +1,64 @@
+# Shared shell helpers for run.sh, test.sh and bench scripts. Source it; do not run it.
+# Every step that can fail says what failed in one line.
+
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+PG_CONFIG=${PG_CONFIG:-$PG_BIN/pg_config}
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+say()  { printf '[%s] %s\n' "${LOG_TAG:-pg_quota}" "$*"; }
+fail() { printf '[%s] FAILED: %s\n' "${LOG_TAG:-pg_quota}" "$*" >&2; exit 1; }
+
+# Servers run as `postgres`: initdb and postgres refuse to run as root.
+as_postgres() {
+  if [ "$(id -un)" = postgres ]; then "$@"; else runuser -u postgres -- "$@"; fi
+}
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# cluster_init DIR: a cluster owned by postgres with trust auth on loopback and a private socket dir.
+cluster_init() {
+  local dir=$1
+  [ -f "$dir/data/PG_VERSION" ] && return 0
+  mkdir -p "$dir/data" "$dir/socket" || fail "cannot create $dir"
+  chown -R postgres:postgres "$dir" || fail "cannot chown $dir to postgres"
+  as_postgres "$PG_BIN/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 \
+    >"$dir/initdb.log" 2>&1 || fail "initdb of $dir failed (see $dir/initdb.log)"
+}
+
+# cluster_start DIR PORT [extra postgres -c options...]
+cluster_start() {
+  local dir=$1 port=$2; shift 2
+  local opts="-c port=$port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir/socket"
+  local o; for o in "$@"; do opts="$opts -c $o"; done
+  port_in_use "$port" && fail "port $port is in use (another server?); set a free port and retry"
+  as_postgres "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -o "$opts" -w -t 60 start >/dev/null \
+    || { tail -n 5 "$dir/server.log" >&2; fail "cluster in $dir did not start (see $dir/server.log)"; }
+}
+
+cluster_stop() {
+  local dir=$1
+  [ -f "$dir/data/postmaster.pid" ] || return 0
+  as_postgres "$PG_BIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
+}
+
+# Install the extension into the Postgres named by $PG_CONFIG. Pass --release for benchmarks and the demo.
+install_extension() {
+  (cd "$REPO_ROOT/pg_quota" && cargo pgrx install --pg-config "$PG_CONFIG" "$@" >/dev/null 2>&1) \
+    || fail "cargo pgrx install failed (rerun: cd pg_quota && cargo pgrx install --pg-config $PG_CONFIG)"
+}
+
+# Start a binary in the background and wait for its "listening on http://..." stdout line.
+# Sets SPAWNED_PID and SPAWNED_URL. Usage: spawn_listening LOGFILE cmd args...
+spawn_listening() {
+  local log=$1; shift
+  "$@" >"$log" 2>&1 &
+  SPAWNED_PID=$!
+  local i
+  for i in $(seq 1 100); do
+    SPAWNED_URL=$(grep -o 'listening on http://[^ ]*' "$log" 2>/dev/null | head -n1 | sed 's/listening on //')
+    [ -n "$SPAWNED_URL" ] && return 0
+    kill -0 "$SPAWNED_PID" 2>/dev/null || { tail -n 5 "$log" >&2; fail "$1 exited at start-up (see $log)"; }
+    sleep 0.1
+  done
+  fail "$1 did not report a listening address within 10 s (see $log)"
+}
