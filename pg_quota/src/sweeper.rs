@@ -1,0 +1,68 @@
+//! Optional background worker that runs `quota.sweep()` every `pg_quota.sweep_interval`.
+//! It exists only when the library is in `shared_preload_libraries`; otherwise schedule the
+//! sweep with pg_cron (see the README).
+use crate::gucs::{SWEEP_DATABASE, SWEEP_INTERVAL_S};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+use std::time::Duration;
+
+pub fn register() {
+    // SAFETY: a plain global read; true only while the postmaster loads preload libraries.
+    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    BackgroundWorkerBuilder::new("pg_quota sweeper")
+        .set_function("pg_quota_sweeper_main")
+        .set_library("pg_quota")
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(10)))
+        .load();
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_quota_sweeper_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = SWEEP_DATABASE
+        .get()
+        .and_then(|db| db.to_str().ok().map(str::to_owned))
+        .unwrap_or_else(|| "postgres".to_owned());
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    log!("pg_quota sweeper started in database {database}");
+
+    while BackgroundWorker::wait_latch(Some(interval())) {
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: the documented way for a background worker to reload postgresql.conf.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        if SWEEP_INTERVAL_S.get() == 0 {
+            continue;
+        }
+        BackgroundWorker::transaction(sweep_once);
+    }
+}
+
+fn interval() -> Duration {
+    // Disabled (0) still wakes once a minute to notice a SIGHUP that re-enables it.
+    Duration::from_secs(match SWEEP_INTERVAL_S.get() {
+        0 => 60,
+        s => s as u64,
+    })
+}
+
+fn sweep_once() {
+    let installed = Spi::get_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_quota')",
+    );
+    if installed != Ok(Some(true)) {
+        return;
+    }
+    let counts = Spi::get_three::<i32, i32, i32>(
+        "SELECT expired_reservations, resumed_keys, pruned_buckets FROM quota.sweep()",
+    );
+    if let Ok((Some(expired), Some(resumed), Some(pruned))) = counts {
+        if expired + resumed > 0 {
+            log!("pg_quota sweep: {expired} stale reservations released, {resumed} keys resumed, {pruned} rolling buckets pruned");
+        }
+    }
+}

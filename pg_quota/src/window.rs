@@ -1,0 +1,115 @@
+//! SQL entry points over the pgrx-free window math in `pg_quota_core`.
+use chrono::{DateTime, Utc};
+use pg_quota_core::{approx_duration as words, WindowSpec};
+use pgrx::prelude::*;
+
+/// Microseconds between the Unix epoch and the PostgreSQL epoch (2000-01-01).
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+fn to_utc(ts: TimestampWithTimeZone) -> DateTime<Utc> {
+    if !ts.is_finite() {
+        error!("pg_quota: window math needs finite timestamps, got {ts}");
+    }
+    DateTime::from_timestamp_micros(ts.into_inner() + PG_EPOCH_OFFSET_US)
+        .unwrap_or_else(|| error!("pg_quota: timestamp {ts} is out of range"))
+}
+
+fn to_pg(ts: DateTime<Utc>) -> TimestampWithTimeZone {
+    TimestampWithTimeZone::try_from(ts.timestamp_micros() - PG_EPOCH_OFFSET_US)
+        .unwrap_or_else(|_| error!("pg_quota: timestamp {ts} is out of range"))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spec(
+    period: &str,
+    period_minutes: Option<i32>,
+    window_mode: &str,
+    anchor: TimestampWithTimeZone,
+    time_zone: &str,
+    week_start: i32,
+    reset_hour: i32,
+) -> WindowSpec {
+    WindowSpec::from_columns(
+        period,
+        period_minutes,
+        window_mode,
+        to_utc(anchor),
+        time_zone,
+        week_start,
+        reset_hour,
+    )
+    .unwrap_or_else(|e| {
+        ereport!(ERROR, PgSqlErrorCode::ERRCODE_CHECK_VIOLATION, e.to_string());
+    })
+}
+
+/// The window of a policy that contains `at`: [window_start, window_end). window_end is NULL
+/// for `total` windows, which never end. Rolling windows end one bucket (minute) after `at`.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(immutable, parallel_safe)]
+pub(crate) fn window_bounds(
+    period: &str,
+    period_minutes: Option<i32>,
+    window_mode: &str,
+    anchor: TimestampWithTimeZone,
+    time_zone: &str,
+    week_start: i32,
+    reset_hour: i32,
+    at: TimestampWithTimeZone,
+) -> TableIterator<
+    'static,
+    (
+        name!(window_start, TimestampWithTimeZone),
+        name!(window_end, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let spec = spec(period, period_minutes, window_mode, anchor, time_zone, week_start, reset_hour);
+    let w = spec.window_at(to_utc(at));
+    TableIterator::once((to_pg(w.start), w.end.map(to_pg)))
+}
+
+/// NULL when the window columns of a policy are valid, else {column, message}.
+#[pg_extern(immutable, parallel_safe)]
+pub(crate) fn policy_window_problem(
+    period: &str,
+    period_minutes: Option<i32>,
+    window_mode: &str,
+    time_zone: &str,
+    week_start: i32,
+    reset_hour: i32,
+) -> Option<Vec<String>> {
+    let anchor = DateTime::<Utc>::UNIX_EPOCH;
+    WindowSpec::from_columns(period, period_minutes, window_mode, anchor, time_zone, week_start, reset_hour)
+        .err()
+        .map(|e| vec![e.field.to_string(), e.to_string()])
+}
+
+/// An approximate duration in words ("about 3 hours"), for messages that must not leak amounts.
+#[pg_extern(immutable, parallel_safe, strict)]
+pub(crate) fn approx_duration(seconds: i64) -> String {
+    words(seconds)
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn day_window_in_new_york_on_the_23_hour_day() {
+        let hours = Spi::get_one::<i32>(
+            "SELECT (extract(epoch FROM window_end - window_start) / 3600)::int \
+             FROM quota.window_bounds('day', NULL, 'fixed', '2026-01-01', 'America/New_York', 1, 0, \
+                                      '2026-03-08 12:00:00-04')",
+        );
+        assert_eq!(hours, Ok(Some(23)));
+    }
+
+    #[pg_test(error = "invalid policy: time_zone: unknown time zone 'Mars/Olympus'; use an IANA time zone name such as 'UTC', 'Europe/Berlin' or 'America/New_York'")]
+    fn unknown_time_zone_is_refused() {
+        Spi::run(
+            "SELECT * FROM quota.window_bounds('day', NULL, 'fixed', now(), 'Mars/Olympus', 1, 0, now())",
+        )
+        .unwrap();
+    }
+}

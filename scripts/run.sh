@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Bring up the product locally: a project-local PostgreSQL 15 cluster (data in .pgdata/) with
+# pg_quota installed and created, a demo user/key/policy, the mock upstream and the relay.
+# Prints the demo key and a ready curl. Ctrl-C stops everything it started.
+set -euo pipefail
+LOG_TAG=run
+source "$(dirname "$0")/lib.sh"
+cd "$REPO_ROOT"
+
+PGQ_PORT=${PGQ_PORT:-54329}
+RELAY_LISTEN=${PGQ_LISTEN:-127.0.0.1:8080}
+MOCK_LISTEN=${PGQ_MOCK_LISTEN:-127.0.0.1:9090}
+DATA=$REPO_ROOT/.pgdata
+RUNDIR=$REPO_ROOT/.run
+mkdir -p "$RUNDIR"; chmod 700 "$RUNDIR"
+
+bash scripts/bootstrap.sh
+for addr in "$RELAY_LISTEN" "$MOCK_LISTEN"; do
+  port_in_use "${addr##*:}" && fail "port ${addr##*:} is in use; set PGQ_LISTEN / PGQ_MOCK_LISTEN to free addresses"
+done
+
+say "building the extension and the relay (release)"
+install_extension --release
+cargo build -q --release -p pg-quota-relay || fail "cargo build --release -p pg-quota-relay"
+
+pids=()
+stop_all() {
+  trap - INT TERM EXIT
+  say "stopping"
+  [ ${#pids[@]} -gt 0 ] && kill "${pids[@]}" 2>/dev/null && wait "${pids[@]}" 2>/dev/null
+  cluster_stop "$DATA"
+}
+trap stop_all INT TERM EXIT
+
+cluster_init "$DATA"
+cluster_start "$DATA" "$PGQ_PORT" "shared_preload_libraries=pg_quota" "pg_quota.sweep_database=pg_quota"
+say "PostgreSQL 15 on 127.0.0.1:$PGQ_PORT (data in .pgdata/, log in .pgdata/server.log)"
+PSQL=(psql -X -q -h "$DATA/socket" -p "$PGQ_PORT" -U postgres -v ON_ERROR_STOP=1)
+"${PSQL[@]}" -d postgres -tc "SELECT 1 FROM pg_database WHERE datname = 'pg_quota'" | grep -q 1 \
+  || "${PSQL[@]}" -d postgres -c "CREATE DATABASE pg_quota" || fail "create database pg_quota"
+"${PSQL[@]}" -d pg_quota -c "CREATE EXTENSION IF NOT EXISTS pg_quota; ALTER EXTENSION pg_quota UPDATE" \
+  || fail "CREATE EXTENSION pg_quota"
+
+# The demo key is shown once by create_key; keep it (mode 600) so later runs can print it again.
+if [ ! -s "$RUNDIR/demo-key" ]; then
+  "${PSQL[@]}" -d pg_quota -At -f sql/examples/demo.sql >"$RUNDIR/demo-key" || fail "seeding the demo data"
+  chmod 600 "$RUNDIR/demo-key"
+fi
+DEMO_KEY=$(tail -n1 "$RUNDIR/demo-key")
+
+DATABASE_URL="host=127.0.0.1 port=$PGQ_PORT user=postgres dbname=pg_quota"
+spawn_listening "$RUNDIR/mock.log" target/release/pg-quota-relay mock-upstream --listen "$MOCK_LISTEN"
+pids+=("$SPAWNED_PID"); MOCK_URL=$SPAWNED_URL
+DATABASE_URL=$DATABASE_URL spawn_listening "$RUNDIR/relay.log" target/release/pg-quota-relay serve \
+  --listen "$RELAY_LISTEN" --upstream-url "$MOCK_URL/v1"
+pids+=("$SPAWNED_PID"); RELAY_URL=$SPAWNED_URL
+
+cat <<MSG
+
+  pg_quota is up.
+    relay          $RELAY_URL   (log: .run/relay.log)
+    demo upstream  $MOCK_URL    (log: .run/mock.log)
+    database       psql -h 127.0.0.1 -p $PGQ_PORT -U postgres pg_quota
+    demo key       $DEMO_KEY
+
+  Try:
+    curl -s $RELAY_URL/healthz
+    curl -s $RELAY_URL/v1/chat/completions -H "Authorization: Bearer $DEMO_KEY" \\
+         -H 'Content-Type: application/json' \\
+         -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello!"}]}'
+    psql -h 127.0.0.1 -p $PGQ_PORT -U postgres pg_quota -c 'SELECT * FROM quota.status(1)'
+
+  Ctrl-C stops everything.
+MSG
+wait -n "${pids[@]}" || true
+fail "a process exited unexpectedly (see .run/*.log)"

@@ -1,0 +1,184 @@
+-- pg_quota tables. Everything lives in schema quota (@extschema@).
+-- Counters are updated on every request: they carry no index but their primary key, and a
+-- lower fillfactor, so those updates stay HOT.
+
+CREATE TABLE quota.app_user (
+    user_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name       text NOT NULL UNIQUE CHECK (name <> ''),
+    enabled    boolean NOT NULL DEFAULT true,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE quota.app_user IS 'Users own API keys; user policies cover all of their keys.';
+
+-- A key is sk-pgq-<public_id>-<secret>. Only sha256(secret) is stored; public_id finds the row.
+CREATE TABLE quota.api_key (
+    key_id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    user_id            bigint NOT NULL REFERENCES quota.app_user ON DELETE CASCADE,
+    name               text NOT NULL,
+    public_id          text NOT NULL UNIQUE,
+    secret_hash        bytea NOT NULL,
+    enabled            boolean NOT NULL DEFAULT true,
+    expires_at         timestamptz,
+    -- Set by a policy with on_exhausted = 'disable'; the key resumes by itself at this instant.
+    suspended_until    timestamptz,
+    suspended_by       bigint,
+    created_at         timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX ON quota.api_key (user_id);
+COMMENT ON COLUMN quota.api_key.suspended_until IS
+    'Set when an on_exhausted = ''disable'' policy is exhausted; cleared lazily by admit or by quota.sweep() once passed.';
+
+-- Prices per million tokens, exact decimals. cached_input NULL means "same as input".
+CREATE TABLE quota.model_price (
+    model                  text PRIMARY KEY CHECK (model <> ''),
+    input_per_mtok         numeric NOT NULL CHECK (input_per_mtok >= 0),
+    output_per_mtok        numeric NOT NULL CHECK (output_per_mtok >= 0),
+    cached_input_per_mtok  numeric CHECK (cached_input_per_mtok >= 0),
+    updated_at             timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE quota.policy (
+    policy_id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name           text,
+    subject_type   text NOT NULL,
+    subject_id     bigint NOT NULL,
+    metric         text NOT NULL DEFAULT 'cost',
+    period         text NOT NULL,
+    period_minutes integer,
+    window_mode    text NOT NULL DEFAULT 'fixed',
+    anchor         timestamptz NOT NULL DEFAULT quota.clock(),
+    time_zone      text NOT NULL DEFAULT 'UTC',
+    week_start     smallint NOT NULL DEFAULT 1,
+    reset_hour     smallint NOT NULL DEFAULT 0,
+    quota_limit    numeric NOT NULL,
+    boundary       text NOT NULL DEFAULT 'strict',
+    on_exhausted   text NOT NULL DEFAULT 'reject',
+    exclusive      boolean NOT NULL DEFAULT false,
+    enabled        boolean NOT NULL DEFAULT true,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX ON quota.policy (subject_type, subject_id) WHERE enabled;
+COMMENT ON TABLE quota.policy IS
+    'One quota rule. Admins INSERT/UPDATE/DELETE rows; a trigger refuses invalid rows naming the column.';
+COMMENT ON COLUMN quota.policy.anchor IS
+    'Aligns 5h and minutes windows, gives month windows their day-of-month, and starts total windows. Manual reset never moves it.';
+COMMENT ON COLUMN quota.policy.week_start IS 'ISO weekday a week window starts on: 1 = Monday … 7 = Sunday.';
+COMMENT ON COLUMN quota.policy.reset_hour IS 'Local hour (0-23, in time_zone) at which day, week and month windows start.';
+
+-- Live counter of one policy for one scope (the key, the user, …) in its current window.
+-- used counts settled usage of the window starting at window_start; reserved counts holds of
+-- in-flight requests and survives window roll-over and manual reset (their settle releases it).
+CREATE TABLE quota.counter (
+    policy_id     bigint NOT NULL REFERENCES quota.policy ON DELETE CASCADE,
+    scope_id      bigint NOT NULL,
+    window_start  timestamptz NOT NULL,
+    used          numeric NOT NULL DEFAULT 0 CHECK (used >= 0),
+    reserved      numeric NOT NULL DEFAULT 0 CHECK (reserved >= 0),
+    exhausted_at  timestamptz,
+    reset_at      timestamptz,
+    PRIMARY KEY (policy_id, scope_id)
+) WITH (fillfactor = 70);
+
+-- Rolling windows: settled usage per one-minute bucket; the window sums the buckets it covers.
+CREATE TABLE quota.rolling_usage (
+    policy_id  bigint NOT NULL REFERENCES quota.policy ON DELETE CASCADE,
+    scope_id   bigint NOT NULL,
+    bucket     timestamptz NOT NULL,
+    used       numeric NOT NULL DEFAULT 0 CHECK (used >= 0),
+    PRIMARY KEY (policy_id, scope_id, bucket)
+) WITH (fillfactor = 70);
+
+-- In-flight requests: one row from admit until settle/refund/sweep. hold_* are parallel arrays:
+-- the amount reserved on each policy's counter.
+CREATE TABLE quota.reservation (
+    request_id        text PRIMARY KEY,
+    key_id            bigint NOT NULL,
+    user_id           bigint NOT NULL,
+    channel_id        bigint,
+    model             text NOT NULL,
+    est_input_tokens  bigint NOT NULL,
+    max_output_tokens bigint NOT NULL,
+    hold_policy       bigint[] NOT NULL,
+    hold_scope        bigint[] NOT NULL,
+    hold_amount       numeric[] NOT NULL,
+    created_at        timestamptz NOT NULL
+);
+CREATE INDEX ON quota.reservation (created_at);
+
+-- Requests whose reservation was released without a settle: refunded, or expired by the sweep.
+CREATE TABLE quota.released (
+    request_id   text PRIMARY KEY,
+    key_id       bigint NOT NULL,
+    user_id      bigint NOT NULL,
+    channel_id   bigint,
+    model        text NOT NULL,
+    kind         text NOT NULL CHECK (kind IN ('refunded', 'expired')),
+    reason       text,
+    released_at  timestamptz NOT NULL
+);
+
+-- Append-only: one row per settled request. counted_* say what each policy counter received.
+CREATE TABLE quota.usage_ledger (
+    ledger_id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    request_id       text NOT NULL UNIQUE,
+    key_id           bigint NOT NULL,
+    user_id          bigint NOT NULL,
+    channel_id       bigint,
+    model            text NOT NULL,
+    input_tokens     bigint NOT NULL,
+    output_tokens    bigint NOT NULL,
+    cached_tokens    bigint NOT NULL,
+    cost             numeric NOT NULL CHECK (cost >= 0),
+    billed           boolean NOT NULL,
+    unbilled_reason  text CHECK (billed = (unbilled_reason IS NULL)),
+    counted_policy   bigint[] NOT NULL,
+    counted_scope    bigint[] NOT NULL,
+    counted_window   timestamptz[] NOT NULL,
+    counted_amount   numeric[] NOT NULL,
+    settled_at       timestamptz NOT NULL
+);
+CREATE INDEX ON quota.usage_ledger (key_id, settled_at);
+
+-- Daily rollups, maintained by a trigger on the ledger in the same transaction.
+CREATE TABLE quota.usage_daily (
+    day            date NOT NULL,
+    key_id         bigint NOT NULL,
+    user_id        bigint NOT NULL,
+    model          text NOT NULL,
+    channel_id     bigint NOT NULL DEFAULT 0,
+    requests       bigint NOT NULL DEFAULT 0,
+    input_tokens   bigint NOT NULL DEFAULT 0,
+    output_tokens  bigint NOT NULL DEFAULT 0,
+    cached_tokens  bigint NOT NULL DEFAULT 0,
+    cost           numeric NOT NULL DEFAULT 0,
+    unbilled       bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, key_id, model, channel_id)
+) WITH (fillfactor = 70);
+COMMENT ON COLUMN quota.usage_daily.channel_id IS '0 when the request had no channel.';
+
+CREATE TABLE quota.event (
+    event_id   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at         timestamptz NOT NULL,
+    kind       text NOT NULL CHECK (kind IN ('exhausted', 'disabled', 'resumed', 'reset',
+                                             'policy_created', 'policy_changed', 'policy_deleted',
+                                             'reservation_expired')),
+    policy_id  bigint,
+    key_id     bigint,
+    user_id    bigint,
+    detail     jsonb NOT NULL DEFAULT '{}'
+);
+CREATE INDEX ON quota.event (at);
+
+-- pg_dump must dump the rows of extension tables: they are the product's data.
+SELECT pg_catalog.pg_extension_config_dump('quota.app_user', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.api_key', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.model_price', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.policy', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.counter', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.rolling_usage', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.reservation', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.released', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.usage_ledger', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.usage_daily', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.event', '');

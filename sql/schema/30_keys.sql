@@ -1,0 +1,48 @@
+-- Users, keys and prices.
+
+CREATE FUNCTION quota.create_user(name text) RETURNS bigint
+LANGUAGE sql VOLATILE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    INSERT INTO quota.app_user (name) VALUES (create_user.name) RETURNING user_id
+$$;
+
+-- Returns the secret once: sk-pgq-<12 hex public id>-<64 hex secret>. Only sha256(secret) is
+-- stored. The randomness is gen_random_uuid()'s, i.e. pg_strong_random().
+CREATE FUNCTION quota.create_key(user_id bigint, name text, expires_at timestamptz DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    public_id text := left(replace(gen_random_uuid()::text, '-', ''), 12);
+    secret    text := replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
+BEGIN
+    IF create_key.user_id IS NULL OR NOT EXISTS (SELECT 1 FROM quota.app_user u WHERE u.user_id = create_key.user_id) THEN
+        RAISE EXCEPTION 'create_key: no user with user_id %', create_key.user_id
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    IF coalesce(create_key.name, '') = '' THEN
+        RAISE EXCEPTION 'create_key: name must not be empty' USING ERRCODE = 'not_null_violation';
+    END IF;
+    INSERT INTO quota.api_key (user_id, name, public_id, secret_hash, expires_at)
+    VALUES (create_key.user_id, create_key.name, public_id,
+            sha256(convert_to(secret, 'UTF8')), create_key.expires_at);
+    RETURN 'sk-pgq-' || public_id || '-' || secret;
+END
+$$;
+
+-- The key row for a presented secret, or nothing. Indexed lookup by public id, then hash compare.
+CREATE FUNCTION quota.key_for_secret(api_key text) RETURNS SETOF quota.api_key
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT k.* FROM quota.api_key k
+    WHERE api_key ~ '^sk-pgq-[0-9a-f]{12}-[0-9a-f]{64}$'
+      AND k.public_id = substr(api_key, 8, 12)
+      AND k.secret_hash = sha256(convert_to(substr(api_key, 21), 'UTF8'))
+$$;
+
+-- Cost of a usage in money, exactly; NULL when the model has no price.
+CREATE FUNCTION quota.price_of(model text, input_tokens bigint, output_tokens bigint, cached_tokens bigint)
+RETURNS numeric
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT trim_scale(((input_tokens - least(cached_tokens, input_tokens)) * p.input_per_mtok
+            + least(cached_tokens, input_tokens) * coalesce(p.cached_input_per_mtok, p.input_per_mtok)
+            + output_tokens * p.output_per_mtok) / 1000000)
+    FROM quota.model_price p WHERE p.model = price_of.model
+$$;

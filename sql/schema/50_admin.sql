@@ -1,0 +1,146 @@
+-- Admin-side functions: manual reset, status, sweep, drift check.
+
+-- Clears the current window's usage and unblocks, keeping the anchor and the window (so the
+-- next reset stays where it was). In-flight holds stay: their settle or refund releases them.
+CREATE FUNCTION quota.reset(policy_id bigint) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_now timestamptz := quota.clock();
+    v_key record;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM quota.policy p WHERE p.policy_id = reset.policy_id) THEN
+        RAISE EXCEPTION 'reset: no policy with policy_id %', reset.policy_id USING ERRCODE = 'PQ404';
+    END IF;
+    UPDATE quota.counter c SET used = 0, exhausted_at = NULL, reset_at = v_now
+    WHERE c.policy_id = reset.policy_id;
+    DELETE FROM quota.rolling_usage r WHERE r.policy_id = reset.policy_id;
+    INSERT INTO quota.event (at, kind, policy_id) VALUES (v_now, 'reset', reset.policy_id);
+    FOR v_key IN
+        UPDATE quota.api_key k SET suspended_until = NULL, suspended_by = NULL
+        WHERE k.suspended_by = reset.policy_id RETURNING k.key_id, k.user_id
+    LOOP
+        INSERT INTO quota.event (at, kind, policy_id, key_id, user_id, detail)
+        VALUES (v_now, 'resumed', reset.policy_id, v_key.key_id, v_key.user_id, '{"by": "reset"}');
+    END LOOP;
+END
+$$;
+
+-- One row per policy that applies to the key, as of quota.clock(): a window that has rolled
+-- shows its new, empty state even if no request has touched it yet.
+CREATE FUNCTION quota.status(key_id bigint)
+RETURNS TABLE (policy_id bigint, subject_type text, metric text, period text, window_mode text,
+               quota_limit numeric, used numeric, reserved numeric, remaining numeric,
+               window_start timestamptz, next_reset timestamptz, state text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH k AS (SELECT * FROM quota.api_key k WHERE k.key_id = status.key_id),
+    now_ts AS (SELECT quota.clock() AS t)
+    SELECT p.policy_id, p.subject_type, p.metric, p.period, p.window_mode, p.quota_limit,
+           trim_scale(u.used), trim_scale(coalesce(c.reserved, 0)),
+           trim_scale(greatest(p.quota_limit - u.used - coalesce(c.reserved, 0), 0)),
+           w.window_start,
+           CASE WHEN p.window_mode = 'fixed' THEN w.window_end
+                WHEN u.used > 0 THEN quota.window_frees_at(p, c.scope_id, w.window_start, w.window_end, n.t) END,
+           CASE WHEN k.suspended_by = p.policy_id AND k.suspended_until > n.t THEN 'suspended'
+                WHEN u.used >= p.quota_limit THEN 'exhausted'
+                ELSE 'ok' END
+    FROM k CROSS JOIN now_ts n
+    JOIN quota.policy p ON p.enabled AND ((p.subject_type = 'key' AND p.subject_id = k.key_id)
+                                       OR (p.subject_type = 'user' AND p.subject_id = k.user_id))
+    CROSS JOIN LATERAL quota.window_bounds(p.period, p.period_minutes, p.window_mode, p.anchor,
+                                           p.time_zone, p.week_start, p.reset_hour, n.t) w
+    LEFT JOIN quota.counter c ON c.policy_id = p.policy_id
+         AND c.scope_id = CASE p.subject_type WHEN 'key' THEN k.key_id ELSE k.user_id END
+    CROSS JOIN LATERAL (SELECT quota.window_used(p, c, w.window_start) AS used) u
+    ORDER BY p.policy_id
+$$;
+
+-- Releases reservations older than pg_quota.reservation_ttl (a crashed relay's), resumes keys
+-- whose suspension ran out, prunes rolling buckets no window covers any more. Logged; safe to
+-- run concurrently with traffic and with itself. Run it from pg_cron or the background worker.
+CREATE FUNCTION quota.sweep(OUT expired_reservations integer, OUT resumed_keys integer,
+                            OUT pruned_buckets integer)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_now timestamptz := quota.clock();
+    v_ttl interval := current_setting('pg_quota.reservation_ttl')::interval;
+    v_res quota.reservation;
+    v_key bigint;
+BEGIN
+    expired_reservations := 0;
+    FOR v_res IN
+        DELETE FROM quota.reservation r
+        WHERE r.request_id IN (SELECT r2.request_id FROM quota.reservation r2
+                               WHERE r2.created_at < v_now - v_ttl
+                               ORDER BY r2.request_id FOR UPDATE SKIP LOCKED)
+        RETURNING r.*
+    LOOP
+        PERFORM quota.release_holds(v_res);
+        INSERT INTO quota.released (request_id, key_id, user_id, channel_id, model, kind, reason, released_at)
+        VALUES (v_res.request_id, v_res.key_id, v_res.user_id, v_res.channel_id, v_res.model,
+                'expired', format('reservation older than %s s', extract(epoch FROM v_ttl)), v_now);
+        INSERT INTO quota.event (at, kind, key_id, user_id, detail)
+        VALUES (v_now, 'reservation_expired', v_res.key_id, v_res.user_id,
+                jsonb_build_object('request_id', v_res.request_id, 'created_at', v_res.created_at));
+        expired_reservations := expired_reservations + 1;
+    END LOOP;
+
+    resumed_keys := 0;
+    FOR v_key IN SELECT k.key_id FROM quota.api_key k WHERE k.suspended_until <= v_now LOOP
+        IF quota.resume_key(v_key, v_now) THEN
+            resumed_keys := resumed_keys + 1;
+        END IF;
+    END LOOP;
+
+    DELETE FROM quota.rolling_usage r
+    USING quota.policy p, LATERAL quota.window_bounds(p.period, p.period_minutes, p.window_mode, p.anchor,
+                                                      p.time_zone, p.week_start, p.reset_hour, v_now) w
+    WHERE r.policy_id = p.policy_id AND r.bucket < w.window_start;
+    GET DIAGNOSTICS pruned_buckets = ROW_COUNT;
+END
+$$;
+
+-- Recomputes every live counter from the ledger and the live reservations; returns only the
+-- counters that disagree (none when healthy).
+CREATE FUNCTION quota.drift()
+RETURNS TABLE (policy_id bigint, scope_id bigint, counter_used numeric, ledger_used numeric,
+               counter_reserved numeric, holds_reserved numeric)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH now_ts AS (SELECT quota.clock() AS t),
+    counted AS (
+        SELECT x.policy_id, x.scope_id, x.window_start, x.amount, l.settled_at
+        FROM quota.usage_ledger l,
+             unnest(l.counted_policy, l.counted_scope, l.counted_window, l.counted_amount)
+                 AS x(policy_id, scope_id, window_start, amount)
+    ),
+    holds AS (
+        SELECT h.policy_id, h.scope_id, sum(h.amount) AS amount
+        FROM quota.reservation r, unnest(r.hold_policy, r.hold_scope, r.hold_amount) AS h(policy_id, scope_id, amount)
+        GROUP BY 1, 2
+    ),
+    expected AS (
+        SELECT c.policy_id, c.scope_id,
+               CASE p.window_mode
+                   WHEN 'fixed' THEN c.used
+                   ELSE (SELECT coalesce(sum(r.used), 0) FROM quota.rolling_usage r
+                          WHERE r.policy_id = c.policy_id AND r.scope_id = c.scope_id AND r.bucket >= w.window_start)
+               END AS counter_used,
+               (SELECT coalesce(sum(k.amount), 0) FROM counted k
+                 WHERE k.policy_id = c.policy_id AND k.scope_id = c.scope_id
+                   AND k.settled_at >= coalesce(c.reset_at, '-infinity')
+                   AND CASE p.window_mode
+                           WHEN 'fixed' THEN k.window_start = c.window_start
+                           ELSE to_timestamp(floor(extract(epoch FROM k.settled_at) / 60) * 60) >= w.window_start
+                       END) AS ledger_used,
+               c.reserved AS counter_reserved,
+               coalesce(h.amount, 0) AS holds_reserved
+        FROM quota.counter c
+        JOIN quota.policy p ON p.policy_id = c.policy_id
+        CROSS JOIN now_ts n
+        CROSS JOIN LATERAL quota.window_bounds(p.period, p.period_minutes, p.window_mode, p.anchor,
+                                               p.time_zone, p.week_start, p.reset_hour, n.t) w
+        LEFT JOIN holds h ON h.policy_id = c.policy_id AND h.scope_id = c.scope_id
+    )
+    SELECT * FROM expected e
+    WHERE e.counter_used <> e.ledger_used OR e.counter_reserved <> e.holds_reserved
+    ORDER BY 1, 2
+$$;

@@ -1,0 +1,34 @@
+-- Daily rollups per key/user/model/channel, kept by a trigger in the settle transaction.
+CREATE FUNCTION quota.usage_daily_add() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    INSERT INTO quota.usage_daily AS d (day, key_id, user_id, model, channel_id, requests, input_tokens,
+                                        output_tokens, cached_tokens, cost, unbilled)
+    VALUES ((NEW.settled_at AT TIME ZONE 'UTC')::date, NEW.key_id, NEW.user_id, NEW.model,
+            coalesce(NEW.channel_id, 0), 1, NEW.input_tokens, NEW.output_tokens, NEW.cached_tokens,
+            NEW.cost, CASE WHEN NEW.billed THEN 0 ELSE 1 END)
+    ON CONFLICT (day, key_id, model, channel_id) DO UPDATE SET
+        requests      = d.requests + 1,
+        input_tokens  = d.input_tokens + EXCLUDED.input_tokens,
+        output_tokens = d.output_tokens + EXCLUDED.output_tokens,
+        cached_tokens = d.cached_tokens + EXCLUDED.cached_tokens,
+        cost          = d.cost + EXCLUDED.cost,
+        unbilled      = d.unbilled + EXCLUDED.unbilled;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER usage_daily_add AFTER INSERT ON quota.usage_ledger
+    FOR EACH ROW EXECUTE FUNCTION quota.usage_daily_add();
+
+-- The ledger is append-only.
+CREATE FUNCTION quota.usage_ledger_append_only() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'quota.usage_ledger is append-only (% refused)', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+
+CREATE TRIGGER usage_ledger_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON quota.usage_ledger
+    FOR EACH STATEMENT EXECUTE FUNCTION quota.usage_ledger_append_only();

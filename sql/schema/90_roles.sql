@@ -1,0 +1,44 @@
+-- Least privilege. Runs last, after every function exists.
+--   quota_relay: may only run the request lifecycle (admit, settle, refund, models).
+--   quota_admin: manages users, keys, prices and policies; reads counters, ledger, events.
+-- Grant them to login roles: GRANT quota_relay TO relay_login;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'quota_relay') THEN
+        CREATE ROLE quota_relay NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'quota_admin') THEN
+        CREATE ROLE quota_admin NOLOGIN;
+    END IF;
+END
+$$;
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA quota FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA quota FROM PUBLIC;
+GRANT USAGE ON SCHEMA quota TO quota_relay, quota_admin;
+
+GRANT EXECUTE ON FUNCTION
+    quota.admit(text, text, text, bigint, bigint, bigint),
+    quota.settle(text, bigint, bigint, bigint),
+    quota.refund(text, text),
+    quota.models(text)
+TO quota_relay;
+
+GRANT SELECT, INSERT, UPDATE, DELETE ON quota.policy, quota.model_price, quota.app_user TO quota_admin;
+GRANT SELECT, DELETE, UPDATE (name, enabled, expires_at, suspended_until, suspended_by) ON quota.api_key
+    TO quota_admin;
+GRANT SELECT ON quota.counter, quota.rolling_usage, quota.reservation, quota.released,
+                quota.usage_ledger, quota.usage_daily, quota.event TO quota_admin;
+GRANT EXECUTE ON FUNCTION
+    quota.create_user(text),
+    quota.create_key(bigint, text, timestamptz),
+    quota.reset(bigint),
+    quota.status(bigint),
+    quota.sweep(),
+    quota.drift(),
+    quota.clock(),
+    quota.approx_duration(bigint),
+    quota.window_bounds(text, integer, text, timestamptz, text, integer, integer, timestamptz),
+    quota.policy_window_problem(text, integer, text, text, integer, integer),
+    quota.policy_refuse(text, text)
+TO quota_admin;

@@ -1,0 +1,62 @@
+-- Exhaustion actions, manual reset, the sweep, and late settles.
+SET TimeZone = 'UTC';
+SET DateStyle = 'ISO, YMD';
+SET IntervalStyle = 'postgres';
+BEGIN;
+SET LOCAL pg_quota.fake_now = '2026-05-01 10:00:00+00';
+SELECT quota.create_user('gina') AS gina \gset
+SELECT quota.create_key(:gina, 'suspendable') AS key \gset
+SELECT key_id AS kid FROM quota.api_key WHERE name = 'suspendable' \gset
+-- 1000 tokens per 5h window anchored at 09:00; graceful; exhausting it suspends the key.
+INSERT INTO quota.policy (subject_type, subject_id, metric, period, anchor, quota_limit, boundary, on_exhausted)
+VALUES ('key', :kid, 'tokens', '5h', '2026-05-01 09:00:00+00', 1000, 'graceful', 'disable')
+RETURNING policy_id AS pol \gset
+SELECT allowed FROM quota.admit(:'key', 'e1', 'm', 500, 500);
+SELECT * FROM quota.settle('e1', 600, 600);
+SELECT suspended_until, suspended_by = :pol AS by_policy FROM quota.api_key WHERE key_id = :kid;
+SELECT http_status, error_code, retry_after_s, message FROM quota.admit(:'key', 'e2', 'm', 1, 1);
+SELECT state FROM quota.status(:kid);
+-- At the window's end the key resumes by itself on the next request, and it is logged.
+SET LOCAL pg_quota.fake_now = '2026-05-01 14:00:00+00';
+SELECT allowed FROM quota.admit(:'key', 'e3', 'm', 1, 1);
+SELECT suspended_until FROM quota.api_key WHERE key_id = :kid;
+SELECT kind FROM quota.event WHERE key_id = :kid ORDER BY event_id;
+
+-- Exhaust again, then the sweep (pg_cron or the background worker) resumes it without traffic.
+SELECT * FROM quota.settle('e3', 1000, 0);
+SELECT suspended_until FROM quota.api_key WHERE key_id = :kid;
+SET LOCAL pg_quota.fake_now = '2026-05-01 19:00:00+00';
+SELECT * FROM quota.sweep();
+SELECT suspended_until FROM quota.api_key WHERE key_id = :kid;
+
+-- Manual reset: clears the window's usage and unblocks, but keeps the anchor: the next reset
+-- is still at 19:00 + 5h, not 5 hours after the reset (peer bug).
+SELECT allowed FROM quota.admit(:'key', 'e4', 'm', 900, 100);
+SELECT * FROM quota.settle('e4', 900, 200);
+SET LOCAL pg_quota.fake_now = '2026-05-01 20:30:00+00';
+SELECT used, window_start, next_reset, state FROM quota.status(:kid);
+SELECT quota.reset(:pol);
+SELECT used, window_start, next_reset, state FROM quota.status(:kid);
+SELECT anchor FROM quota.policy WHERE policy_id = :pol;
+SELECT allowed FROM quota.admit(:'key', 'e5', 'm', 1, 1);
+SELECT kind FROM quota.event WHERE policy_id = :pol AND kind IN ('reset', 'resumed') ORDER BY event_id;
+
+-- Stale reservations (a relay that died) are released by the sweep after the TTL, logged, and
+-- a late settle still charges the usage: nothing is lost.
+SELECT reserved FROM quota.status(:kid);
+SET LOCAL pg_quota.reservation_ttl = '10min';
+SET LOCAL pg_quota.fake_now = '2026-05-01 20:39:00+00';
+SELECT expired_reservations FROM quota.sweep();
+SET LOCAL pg_quota.fake_now = '2026-05-01 20:41:00+00';
+SELECT expired_reservations FROM quota.sweep();
+SELECT reserved FROM quota.status(:kid);
+SELECT kind, reason FROM quota.released WHERE request_id = 'e5';
+SELECT quota.refund('e5') AS refund_after_expiry;
+SELECT * FROM quota.settle('e5', 3, 4);
+SELECT used FROM quota.status(:kid);
+SELECT count(*) AS drifting_counters FROM quota.drift();
+
+-- reset of an unknown policy is an error.
+\set VERBOSITY sqlstate
+SELECT quota.reset(-1);
+ROLLBACK;
