@@ -1,0 +1,146 @@
+//! Command line: flags with environment fallbacks. Secrets come only from a flag or the
+//! environment and are never printed (`hide_env_values`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "pg-quota-relay", version, about = "OpenAI-compatible relay in front of pg_quota")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Relay OpenAI-compatible requests, calling quota.admit / quota.settle around each one.
+    Serve(ServeArgs),
+    /// A fake OpenAI-compatible upstream for demos and tests.
+    MockUpstream(MockArgs),
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// libpq-style URL or key=value string of the pg_quota database.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Address to listen on; port 0 picks a free port (printed on stdout).
+    #[arg(long, env = "PGQ_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Maximum number of database connections.
+    #[arg(long, env = "PGQ_POOL_SIZE", default_value_t = 16)]
+    pub pool_size: usize,
+
+    /// OpenAI-compatible base URL (e.g. http://127.0.0.1:9090/v1), used when admit names no
+    /// channel upstream.
+    #[arg(long, env = "PGQ_UPSTREAM_URL")]
+    pub upstream_url: Option<String>,
+
+    /// Bearer key sent to --upstream-url (never to a channel's own upstream URL).
+    #[arg(long, env = "PGQ_UPSTREAM_API_KEY", hide_env_values = true)]
+    pub upstream_api_key: Option<String>,
+
+    /// Largest request body accepted; larger bodies get 413.
+    #[arg(long, env = "PGQ_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Output tokens reserved when the request names no max_tokens-style limit.
+    #[arg(long, env = "PGQ_DEFAULT_MAX_OUTPUT_TOKENS", default_value_t = 1024)]
+    pub default_max_output_tokens: i64,
+
+    /// When the database is unreachable, forward requests WITHOUT accounting (logged at WARN)
+    /// instead of answering 503.
+    #[arg(long, env = "PGQ_FAIL_OPEN")]
+    pub fail_open: bool,
+
+    /// Total time allowed for one upstream request, streaming included (seconds, may be
+    /// fractional).
+    #[arg(long, env = "PGQ_UPSTREAM_TIMEOUT_S", default_value_t = 600.0)]
+    pub upstream_timeout_s: f64,
+
+    /// How long shutdown waits for in-flight settlements after the listener has closed.
+    #[arg(long, env = "PGQ_SHUTDOWN_GRACE_S", default_value_t = 30)]
+    pub shutdown_grace_s: u64,
+}
+
+// Hand-written so that the database URL (it may hold a password) and keys never reach a log.
+impl std::fmt::Debug for ServeArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeArgs")
+            .field("listen", &self.listen)
+            .field("pool_size", &self.pool_size)
+            .field("upstream_url", &self.upstream_url)
+            .field("upstream_api_key", &self.upstream_api_key.as_ref().map(|_| "<redacted>"))
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("default_max_output_tokens", &self.default_max_output_tokens)
+            .field("fail_open", &self.fail_open)
+            .field("upstream_timeout_s", &self.upstream_timeout_s)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MockArgs {
+    /// Address to listen on; port 0 picks a free port (printed on stdout).
+    #[arg(long, env = "PGQ_MOCK_LISTEN", default_value = "127.0.0.1:9090")]
+    pub listen: SocketAddr,
+
+    /// Delay before the response headers (header x-mock-latency-ms overrides).
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+
+    /// Completion tokens produced per request (header x-mock-output-tokens overrides).
+    #[arg(long, default_value_t = 16)]
+    pub output_tokens: u64,
+
+    /// Delay between two SSE chunks (header x-mock-chunk-delay-ms overrides).
+    #[arg(long, default_value_t = 10)]
+    pub chunk_delay_ms: u64,
+
+    /// Cached prompt tokens reported in usage (header x-mock-cached-tokens overrides).
+    #[arg(long, default_value_t = 0)]
+    pub cached_tokens: u64,
+
+    /// Failure to simulate on every request: an HTTP status (500, 429, 400...), `timeout` or
+    /// `disconnect-mid-stream` (header x-mock-fail overrides).
+    #[arg(long)]
+    pub fail: Option<String>,
+}
+
+/// What the relay's request path needs from the command line.
+#[derive(Clone)]
+pub struct RelayConfig {
+    pub upstream_url: Option<String>,
+    pub upstream_api_key: Option<String>,
+    pub max_body_bytes: usize,
+    pub default_max_output_tokens: i64,
+    pub fail_open: bool,
+    pub upstream_timeout: Duration,
+}
+
+impl RelayConfig {
+    pub fn from_args(args: &ServeArgs) -> Result<Self, String> {
+        if !(args.upstream_timeout_s.is_finite() && args.upstream_timeout_s > 0.0) {
+            return Err("--upstream-timeout-s must be a positive number of seconds".into());
+        }
+        if args.default_max_output_tokens < 0 {
+            return Err("--default-max-output-tokens must not be negative".into());
+        }
+        if let Some(url) = &args.upstream_url {
+            reqwest::Url::parse(url)
+                .map_err(|e| format!("--upstream-url {url:?} is not a valid URL: {e}"))?;
+        }
+        Ok(Self {
+            upstream_url: args.upstream_url.clone(),
+            upstream_api_key: args.upstream_api_key.clone().filter(|k| !k.is_empty()),
+            max_body_bytes: args.max_body_bytes,
+            default_max_output_tokens: args.default_max_output_tokens,
+            fail_open: args.fail_open,
+            upstream_timeout: Duration::from_secs_f64(args.upstream_timeout_s),
+        })
+    }
+}

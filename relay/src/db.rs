@@ -1,0 +1,351 @@
+//! The relay's side of the SQL contract: pool set-up and the lifecycle calls
+//! (`quota.admit`, `quota.settle`, `quota.refund`, `quota.models`), each one prepared
+//! statement on a pooled connection.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::{NoTls, Row};
+
+use crate::error::AppError;
+
+/// Every column is cast in SQL so that the relay does not depend on the engine's exact column
+/// types; numerics are read as text (exact money, never f64). The reset instant is turned into
+/// seconds on the engine's clock (which honours `pg_quota.fake_now`).
+pub const ADMIT_SQL: &str = "\
+SELECT allowed::boolean, http_status::int, error_code::text, message::text, \
+retry_after_s::bigint, key_id::bigint, user_id::bigint, channel_id::bigint, \
+upstream_base_url::text, upstream_api_key::text, upstream_model::text, \
+ratelimit_limit::text, ratelimit_remaining::text, ratelimit_metric::text, \
+GREATEST(0, CEIL(EXTRACT(EPOCH FROM (ratelimit_reset_at::timestamptz - COALESCE(\
+NULLIF(current_setting('pg_quota.fake_now', true), '')::timestamptz, now())))))::bigint \
+FROM quota.admit($1::text, $2::text, $3::text, $4::bigint, $5::bigint, $6::bigint)";
+
+pub const SETTLE_SQL: &str = "\
+SELECT settled::boolean, billed::boolean, unbilled_reason::text, cost::text, \
+ratelimit_remaining::text, \
+GREATEST(0, CEIL(EXTRACT(EPOCH FROM (ratelimit_reset_at::timestamptz - COALESCE(\
+NULLIF(current_setting('pg_quota.fake_now', true), '')::timestamptz, now())))))::bigint, \
+replay::boolean \
+FROM quota.settle($1::text, $2::bigint, $3::bigint, $4::bigint)";
+
+pub const REFUND_SQL: &str = "SELECT quota.refund($1::text, $2::text)::boolean";
+
+pub const MODELS_SQL: &str = "SELECT model::text, owned_by::text FROM quota.models($1::text)";
+
+pub const HEALTH_SQL: &str = "SELECT 1";
+
+/// Short waits: a request should not hang on a dead database, it should get 503.
+const POOL_WAIT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("SQLSTATE {code}: {message}")]
+    Sql { code: String, message: String },
+}
+
+impl DbError {
+    /// Worth trying again: connection trouble or a transaction conflict.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Unavailable(_) => true,
+            DbError::Sql { code, .. } => code.starts_with("40") || code.starts_with("08"),
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        match e.as_db_error() {
+            Some(db) => {
+                let code = db.code().code().to_string();
+                // connection exceptions, shutdown, too many connections: the database is away
+                if code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") {
+                    DbError::Unavailable(format!("{code}: {}", db.message()))
+                } else {
+                    DbError::Sql {
+                        code,
+                        message: db.message().to_string(),
+                    }
+                }
+            }
+            None => DbError::Unavailable(error_chain(&e)),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            other => DbError::Unavailable(error_chain(&other)),
+        }
+    }
+}
+
+/// "error connecting to server: Connection refused (os error 111)": the message and its causes.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+impl From<DbError> for AppError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Unavailable(_) => AppError::DatabaseUnavailable,
+            DbError::Sql { code, message } if code.starts_with("PQ") => {
+                AppError::RejectedByEngine { sqlstate: code, message }
+            }
+            DbError::Sql { code, .. } if code == "28000" => {
+                AppError::InvalidApiKey("Incorrect API key provided.".into())
+            }
+            DbError::Sql { code, message } => {
+                tracing::error!(sqlstate = %code, %message, "unexpected SQL error");
+                AppError::Internal
+            }
+        }
+    }
+}
+
+/// Where the database is, for messages: host, port, dbname and user, never the password.
+pub fn describe_target(config: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            Host::Tcp(s) => s.clone(),
+            #[cfg(unix)]
+            Host::Unix(p) => p.display().to_string(),
+        })
+        .collect();
+    let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
+    let mut out = format!(
+        "host={} port={}",
+        if hosts.is_empty() { "localhost".into() } else { hosts.join(",") },
+        if ports.is_empty() { "5432".into() } else { ports.join(",") },
+    );
+    if let Some(db) = config.get_dbname() {
+        out.push_str(&format!(" dbname={db}"));
+    }
+    if let Some(user) = config.get_user() {
+        out.push_str(&format!(" user={user}"));
+    }
+    out
+}
+
+pub fn parse_database_url(url: &str) -> Result<tokio_postgres::Config, String> {
+    // The parser's messages name the offending option, not its value, so they are safe to show.
+    tokio_postgres::Config::from_str(url).map_err(|e| format!("invalid database URL: {e}"))
+}
+
+pub fn build_pool(mut pg: tokio_postgres::Config, size: usize) -> Result<Pool, String> {
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if pg.get_application_name().is_none() {
+        pg.application_name("pg-quota-relay");
+    }
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(POOL_WAIT))
+        .create_timeout(Some(CONNECT_TIMEOUT + Duration::from_secs(1)))
+        .recycle_timeout(Some(CONNECT_TIMEOUT))
+        .build()
+        .map_err(|e| format!("cannot build the connection pool: {e}"))
+}
+
+pub async fn ping(pool: &Pool) -> Result<(), DbError> {
+    let client = pool.get().await?;
+    let stmt = client.prepare_cached(HEALTH_SQL).await?;
+    client.query_one(&stmt, &[]).await?;
+    Ok(())
+}
+
+/// The tightest window, as admit or settle reported it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RateLimit {
+    pub metric: Option<String>,
+    pub limit: Option<String>,
+    pub remaining: Option<String>,
+    pub reset_s: Option<i64>,
+}
+
+/// One row of quota.admit. Not `Debug`: it carries the upstream key.
+pub struct Admission {
+    pub allowed: bool,
+    pub http_status: Option<i32>,
+    pub error_code: Option<String>,
+    pub message: Option<String>,
+    pub retry_after_s: Option<i64>,
+    pub key_id: Option<i64>,
+    pub user_id: Option<i64>,
+    pub channel_id: Option<i64>,
+    pub upstream_base_url: Option<String>,
+    pub upstream_api_key: Option<String>,
+    pub upstream_model: Option<String>,
+    pub ratelimit: RateLimit,
+}
+
+pub struct AdmitArgs<'a> {
+    pub api_key: &'a str,
+    pub request_id: &'a str,
+    pub model: &'a str,
+    pub est_input_tokens: i64,
+    pub max_output_tokens: i64,
+    pub channel_id: Option<i64>,
+}
+
+pub async fn admit(pool: &Pool, a: &AdmitArgs<'_>) -> Result<Admission, DbError> {
+    let client = pool.get().await?;
+    let stmt = client.prepare_cached(ADMIT_SQL).await?;
+    let row = client
+        .query_one(
+            &stmt,
+            &[
+                &a.api_key,
+                &a.request_id,
+                &a.model,
+                &a.est_input_tokens,
+                &a.max_output_tokens,
+                &a.channel_id,
+            ],
+        )
+        .await?;
+    admission_from_row(&row)
+}
+
+fn admission_from_row(row: &Row) -> Result<Admission, DbError> {
+    Ok(Admission {
+        allowed: row.try_get::<_, Option<bool>>(0)?.unwrap_or(false),
+        http_status: row.try_get(1)?,
+        error_code: row.try_get(2)?,
+        message: row.try_get(3)?,
+        retry_after_s: row.try_get(4)?,
+        key_id: row.try_get(5)?,
+        user_id: row.try_get(6)?,
+        channel_id: row.try_get(7)?,
+        upstream_base_url: row.try_get(8)?,
+        upstream_api_key: row.try_get(9)?,
+        upstream_model: row.try_get(10)?,
+        ratelimit: RateLimit {
+            limit: row.try_get(11)?,
+            remaining: row.try_get(12)?,
+            metric: row.try_get(13)?,
+            reset_s: row.try_get(14)?,
+        },
+    })
+}
+
+/// One row of quota.settle.
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub settled: bool,
+    pub billed: bool,
+    pub unbilled_reason: Option<String>,
+    pub cost: Option<String>,
+    pub remaining: Option<String>,
+    pub reset_s: Option<i64>,
+    pub replay: bool,
+}
+
+pub async fn settle(
+    pool: &Pool,
+    request_id: &str,
+    input_tokens: i64,
+    output_tokens: i64,
+    cached_tokens: i64,
+) -> Result<Settlement, DbError> {
+    let client = pool.get().await?;
+    let stmt = client.prepare_cached(SETTLE_SQL).await?;
+    let row = client
+        .query_one(
+            &stmt,
+            &[&request_id, &input_tokens, &output_tokens, &cached_tokens],
+        )
+        .await?;
+    Ok(Settlement {
+        settled: row.try_get::<_, Option<bool>>(0)?.unwrap_or(false),
+        billed: row.try_get::<_, Option<bool>>(1)?.unwrap_or(false),
+        unbilled_reason: row.try_get(2)?,
+        cost: row.try_get(3)?,
+        remaining: row.try_get(4)?,
+        reset_s: row.try_get(5)?,
+        replay: row.try_get::<_, Option<bool>>(6)?.unwrap_or(false),
+    })
+}
+
+pub async fn refund(pool: &Pool, request_id: &str, reason: &str) -> Result<bool, DbError> {
+    let client = pool.get().await?;
+    let stmt = client.prepare_cached(REFUND_SQL).await?;
+    let row = client.query_one(&stmt, &[&request_id, &reason]).await?;
+    Ok(row.try_get::<_, Option<bool>>(0)?.unwrap_or(false))
+}
+
+pub struct ModelEntry {
+    pub model: String,
+    pub owned_by: Option<String>,
+}
+
+pub async fn models(pool: &Pool, api_key: &str) -> Result<Vec<ModelEntry>, DbError> {
+    let client = pool.get().await?;
+    let stmt = client.prepare_cached(MODELS_SQL).await?;
+    let rows = client.query(&stmt, &[&api_key]).await?;
+    rows.iter()
+        .map(|r| {
+            Ok(ModelEntry {
+                model: r.try_get::<_, Option<String>>(0)?.unwrap_or_default(),
+                owned_by: r.try_get(1)?,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_description_never_contains_the_password() {
+        let cfg = parse_database_url("postgres://relay:s3cret@db.example:6543/quota").unwrap();
+        let d = describe_target(&cfg);
+        assert_eq!(d, "host=db.example port=6543 dbname=quota user=relay");
+        let cfg = parse_database_url("host=/run/pg port=5433 user=r password=s3cret").unwrap();
+        assert!(!describe_target(&cfg).contains("s3cret"));
+    }
+
+    #[test]
+    fn sql_errors_map_to_client_statuses() {
+        let pq: AppError = DbError::Sql { code: "PQ001".into(), message: "est_input_tokens must be >= 0".into() }.into();
+        assert_eq!(pq.status_code(), 400);
+        assert_eq!(pq.to_string(), "est_input_tokens must be >= 0");
+        let auth: AppError = DbError::Sql { code: "28000".into(), message: "x".into() }.into();
+        assert_eq!(auth.status_code(), 401);
+        let other: AppError = DbError::Sql { code: "42883".into(), message: "function quota.admit does not exist".into() }.into();
+        assert_eq!(other.status_code(), 500);
+        assert!(!other.to_string().contains("quota.admit"));
+        let down: AppError = DbError::Unavailable("connection refused".into()).into();
+        assert_eq!(down.status_code(), 503);
+    }
+}

@@ -1,0 +1,180 @@
+//! pg-quota-relay: an OpenAI-compatible relay that calls pg_quota's `quota.admit` before and
+//! `quota.settle` / `quota.refund` after every forwarded request; plus `mock-upstream`, a fake
+//! OpenAI upstream for demos and tests.
+//!
+//! Both servers print exactly one line on stdout once their socket is bound
+//! (`pg-quota-relay listening on http://IP:PORT` / `mock-upstream listening on http://IP:PORT`);
+//! logs go to stderr.
+
+mod app;
+mod config;
+mod db;
+mod error;
+mod estimate;
+mod metrics;
+mod mock;
+mod proxy;
+mod stream;
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::config::{Cli, Command, RelayConfig, ServeArgs};
+
+/// Exit code for "the database cannot be reached" and invalid configuration.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pg-quota-relay: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::MockUpstream(args) => runtime.block_on(mock::run(args)),
+    }
+}
+
+/// The one line tests wait for, flushed at once.
+pub fn announce(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutdown requested: no new connections; finishing in-flight requests");
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    let fail = |msg: String| {
+        eprintln!("pg-quota-relay: {msg}");
+        ExitCode::from(EXIT_CONFIG)
+    };
+    let config = match RelayConfig::from_args(&args) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let pg = match db::parse_database_url(&args.database_url) {
+        Ok(pg) => pg,
+        Err(e) => return fail(e),
+    };
+    let target = db::describe_target(&pg);
+    let pool = match db::build_pool(pg, args.pool_size) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    // fail fast: one connection and SELECT 1 before listening
+    match tokio::time::timeout(Duration::from_secs(15), db::ping(&pool)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let cause = match e {
+                db::DbError::Unavailable(c) => c,
+                other => other.to_string(),
+            };
+            return fail(format!("cannot reach the database at {target}: {cause}"));
+        }
+        Err(_) => return fail(format!("cannot reach the database at {target}: no answer within 15 s")),
+    }
+    check_contract(&pool).await;
+    if config.upstream_url.is_none() {
+        tracing::warn!("--upstream-url is not set: requests whose channel names no upstream will get 502");
+    }
+    if config.fail_open {
+        tracing::warn!("--fail-open: if the database becomes unreachable, requests are forwarded WITHOUT quota accounting");
+    }
+    // the BPE tables take a moment to load; do it before the first request needs them
+    tokio::task::spawn_blocking(estimate::Tokenizer::warm_up);
+
+    let state = match app::Relay::new(pool.clone(), config) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("cannot build the HTTP client: {e}")),
+    };
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("pg-quota-relay: cannot listen on {}: {e}", args.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listener.local_addr().expect("bound socket has an address");
+    tracing::info!(%addr, database = %target, pool_size = args.pool_size, "relay started");
+    announce(&format!("pg-quota-relay listening on http://{addr}"));
+
+    let served = axum::serve(listener, app::app(state.clone()))
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
+    if let Err(e) = &served {
+        tracing::error!(error = %e, "server error");
+    }
+
+    state.tasks.close();
+    let pending = state.tasks.len();
+    if pending > 0 {
+        tracing::info!(pending, "waiting for in-flight settlements");
+    }
+    let grace = Duration::from_secs(args.shutdown_grace_s);
+    if tokio::time::timeout(grace, state.tasks.wait()).await.is_err() {
+        tracing::error!(
+            still_running = state.tasks.len(),
+            "shutdown grace period over with settlements still running; quota.sweep() will release their reservations"
+        );
+    }
+    pool.close();
+    tracing::info!("relay stopped");
+    if served.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Warn (do not fail: the engine may be installed later) when the lifecycle functions are
+/// missing from the database.
+async fn check_contract(pool: &deadpool_postgres::Pool) {
+    const SQL: &str = "SELECT array_agg(f) FROM unnest(ARRAY['admit','settle','refund','models']) f \
+        WHERE NOT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+        WHERE n.nspname = 'quota' AND p.proname = f)";
+    let Ok(client) = pool.get().await else { return };
+    match client.query_one(SQL, &[]).await {
+        Ok(row) => {
+            if let Ok(Some(missing)) = row.try_get::<_, Option<Vec<String>>>(0) {
+                tracing::warn!(?missing, "pg_quota functions missing from the database (CREATE EXTENSION pg_quota?)");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not check for the pg_quota functions"),
+    }
+}
