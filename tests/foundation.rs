@@ -28,10 +28,13 @@ async fn extension_creates_schema_quota_and_fake_now_moves_the_clock() {
 }
 
 #[tokio::test]
-async fn fake_now_is_refused_to_a_non_superuser() {
+async fn fake_now_is_refused_to_a_non_superuser_even_the_quota_admin() {
     let dsn = fresh_database("pgq_fake_now_priv").await;
     let db = connect(&dsn).await;
-    db.batch_execute("DROP ROLE IF EXISTS pgq_plain; CREATE ROLE pgq_plain LOGIN").await.unwrap();
+    // Even the quota admin role may not move the clock: only superusers can.
+    db.batch_execute("DROP ROLE IF EXISTS pgq_plain; CREATE ROLE pgq_plain LOGIN IN ROLE quota_admin")
+        .await
+        .unwrap();
     let plain = connect(&format!("{dsn} user=pgq_plain")).await;
     // Load the library first so the GUC is defined (not a placeholder) in this session.
     plain.query_one("SELECT quota.clock()", &[]).await.unwrap();
@@ -39,7 +42,9 @@ async fn fake_now_is_refused_to_a_non_superuser() {
         .batch_execute("SET pg_quota.fake_now = '2030-01-01 00:00:00+00'")
         .await
         .expect_err("a plain role must not move the engine clock");
-    assert!(err.to_string().contains("permission denied"), "unexpected error: {err}");
+    let db_err = err.as_db_error().expect("a database error");
+    assert_eq!(db_err.code(), &tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE, "{db_err}");
+    assert!(db_err.message().contains("permission denied"), "{db_err}");
 }
 
 #[tokio::test]

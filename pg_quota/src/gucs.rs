@@ -12,7 +12,9 @@ pub static RESERVATION_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(600);
 /// Seconds between two sweeps of the background worker; 0 turns it off.
 pub static SWEEP_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 
-/// The database whose quota.sweep() the background worker runs.
+/// The database whose quota.sweep() the background worker runs; read when the worker starts.
+/// SIGHUP rather than POSTMASTER context: a POSTMASTER GUC cannot be defined when the library
+/// is loaded by CREATE EXTENSION instead of shared_preload_libraries.
 pub static SWEEP_DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 
 pub fn register() {
@@ -31,7 +33,7 @@ pub fn register() {
         c"Database in which the background worker runs quota.sweep().",
         c"Set it in postgresql.conf next to shared_preload_libraries.",
         &SWEEP_DATABASE,
-        GucContext::Postmaster,
+        GucContext::Sighup,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

@@ -28,10 +28,12 @@ pub async fn connect(dsn: &str) -> Client {
 /// A brand-new database with the extension created in it; one per test keeps tests independent.
 pub async fn fresh_database(name: &str) -> String {
     let admin = connect(&cluster_dsn()).await;
+    // Two statements: CREATE DATABASE cannot run inside the implicit transaction of a batch.
     admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}"))
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .await
-        .expect("create test database");
+        .expect("drop old test database");
+    admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
     let dsn = dsn_for(name);
     connect(&dsn)
         .await
