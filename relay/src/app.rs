@@ -57,10 +57,22 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
-        .route("/v1/chat/completions", post(|s: State<AppState>, r: Request| relay(s, Endpoint::ChatCompletions, r)))
-        .route("/v1/completions", post(|s: State<AppState>, r: Request| relay(s, Endpoint::Completions, r)))
-        .route("/v1/embeddings", post(|s: State<AppState>, r: Request| relay(s, Endpoint::Embeddings, r)))
-        .route("/v1/responses", post(|s: State<AppState>, r: Request| relay(s, Endpoint::Responses, r)))
+        .route(
+            "/v1/chat/completions",
+            post(|s: State<AppState>, r: Request| relay(s, Endpoint::ChatCompletions, r)),
+        )
+        .route(
+            "/v1/completions",
+            post(|s: State<AppState>, r: Request| relay(s, Endpoint::Completions, r)),
+        )
+        .route(
+            "/v1/embeddings",
+            post(|s: State<AppState>, r: Request| relay(s, Endpoint::Embeddings, r)),
+        )
+        .route(
+            "/v1/responses",
+            post(|s: State<AppState>, r: Request| relay(s, Endpoint::Responses, r)),
+        )
         .fallback(|| async { AppError::NotFound })
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
         .with_state(state)
@@ -88,7 +100,9 @@ async fn relay(State(state): State<AppState>, endpoint: Endpoint, req: Request) 
         Err(e) => {
             // errors found before the lifecycle task started (auth, body, JSON)
             state.metrics.request(endpoint.label(), e.outcome());
-            span.in_scope(|| tracing::info!(status = e.status_code().as_u16(), error = %e, "request refused"));
+            span.in_scope(
+                || tracing::info!(status = e.status_code().as_u16(), error = %e, "request refused"),
+            );
             e.into_response()
         }
     };
@@ -122,7 +136,10 @@ fn degraded() -> Response {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
         state.metrics.render(),
     )
         .into_response()
@@ -140,6 +157,29 @@ async fn models(State(state): State<AppState>, req: Request) -> Response {
     response
 }
 
+/// A relay whose database refuses connections (nothing listens on port 1).
+#[cfg(test)]
+pub(crate) fn test_relay(
+    fail_open: bool,
+    upstream_url: Option<String>,
+    upstream_timeout: Duration,
+) -> AppState {
+    let pg = db::parse_database_url("host=127.0.0.1 port=1 user=relay dbname=quota").unwrap();
+    let pool = db::build_pool(pg, 2).unwrap();
+    Relay::new(
+        pool,
+        RelayConfig {
+            upstream_url,
+            upstream_api_key: Some("sk-upstream-test".into()),
+            max_body_bytes: 1024,
+            default_max_output_tokens: 1024,
+            fail_open,
+            upstream_timeout,
+        },
+    )
+    .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,35 +189,26 @@ mod tests {
     use serde_json::Value;
     use tower::ServiceExt;
 
-    /// A relay whose database refuses connections (nothing listens on port 1).
     fn relay_without_db(fail_open: bool, upstream_url: Option<String>) -> AppState {
-        let pg = db::parse_database_url("host=127.0.0.1 port=1 user=relay dbname=quota").unwrap();
-        let pool = db::build_pool(pg, 2).unwrap();
-        Relay::new(
-            pool,
-            RelayConfig {
-                upstream_url,
-                upstream_api_key: Some("sk-upstream-test".into()),
-                max_body_bytes: 1024,
-                default_max_output_tokens: 1024,
-                fail_open,
-                upstream_timeout: Duration::from_secs(10),
-            },
-        )
-        .unwrap()
+        test_relay(fail_open, upstream_url, Duration::from_secs(10))
     }
 
-    async fn send(state: &AppState, req: axum::http::Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
+    async fn send(
+        state: &AppState,
+        req: axum::http::Request<Body>,
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
         let resp = app(state.clone()).oneshot(req).await.unwrap();
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        let body = serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
         (status, headers, body)
     }
 
     fn chat(auth: Option<&str>, body: impl Into<Body>) -> axum::http::Request<Body> {
-        let mut r = axum::http::Request::post("/v1/chat/completions").header("content-type", "application/json");
+        let mut r = axum::http::Request::post("/v1/chat/completions")
+            .header("content-type", "application/json");
         if let Some(a) = auth {
             r = r.header("authorization", a);
         }
@@ -192,22 +223,32 @@ mod tests {
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{auth:?}");
             assert_eq!(body["error"]["code"], "invalid_api_key");
             assert_eq!(body["error"]["type"], "invalid_request_error");
-            assert!(headers["x-request-id"].to_str().unwrap().starts_with("req_"));
+            assert!(headers["x-request-id"]
+                .to_str()
+                .unwrap()
+                .starts_with("req_"));
         }
     }
 
     #[tokio::test]
     async fn body_over_the_limit_is_413() {
         let state = relay_without_db(false, None);
-        let big = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(2000));
+        let big = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+            "x".repeat(2000)
+        );
         let (status, _, body) = send(&state, chat(Some("Bearer sk-a"), big.clone())).await;
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(body["error"]["code"], "request_too_large");
         // without a Content-Length the limit still holds while streaming the body in
         let stream = futures_util::stream::iter(
-            big.into_bytes().chunks(100).map(|c| Ok::<_, std::io::Error>(Bytes::copy_from_slice(c))).collect::<Vec<_>>(),
+            big.into_bytes()
+                .chunks(100)
+                .map(|c| Ok::<_, std::io::Error>(Bytes::copy_from_slice(c)))
+                .collect::<Vec<_>>(),
         );
-        let (status, _, _) = send(&state, chat(Some("Bearer sk-a"), Body::from_stream(stream))).await;
+        let (status, _, _) =
+            send(&state, chat(Some("Bearer sk-a"), Body::from_stream(stream))).await;
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     }
 
@@ -223,7 +264,11 @@ mod tests {
         assert_eq!(body["error"]["param"], "model");
         let (status, _, _) = send(&state, chat(Some("Bearer sk-a"), "[1,2]")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
-        let (status, _, body) = send(&state, chat(Some("Bearer sk-a"), r#"{"model":"m","max_tokens":-5}"#)).await;
+        let (status, _, body) = send(
+            &state,
+            chat(Some("Bearer sk-a"), r#"{"model":"m","max_tokens":-5}"#),
+        )
+        .await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(body["error"]["param"], "max_tokens");
     }
@@ -231,7 +276,11 @@ mod tests {
     #[tokio::test]
     async fn database_down_fails_closed_with_503() {
         let state = relay_without_db(false, Some("http://127.0.0.1:1/v1".into()));
-        let (status, _, body) = send(&state, chat(Some("Bearer sk-a"), r#"{"model":"m","messages":[]}"#)).await;
+        let (status, _, body) = send(
+            &state,
+            chat(Some("Bearer sk-a"), r#"{"model":"m","messages":[]}"#),
+        )
+        .await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["error"]["code"], "quota_database_unavailable");
         assert_eq!(body["error"]["type"], "server_error");
@@ -242,50 +291,56 @@ mod tests {
     #[tokio::test]
     async fn healthz_reports_an_unreachable_database() {
         let state = relay_without_db(false, None);
-        let req = axum::http::Request::get("/healthz").body(Body::empty()).unwrap();
+        let req = axum::http::Request::get("/healthz")
+            .body(Body::empty())
+            .unwrap();
         let (status, _, body) = send(&state, req).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(body, json!({"status": "degraded", "database": "unreachable"}));
-    }
-
-    /// A real mock upstream on a free port, for the fail-open path.
-    async fn spawn_mock() -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let args = crate::config::MockArgs {
-            listen: addr,
-            latency_ms: 0,
-            output_tokens: 3,
-            chunk_delay_ms: 0,
-            cached_tokens: 0,
-            fail: None,
-        };
-        tokio::spawn(async move { axum::serve(listener, crate::mock::app(args)).await.unwrap() });
-        format!("http://{addr}")
+        assert_eq!(
+            body,
+            json!({"status": "degraded", "database": "unreachable"})
+        );
     }
 
     #[tokio::test]
     async fn fail_open_forwards_without_accounting_and_says_so() {
-        let mock = spawn_mock().await;
+        let mock = crate::mock::spawn_for_tests(3).await;
         let state = relay_without_db(true, Some(format!("{mock}/v1")));
-        let (status, headers, body) =
-            send(&state, chat(Some("Bearer sk-client"), r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#)).await;
+        let (status, headers, body) = send(
+            &state,
+            chat(
+                Some("Bearer sk-client"),
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+            ),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(headers["x-pgq-accounting"], "off");
         assert_eq!(body["usage"]["completion_tokens"], 3);
         // streaming passes through untouched: no include_usage injected, no accounting
         let (status, headers, body) = send(
             &state,
-            chat(Some("Bearer sk-client"), r#"{"model":"m","stream":true,"messages":[]}"#),
+            chat(
+                Some("Bearer sk-client"),
+                r#"{"model":"m","stream":true,"messages":[]}"#,
+            ),
         )
         .await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(headers["content-type"], "text/event-stream");
         assert!(body.as_str().unwrap().ends_with("data: [DONE]\n\n"));
-        let seen: Value = reqwest::get(format!("{mock}/_mock/requests")).await.unwrap().json().await.unwrap();
+        let seen: Value = reqwest::get(format!("{mock}/_mock/requests"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         let seen = seen.as_array().unwrap();
         assert_eq!(seen.len(), 2);
-        assert_eq!(seen[0]["authorization"], "Bearer sk-upstream-test", "the client's key is not forwarded");
+        assert_eq!(
+            seen[0]["authorization"], "Bearer sk-upstream-test",
+            "the client's key is not forwarded"
+        );
         assert!(seen[1]["body"].get("stream_options").is_none());
         assert!(state.metrics.render().contains(r#"outcome="fail_open"} 2"#));
     }
@@ -293,10 +348,22 @@ mod tests {
     #[tokio::test]
     async fn unknown_routes_and_methods_answer_openai_errors() {
         let state = relay_without_db(false, None);
-        let (status, _, body) = send(&state, axum::http::Request::get("/v1/nothing").body(Body::empty()).unwrap()).await;
+        let (status, _, body) = send(
+            &state,
+            axum::http::Request::get("/v1/nothing")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert_eq!(body["error"]["type"], "invalid_request_error");
-        let (status, _, body) = send(&state, axum::http::Request::get("/v1/chat/completions").body(Body::empty()).unwrap()).await;
+        let (status, _, body) = send(
+            &state,
+            axum::http::Request::get("/v1/chat/completions")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
         assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(body["error"]["code"], "method_not_allowed");
     }
@@ -304,12 +371,30 @@ mod tests {
     #[tokio::test]
     async fn models_needs_a_key_and_metrics_are_exposed() {
         let state = relay_without_db(false, None);
-        let (status, _, body) = send(&state, axum::http::Request::get("/v1/models").body(Body::empty()).unwrap()).await;
+        let (status, _, body) = send(
+            &state,
+            axum::http::Request::get("/v1/models")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_eq!(body["error"]["code"], "invalid_api_key");
-        let (status, headers, body) = send(&state, axum::http::Request::get("/metrics").body(Body::empty()).unwrap()).await;
+        let (status, headers, body) = send(
+            &state,
+            axum::http::Request::get("/metrics")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
-        assert!(headers["content-type"].to_str().unwrap().starts_with("text/plain"));
-        assert!(body.as_str().unwrap().contains("pgq_relay_reservations_in_flight 0"));
+        assert!(headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain"));
+        assert!(body
+            .as_str()
+            .unwrap()
+            .contains("pgq_relay_reservations_in_flight 0"));
     }
 }

@@ -4,10 +4,15 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "pg-quota-relay", version, about = "OpenAI-compatible relay in front of pg_quota")]
+#[command(
+    name = "pg-quota-relay",
+    version,
+    about = "OpenAI-compatible relay in front of pg_quota"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -54,7 +59,8 @@ pub struct ServeArgs {
 
     /// When the database is unreachable, forward requests WITHOUT accounting (logged at WARN)
     /// instead of answering 503.
-    #[arg(long, env = "PGQ_FAIL_OPEN")]
+    #[arg(long, env = "PGQ_FAIL_OPEN", action = ArgAction::SetTrue,
+          value_parser = BoolishValueParser::new())]
     pub fail_open: bool,
 
     /// Total time allowed for one upstream request, streaming included (seconds, may be
@@ -74,7 +80,10 @@ impl std::fmt::Debug for ServeArgs {
             .field("listen", &self.listen)
             .field("pool_size", &self.pool_size)
             .field("upstream_url", &self.upstream_url)
-            .field("upstream_api_key", &self.upstream_api_key.as_ref().map(|_| "<redacted>"))
+            .field(
+                "upstream_api_key",
+                &self.upstream_api_key.as_ref().map(|_| "<redacted>"),
+            )
             .field("max_body_bytes", &self.max_body_bytes)
             .field("default_max_output_tokens", &self.default_max_output_tokens)
             .field("fail_open", &self.fail_open)
@@ -142,5 +151,54 @@ impl RelayConfig {
             fail_open: args.fail_open,
             upstream_timeout: Duration::from_secs_f64(args.upstream_timeout_s),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let mut argv = vec!["pg-quota-relay", "serve", "--database-url", "host=db"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(a) => a,
+            Command::MockUpstream(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn serve_defaults_and_flags() {
+        let a = serve(&[]);
+        assert_eq!(a.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(a.pool_size, 16);
+        assert_eq!(a.max_body_bytes, 4 * 1024 * 1024);
+        assert_eq!(a.default_max_output_tokens, 1024);
+        assert!(!a.fail_open);
+        let c = RelayConfig::from_args(&a).unwrap();
+        assert_eq!(c.upstream_timeout, Duration::from_secs(600));
+        let a = serve(&[
+            "--fail-open",
+            "--upstream-timeout-s",
+            "0.5",
+            "--listen",
+            "127.0.0.1:0",
+        ]);
+        assert!(a.fail_open);
+        assert_eq!(
+            RelayConfig::from_args(&a).unwrap().upstream_timeout,
+            Duration::from_millis(500)
+        );
+        assert!(RelayConfig::from_args(&serve(&["--upstream-url", "not a url"])).is_err());
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let a = serve(&["--upstream-api-key", "sk-very-secret"]);
+        let shown = format!("{a:?}");
+        assert!(
+            !shown.contains("sk-very-secret") && !shown.contains("host=db"),
+            "{shown}"
+        );
     }
 }

@@ -8,26 +8,22 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::{NoTls, Row};
 
-use crate::error::AppError;
+use crate::error::{error_chain, AppError};
 
 /// Every column is cast in SQL so that the relay does not depend on the engine's exact column
 /// types; numerics are read as text (exact money, never f64). The reset instant is turned into
-/// seconds on the engine's clock (which honours `pg_quota.fake_now`).
+/// seconds on the engine's clock, `quota.clock()` (which honours `pg_quota.fake_now`); NULL stays NULL (the
+/// header is then left out) and negatives are clamped to 0 when the header is written.
 pub const ADMIT_SQL: &str = "\
 SELECT allowed::boolean, http_status::int, error_code::text, message::text, \
 retry_after_s::bigint, key_id::bigint, user_id::bigint, channel_id::bigint, \
 upstream_base_url::text, upstream_api_key::text, upstream_model::text, \
 ratelimit_limit::text, ratelimit_remaining::text, ratelimit_metric::text, \
-GREATEST(0, CEIL(EXTRACT(EPOCH FROM (ratelimit_reset_at::timestamptz - COALESCE(\
-NULLIF(current_setting('pg_quota.fake_now', true), '')::timestamptz, now())))))::bigint \
+CEIL(EXTRACT(EPOCH FROM (ratelimit_reset_at::timestamptz - quota.clock())))::bigint \
 FROM quota.admit($1::text, $2::text, $3::text, $4::bigint, $5::bigint, $6::bigint)";
 
 pub const SETTLE_SQL: &str = "\
-SELECT settled::boolean, billed::boolean, unbilled_reason::text, cost::text, \
-ratelimit_remaining::text, \
-GREATEST(0, CEIL(EXTRACT(EPOCH FROM (ratelimit_reset_at::timestamptz - COALESCE(\
-NULLIF(current_setting('pg_quota.fake_now', true), '')::timestamptz, now())))))::bigint, \
-replay::boolean \
+SELECT settled::boolean, billed::boolean, unbilled_reason::text, cost::text, replay::boolean \
 FROM quota.settle($1::text, $2::bigint, $3::bigint, $4::bigint)";
 
 pub const REFUND_SQL: &str = "SELECT quota.refund($1::text, $2::text)::boolean";
@@ -39,6 +35,20 @@ pub const HEALTH_SQL: &str = "SELECT 1";
 /// Short waits: a request should not hang on a dead database, it should get 503.
 const POOL_WAIT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A database that accepts connections but does not answer counts as unavailable.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, DbError>>,
+) -> Result<T, DbError> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(DbError::Unavailable(format!(
+                "no answer within {CALL_TIMEOUT:?}"
+            )))
+        })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -87,27 +97,15 @@ impl From<deadpool_postgres::PoolError> for DbError {
     }
 }
 
-/// "error connecting to server: Connection refused (os error 111)": the message and its causes.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
-
 impl From<DbError> for AppError {
     fn from(e: DbError) -> Self {
         match e {
             DbError::Unavailable(_) => AppError::DatabaseUnavailable,
             DbError::Sql { code, message } if code.starts_with("PQ") => {
-                AppError::RejectedByEngine { sqlstate: code, message }
+                AppError::RejectedByEngine {
+                    sqlstate: code,
+                    message,
+                }
             }
             DbError::Sql { code, .. } if code == "28000" => {
                 AppError::InvalidApiKey("Incorrect API key provided.".into())
@@ -135,8 +133,16 @@ pub fn describe_target(config: &tokio_postgres::Config) -> String {
     let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
     let mut out = format!(
         "host={} port={}",
-        if hosts.is_empty() { "localhost".into() } else { hosts.join(",") },
-        if ports.is_empty() { "5432".into() } else { ports.join(",") },
+        if hosts.is_empty() {
+            "localhost".into()
+        } else {
+            hosts.join(",")
+        },
+        if ports.is_empty() {
+            "5432".into()
+        } else {
+            ports.join(",")
+        },
     );
     if let Some(db) = config.get_dbname() {
         out.push_str(&format!(" dbname={db}"));
@@ -177,10 +183,13 @@ pub fn build_pool(mut pg: tokio_postgres::Config, size: usize) -> Result<Pool, S
 }
 
 pub async fn ping(pool: &Pool) -> Result<(), DbError> {
-    let client = pool.get().await?;
-    let stmt = client.prepare_cached(HEALTH_SQL).await?;
-    client.query_one(&stmt, &[]).await?;
-    Ok(())
+    bounded(async {
+        let client = pool.get().await?;
+        let stmt = client.prepare_cached(HEALTH_SQL).await?;
+        client.query_one(&stmt, &[]).await?;
+        Ok(())
+    })
+    .await
 }
 
 /// The tightest window, as admit or settle reported it.
@@ -218,22 +227,25 @@ pub struct AdmitArgs<'a> {
 }
 
 pub async fn admit(pool: &Pool, a: &AdmitArgs<'_>) -> Result<Admission, DbError> {
-    let client = pool.get().await?;
-    let stmt = client.prepare_cached(ADMIT_SQL).await?;
-    let row = client
-        .query_one(
-            &stmt,
-            &[
-                &a.api_key,
-                &a.request_id,
-                &a.model,
-                &a.est_input_tokens,
-                &a.max_output_tokens,
-                &a.channel_id,
-            ],
-        )
-        .await?;
-    admission_from_row(&row)
+    bounded(async {
+        let client = pool.get().await?;
+        let stmt = client.prepare_cached(ADMIT_SQL).await?;
+        let row = client
+            .query_one(
+                &stmt,
+                &[
+                    &a.api_key,
+                    &a.request_id,
+                    &a.model,
+                    &a.est_input_tokens,
+                    &a.max_output_tokens,
+                    &a.channel_id,
+                ],
+            )
+            .await?;
+        admission_from_row(&row)
+    })
+    .await
 }
 
 fn admission_from_row(row: &Row) -> Result<Admission, DbError> {
@@ -265,8 +277,6 @@ pub struct Settlement {
     pub billed: bool,
     pub unbilled_reason: Option<String>,
     pub cost: Option<String>,
-    pub remaining: Option<String>,
-    pub reset_s: Option<i64>,
     pub replay: bool,
 }
 
@@ -277,30 +287,34 @@ pub async fn settle(
     output_tokens: i64,
     cached_tokens: i64,
 ) -> Result<Settlement, DbError> {
-    let client = pool.get().await?;
-    let stmt = client.prepare_cached(SETTLE_SQL).await?;
-    let row = client
-        .query_one(
-            &stmt,
-            &[&request_id, &input_tokens, &output_tokens, &cached_tokens],
-        )
-        .await?;
-    Ok(Settlement {
-        settled: row.try_get::<_, Option<bool>>(0)?.unwrap_or(false),
-        billed: row.try_get::<_, Option<bool>>(1)?.unwrap_or(false),
-        unbilled_reason: row.try_get(2)?,
-        cost: row.try_get(3)?,
-        remaining: row.try_get(4)?,
-        reset_s: row.try_get(5)?,
-        replay: row.try_get::<_, Option<bool>>(6)?.unwrap_or(false),
+    bounded(async {
+        let client = pool.get().await?;
+        let stmt = client.prepare_cached(SETTLE_SQL).await?;
+        let row = client
+            .query_one(
+                &stmt,
+                &[&request_id, &input_tokens, &output_tokens, &cached_tokens],
+            )
+            .await?;
+        Ok(Settlement {
+            settled: row.try_get::<_, Option<bool>>(0)?.unwrap_or(false),
+            billed: row.try_get::<_, Option<bool>>(1)?.unwrap_or(false),
+            unbilled_reason: row.try_get(2)?,
+            cost: row.try_get(3)?,
+            replay: row.try_get::<_, Option<bool>>(4)?.unwrap_or(false),
+        })
     })
+    .await
 }
 
 pub async fn refund(pool: &Pool, request_id: &str, reason: &str) -> Result<bool, DbError> {
-    let client = pool.get().await?;
-    let stmt = client.prepare_cached(REFUND_SQL).await?;
-    let row = client.query_one(&stmt, &[&request_id, &reason]).await?;
-    Ok(row.try_get::<_, Option<bool>>(0)?.unwrap_or(false))
+    bounded(async {
+        let client = pool.get().await?;
+        let stmt = client.prepare_cached(REFUND_SQL).await?;
+        let row = client.query_one(&stmt, &[&request_id, &reason]).await?;
+        Ok(row.try_get::<_, Option<bool>>(0)?.unwrap_or(false))
+    })
+    .await
 }
 
 pub struct ModelEntry {
@@ -309,17 +323,20 @@ pub struct ModelEntry {
 }
 
 pub async fn models(pool: &Pool, api_key: &str) -> Result<Vec<ModelEntry>, DbError> {
-    let client = pool.get().await?;
-    let stmt = client.prepare_cached(MODELS_SQL).await?;
-    let rows = client.query(&stmt, &[&api_key]).await?;
-    rows.iter()
-        .map(|r| {
-            Ok(ModelEntry {
-                model: r.try_get::<_, Option<String>>(0)?.unwrap_or_default(),
-                owned_by: r.try_get(1)?,
+    bounded(async {
+        let client = pool.get().await?;
+        let stmt = client.prepare_cached(MODELS_SQL).await?;
+        let rows = client.query(&stmt, &[&api_key]).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ModelEntry {
+                    model: r.try_get::<_, Option<String>>(0)?.unwrap_or_default(),
+                    owned_by: r.try_get(1)?,
+                })
             })
-        })
-        .collect()
+            .collect()
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -337,12 +354,24 @@ mod tests {
 
     #[test]
     fn sql_errors_map_to_client_statuses() {
-        let pq: AppError = DbError::Sql { code: "PQ001".into(), message: "est_input_tokens must be >= 0".into() }.into();
+        let pq: AppError = DbError::Sql {
+            code: "PQ001".into(),
+            message: "est_input_tokens must be >= 0".into(),
+        }
+        .into();
         assert_eq!(pq.status_code(), 400);
         assert_eq!(pq.to_string(), "est_input_tokens must be >= 0");
-        let auth: AppError = DbError::Sql { code: "28000".into(), message: "x".into() }.into();
+        let auth: AppError = DbError::Sql {
+            code: "28000".into(),
+            message: "x".into(),
+        }
+        .into();
         assert_eq!(auth.status_code(), 401);
-        let other: AppError = DbError::Sql { code: "42883".into(), message: "function quota.admit does not exist".into() }.into();
+        let other: AppError = DbError::Sql {
+            code: "42883".into(),
+            message: "function quota.admit does not exist".into(),
+        }
+        .into();
         assert_eq!(other.status_code(), 500);
         assert!(!other.to_string().contains("quota.admit"));
         let down: AppError = DbError::Unavailable("connection refused".into()).into();

@@ -133,7 +133,12 @@ pub fn error_type(status: StatusCode) -> &'static str {
 }
 
 /// `{"error":{"message","type","param","code"}}`
-pub fn error_body(status: StatusCode, message: &str, code: Option<&str>, param: Option<&str>) -> serde_json::Value {
+pub fn error_body(
+    status: StatusCode,
+    message: &str,
+    code: Option<&str>,
+    param: Option<&str>,
+) -> serde_json::Value {
     json!({
         "error": {
             "message": message,
@@ -142,6 +147,21 @@ pub fn error_body(status: StatusCode, message: &str, code: Option<&str>, param: 
             "code": code,
         }
     })
+}
+
+/// "error connecting to server: Connection refused (os error 111)": the message and its causes.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 impl IntoResponse for AppError {
@@ -162,12 +182,18 @@ impl IntoResponse for AppError {
             }
         };
         match self {
-            AppError::Denied { retry_after_s: Some(s), .. } => {
+            AppError::Denied {
+                retry_after_s: Some(s),
+                ..
+            } => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(s.max(0)));
             }
-            AppError::UpstreamRejected { retry_after: Some(v), .. } => {
+            AppError::UpstreamRejected {
+                retry_after: Some(v),
+                ..
+            } => {
                 response.headers_mut().insert(header::RETRY_AFTER, v);
             }
             _ => {}
@@ -232,17 +258,28 @@ mod tests {
     #[tokio::test]
     async fn server_side_errors_do_not_leak_internals() {
         for (e, status, code) in [
-            (AppError::DatabaseUnavailable, 503, "quota_database_unavailable"),
+            (
+                AppError::DatabaseUnavailable,
+                503,
+                "quota_database_unavailable",
+            ),
             (AppError::Internal, 500, "internal_error"),
             (AppError::UpstreamTimeout, 504, "upstream_timeout"),
-            (AppError::UpstreamUnavailable("the upstream could not be reached"), 502, "upstream_unavailable"),
+            (
+                AppError::UpstreamUnavailable("the upstream could not be reached"),
+                502,
+                "upstream_unavailable",
+            ),
         ] {
             let (s, _, body) = render(e).await;
             assert_eq!(s.as_u16(), status);
             assert_eq!(body["error"]["type"], "server_error");
             assert_eq!(body["error"]["code"], code);
             let msg = body["error"]["message"].as_str().unwrap();
-            assert!(!msg.contains("postgres") && !msg.contains("SQLSTATE"), "{msg}");
+            assert!(
+                !msg.contains("postgres") && !msg.contains("SQLSTATE"),
+                "{msg}"
+            );
         }
     }
 

@@ -56,7 +56,11 @@ pub enum Tokenizer {
 
 impl Tokenizer {
     pub fn for_model(model: &str) -> Self {
-        let m = model.rsplit('/').next().unwrap_or(model).to_ascii_lowercase();
+        let m = model
+            .rsplit('/')
+            .next()
+            .unwrap_or(model)
+            .to_ascii_lowercase();
         let o_series = |p: &str| {
             m.strip_prefix(p)
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
@@ -89,8 +93,12 @@ impl Tokenizer {
             return 0;
         }
         let n = match self {
-            Tokenizer::O200k => tiktoken_rs::o200k_base_singleton().encode_ordinary(text).len(),
-            Tokenizer::Cl100k => tiktoken_rs::cl100k_base_singleton().encode_ordinary(text).len(),
+            Tokenizer::O200k => tiktoken_rs::o200k_base_singleton()
+                .encode_ordinary(text)
+                .len(),
+            Tokenizer::Cl100k => tiktoken_rs::cl100k_base_singleton()
+                .encode_ordinary(text)
+                .len(),
             Tokenizer::Approx => text.chars().count().div_ceil(4),
         };
         i64::try_from(n).unwrap_or(i64::MAX)
@@ -160,7 +168,11 @@ pub fn estimate_input_tokens(endpoint: Endpoint, model: &str, body: &Value) -> i
                     Value::Array(items) => {
                         for item in items {
                             extra += TOKENS_PER_MESSAGE;
-                            collect_text(item.get("content").unwrap_or(item), &mut text, &mut extra);
+                            collect_text(
+                                item.get("content").unwrap_or(item),
+                                &mut text,
+                                &mut extra,
+                            );
                         }
                     }
                     other => collect_text(other, &mut text, &mut extra),
@@ -219,22 +231,28 @@ pub fn max_output_tokens(endpoint: Endpoint, body: &Value, default: i64) -> Resu
         match body.get(field) {
             None | Some(Value::Null) => continue,
             Some(v) => {
-                limit = v.as_i64().filter(|n| *n >= 0).ok_or_else(|| AppError::BadRequest {
-                    code: "invalid_value",
-                    message: format!("'{field}' must be a non-negative integer."),
-                    param: Some(field),
-                })?;
+                limit = v
+                    .as_i64()
+                    .filter(|n| *n >= 0)
+                    .ok_or_else(|| AppError::BadRequest {
+                        code: "invalid_value",
+                        message: format!("'{field}' must be a non-negative integer."),
+                        param: Some(field),
+                    })?;
                 break;
             }
         }
     }
     let choices = match body.get("n") {
         None | Some(Value::Null) => 1,
-        Some(v) => v.as_i64().filter(|n| (1..=128).contains(n)).ok_or(AppError::BadRequest {
-            code: "invalid_value",
-            message: "'n' must be an integer between 1 and 128.".into(),
-            param: Some("n"),
-        })?,
+        Some(v) => v
+            .as_i64()
+            .filter(|n| (1..=128).contains(n))
+            .ok_or(AppError::BadRequest {
+                code: "invalid_value",
+                message: "'n' must be an integer between 1 and 128.".into(),
+                param: Some("n"),
+            })?,
     };
     Ok(limit.saturating_mul(choices))
 }
@@ -253,7 +271,10 @@ mod tests {
         assert_eq!(Tokenizer::for_model("openai/gpt-4.1"), Tokenizer::O200k);
         assert_eq!(Tokenizer::for_model("gpt-4-turbo"), Tokenizer::Cl100k);
         assert_eq!(Tokenizer::for_model("gpt-3.5-turbo"), Tokenizer::Cl100k);
-        assert_eq!(Tokenizer::for_model("text-embedding-3-small"), Tokenizer::Cl100k);
+        assert_eq!(
+            Tokenizer::for_model("text-embedding-3-small"),
+            Tokenizer::Cl100k
+        );
         assert_eq!(Tokenizer::for_model("claude-sonnet-4"), Tokenizer::Approx);
         assert_eq!(Tokenizer::for_model("omni-moderation"), Tokenizer::Approx);
         assert_eq!(Tokenizer::for_model("llama-3-70b"), Tokenizer::Approx);
@@ -282,7 +303,11 @@ mod tests {
         let n = estimate_input_tokens(Endpoint::ChatCompletions, "gpt-4o", &body);
         // "system\nhello world\nuser\nhello world" is about 8 tokens; + 2*3 framing + 3 priming
         assert!((14..=20).contains(&n), "{n}");
-        let empty = estimate_input_tokens(Endpoint::ChatCompletions, "gpt-4o", &json!({"messages": []}));
+        let empty = estimate_input_tokens(
+            Endpoint::ChatCompletions,
+            "gpt-4o",
+            &json!({"messages": []}),
+        );
         assert_eq!(empty, TOKENS_REPLY_PRIMING);
     }
 
@@ -323,17 +348,36 @@ mod tests {
     fn output_limit_comes_from_the_request_or_the_default() {
         let chat = Endpoint::ChatCompletions;
         assert_eq!(max_output_tokens(chat, &json!({}), 1024).unwrap(), 1024);
-        assert_eq!(max_output_tokens(chat, &json!({"max_tokens": 50}), 1024).unwrap(), 50);
         assert_eq!(
-            max_output_tokens(chat, &json!({"max_completion_tokens": 70, "max_tokens": 50}), 1024).unwrap(),
+            max_output_tokens(chat, &json!({"max_tokens": 50}), 1024).unwrap(),
+            50
+        );
+        assert_eq!(
+            max_output_tokens(
+                chat,
+                &json!({"max_completion_tokens": 70, "max_tokens": 50}),
+                1024
+            )
+            .unwrap(),
             70
         );
-        assert_eq!(max_output_tokens(chat, &json!({"max_tokens": 50, "n": 3}), 1024).unwrap(), 150);
         assert_eq!(
-            max_output_tokens(Endpoint::Responses, &json!({"max_output_tokens": 9, "max_tokens": 50}), 1024).unwrap(),
+            max_output_tokens(chat, &json!({"max_tokens": 50, "n": 3}), 1024).unwrap(),
+            150
+        );
+        assert_eq!(
+            max_output_tokens(
+                Endpoint::Responses,
+                &json!({"max_output_tokens": 9, "max_tokens": 50}),
+                1024
+            )
+            .unwrap(),
             9
         );
-        assert_eq!(max_output_tokens(Endpoint::Embeddings, &json!({"max_tokens": 5}), 1024).unwrap(), 0);
+        assert_eq!(
+            max_output_tokens(Endpoint::Embeddings, &json!({"max_tokens": 5}), 1024).unwrap(),
+            0
+        );
         let err = max_output_tokens(chat, &json!({"max_tokens": -1}), 1024).unwrap_err();
         assert_eq!(err.status_code(), 400);
         assert!(max_output_tokens(chat, &json!({"max_tokens": "many"}), 1024).is_err());

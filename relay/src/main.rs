@@ -37,7 +37,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pg-quota-relay: cannot start the async runtime: {e}");
@@ -107,11 +110,17 @@ async fn serve(args: ServeArgs) -> ExitCode {
             };
             return fail(format!("cannot reach the database at {target}: {cause}"));
         }
-        Err(_) => return fail(format!("cannot reach the database at {target}: no answer within 15 s")),
+        Err(_) => {
+            return fail(format!(
+                "cannot reach the database at {target}: no answer within 15 s"
+            ))
+        }
     }
     check_contract(&pool).await;
     if config.upstream_url.is_none() {
-        tracing::warn!("--upstream-url is not set: requests whose channel names no upstream will get 502");
+        tracing::warn!(
+            "--upstream-url is not set: requests whose channel names no upstream will get 502"
+        );
     }
     if config.fail_open {
         tracing::warn!("--fail-open: if the database becomes unreachable, requests are forwarded WITHOUT quota accounting");
@@ -147,7 +156,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
         tracing::info!(pending, "waiting for in-flight settlements");
     }
     let grace = Duration::from_secs(args.shutdown_grace_s);
-    if tokio::time::timeout(grace, state.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(grace, state.tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::error!(
             still_running = state.tasks.len(),
             "shutdown grace period over with settlements still running; quota.sweep() will release their reservations"
@@ -165,14 +177,18 @@ async fn serve(args: ServeArgs) -> ExitCode {
 /// Warn (do not fail: the engine may be installed later) when the lifecycle functions are
 /// missing from the database.
 async fn check_contract(pool: &deadpool_postgres::Pool) {
-    const SQL: &str = "SELECT array_agg(f) FROM unnest(ARRAY['admit','settle','refund','models']) f \
+    const SQL: &str =
+        "SELECT array_agg(f) FROM unnest(ARRAY['admit','settle','refund','models']) f \
         WHERE NOT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
         WHERE n.nspname = 'quota' AND p.proname = f)";
     let Ok(client) = pool.get().await else { return };
     match client.query_one(SQL, &[]).await {
         Ok(row) => {
             if let Ok(Some(missing)) = row.try_get::<_, Option<Vec<String>>>(0) {
-                tracing::warn!(?missing, "pg_quota functions missing from the database (CREATE EXTENSION pg_quota?)");
+                tracing::warn!(
+                    ?missing,
+                    "pg_quota functions missing from the database (CREATE EXTENSION pg_quota?)"
+                );
             }
         }
         Err(e) => tracing::warn!(error = %e, "could not check for the pg_quota functions"),

@@ -4,8 +4,12 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
-const DB_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
-const UPSTREAM_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+const DB_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+const UPSTREAM_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -28,24 +32,34 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("pgq_relay_requests_total", "Relayed requests by endpoint and outcome"),
+            Opts::new(
+                "pgq_relay_requests_total",
+                "Relayed requests by endpoint and outcome",
+            ),
             &["endpoint", "outcome"],
         )
         .expect("valid metric");
         let admit_seconds = HistogramVec::new(
-            HistogramOpts::new("pgq_relay_admit_seconds", "Latency of quota.admit").buckets(DB_BUCKETS.to_vec()),
+            HistogramOpts::new("pgq_relay_admit_seconds", "Latency of quota.admit")
+                .buckets(DB_BUCKETS.to_vec()),
             &["result"],
         )
         .expect("valid metric");
         let settle_seconds = HistogramVec::new(
-            HistogramOpts::new("pgq_relay_settle_seconds", "Latency of quota.settle and quota.refund")
-                .buckets(DB_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "pgq_relay_settle_seconds",
+                "Latency of quota.settle and quota.refund",
+            )
+            .buckets(DB_BUCKETS.to_vec()),
             &["call"],
         )
         .expect("valid metric");
         let upstream_seconds = HistogramVec::new(
-            HistogramOpts::new("pgq_relay_upstream_seconds", "Time until the upstream's response headers")
-                .buckets(UPSTREAM_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "pgq_relay_upstream_seconds",
+                "Time until the upstream's response headers",
+            )
+            .buckets(UPSTREAM_BUCKETS.to_vec()),
             &["endpoint"],
         )
         .expect("valid metric");

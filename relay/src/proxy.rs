@@ -18,7 +18,7 @@ use tracing::Instrument;
 
 use crate::app::AppState;
 use crate::db::{self, AdmitArgs, DbError, RateLimit};
-use crate::error::AppError;
+use crate::error::{error_chain, AppError};
 use crate::estimate::{self, Endpoint, Tokenizer};
 use crate::stream::{output_text_of_body, usage_from_json, SseFilter, Usage};
 
@@ -29,7 +29,6 @@ const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
 /// SSE events buffered between the upstream reader and a slow client.
 const STREAM_BUFFER_EVENTS: usize = 32;
 const SETTLE_ATTEMPTS: u32 = 5;
-
 pub const CHANNEL_HEADER: &str = "x-pgq-channel-id";
 
 /// Everything the lifecycle task needs. Not `Debug`: it carries the client's key.
@@ -67,7 +66,10 @@ pub async fn handle(
         )
     })?;
     let Value::Object(body) = value else {
-        return Err(AppError::bad_request("invalid_json", "The request body must be a JSON object."));
+        return Err(AppError::bad_request(
+            "invalid_json",
+            "The request body must be a JSON object.",
+        ));
     };
     let model = match body.get("model") {
         Some(Value::String(m)) if !m.trim().is_empty() => m.clone(),
@@ -80,22 +82,35 @@ pub async fn handle(
         }
     };
     let stream = endpoint != Endpoint::Embeddings && body.get("stream") == Some(&Value::Bool(true));
-    let client_wants_usage =
-        body.get("stream_options").and_then(|o| o.get("include_usage")) == Some(&Value::Bool(true));
+    let client_wants_usage = body
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        == Some(&Value::Bool(true));
     let body_value = Value::Object(body);
-    let max_output =
-        estimate::max_output_tokens(endpoint, &body_value, state.config.default_max_output_tokens)?;
+    let max_output = estimate::max_output_tokens(
+        endpoint,
+        &body_value,
+        state.config.default_max_output_tokens,
+    )?;
     let (est_input, body_value) = if bytes.len() > BLOCKING_ESTIMATE_BYTES {
         let model = model.clone();
         tokio::task::spawn_blocking(move || {
-            (estimate::estimate_input_tokens(endpoint, &model, &body_value), body_value)
+            (
+                estimate::estimate_input_tokens(endpoint, &model, &body_value),
+                body_value,
+            )
         })
         .await
         .map_err(|_| AppError::Internal)?
     } else {
-        (estimate::estimate_input_tokens(endpoint, &model, &body_value), body_value)
+        (
+            estimate::estimate_input_tokens(endpoint, &model, &body_value),
+            body_value,
+        )
     };
-    let Value::Object(body) = body_value else { unreachable!("checked above") };
+    let Value::Object(body) = body_value else {
+        unreachable!("checked above")
+    };
 
     let job = Job {
         request_id,
@@ -149,12 +164,23 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<String, AppError> {
 /// telemetry such as `x-stainless-*`, test controls such as `x-mock-*`), never credentials
 /// (`authorization`, `x-api-key`, ...), the relay's own `x-pgq-*`, or hop-by-hop headers.
 fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
-    const NEVER: &[&str] = &["x-api-key", "x-goog-api-key", "x-request-id", "x-forwarded-for", "x-real-ip"];
+    const NEVER: &[&str] = &[
+        "x-api-key",
+        "x-goog-api-key",
+        "x-request-id",
+        "x-forwarded-for",
+        "x-real-ip",
+    ];
     let mut out = HeaderMap::new();
     for (name, value) in headers {
         let n = name.as_str();
         let pass = n == "user-agent"
-            || (n.starts_with("x-") && !n.starts_with("x-pgq-") && !NEVER.contains(&n) && !n.contains("key") && !n.contains("token") && !n.contains("auth"));
+            || (n.starts_with("x-")
+                && !n.starts_with("x-pgq-")
+                && !NEVER.contains(&n)
+                && !["key", "auth", "secret", "cookie", "password"]
+                    .iter()
+                    .any(|w| n.contains(w)));
         if pass {
             out.append(name.clone(), value.clone());
         }
@@ -171,7 +197,10 @@ fn channel_header(headers: &HeaderMap) -> Result<Option<i64>, AppError> {
         .and_then(|s| s.trim().parse::<i64>().ok())
         .map(Some)
         .ok_or_else(|| {
-            AppError::bad_request("invalid_channel_id", format!("Header {CHANNEL_HEADER} must be an integer channel id."))
+            AppError::bad_request(
+                "invalid_channel_id",
+                format!("Header {CHANNEL_HEADER} must be an integer channel id."),
+            )
         })
 }
 
@@ -188,7 +217,10 @@ async fn read_body(req: Request, limit: usize) -> Result<Bytes, AppError> {
     match Limited::new(req.into_body(), limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large),
-        Err(_) => Err(AppError::bad_request("invalid_body", "The request body could not be read.")),
+        Err(_) => Err(AppError::bad_request(
+            "invalid_body",
+            "The request body could not be read.",
+        )),
     }
 }
 
@@ -264,7 +296,11 @@ async fn lifecycle(state: AppState, job: Job, reply: oneshot::Sender<Response>) 
         }
     };
     let span = tracing::Span::current();
-    for (field, value) in [("key_id", admission.key_id), ("user_id", admission.user_id), ("channel_id", admission.channel_id)] {
+    for (field, value) in [
+        ("key_id", admission.key_id),
+        ("user_id", admission.user_id),
+        ("channel_id", admission.channel_id),
+    ] {
         if let Some(v) = value {
             span.record(field, v);
         }
@@ -280,11 +316,19 @@ async fn lifecycle(state: AppState, job: Job, reply: oneshot::Sender<Response>) 
             .unwrap_or(StatusCode::FORBIDDEN);
         let err = AppError::Denied {
             status,
-            code: admission.error_code.unwrap_or_else(|| "request_denied".into()),
-            message: admission.message.unwrap_or_else(|| "This request was denied.".into()),
+            code: admission
+                .error_code
+                .unwrap_or_else(|| "request_denied".into()),
+            message: admission
+                .message
+                .unwrap_or_else(|| "This request was denied.".into()),
             retry_after_s: admission.retry_after_s,
         };
-        tracing::info!(status = status.as_u16(), code = err.code().as_deref().unwrap_or(""), "admit denied the request");
+        tracing::info!(
+            status = status.as_u16(),
+            code = err.code().as_deref().unwrap_or(""),
+            "admit denied the request"
+        );
         state.metrics.request(label, err.outcome());
         let mut response = err.into_response();
         ratelimit_headers(&ratelimit, response.headers_mut());
@@ -295,16 +339,27 @@ async fn lifecycle(state: AppState, job: Job, reply: oneshot::Sender<Response>) 
     let _in_flight = InFlight::new(&state.metrics.reservations_in_flight);
     // a channel's own upstream gets only its own key: the default key goes to the default URL
     let upstream = match admission.upstream_base_url {
-        Some(base_url) => Some(Upstream { base_url, api_key: admission.upstream_api_key, model: admission.upstream_model }),
+        Some(base_url) => Some(Upstream {
+            base_url,
+            api_key: admission.upstream_api_key,
+            model: admission.upstream_model,
+        }),
         None => state.config.upstream_url.clone().map(|base_url| Upstream {
             base_url,
-            api_key: admission.upstream_api_key.or_else(|| state.config.upstream_api_key.clone()),
+            api_key: admission
+                .upstream_api_key
+                .or_else(|| state.config.upstream_api_key.clone()),
             model: admission.upstream_model,
         }),
     };
     let Some(upstream) = upstream else {
         tracing::error!("admit named no upstream and --upstream-url is not set");
-        settle_or_refund(&state, &job.request_id, Outcome::Refund("no_upstream_configured")).await;
+        settle_or_refund(
+            &state,
+            &job.request_id,
+            Outcome::Refund("no_upstream_configured"),
+        )
+        .await;
         let err = AppError::UpstreamUnavailable("no upstream is configured for this request");
         state.metrics.request(label, err.outcome());
         let _ = reply.send(err.into_response());
@@ -318,20 +373,18 @@ async fn lifecycle(state: AppState, job: Job, reply: oneshot::Sender<Response>) 
             ratelimit_headers(&ratelimit, response.headers_mut());
             let _ = reply.send(response);
         }
-        Ok(UpstreamReply::Complete { status, content_type, body, usage }) => {
-            let settlement = settle_or_refund(&state, &job.request_id, Outcome::Settle(usage)).await;
-            let ratelimit = match settlement {
-                Some(s) => RateLimit {
-                    remaining: s.remaining.or(ratelimit.remaining),
-                    reset_s: s.reset_s.or(ratelimit.reset_s),
-                    ..ratelimit
-                },
-                None => ratelimit,
-            };
+        Ok(UpstreamReply::Complete {
+            status,
+            content_type,
+            body,
+            usage,
+        }) => {
             state.metrics.request(label, "ok");
             let mut response = complete_response(status, content_type, body);
             ratelimit_headers(&ratelimit, response.headers_mut());
             let _ = reply.send(response);
+            // After the reply: the client never waits for the ledger, and this task outlives it.
+            settle_or_refund(&state, &job.request_id, Outcome::Settle(usage)).await;
         }
         Ok(UpstreamReply::Stream(upstream_response)) => {
             let hide = job.endpoint.supports_include_usage() && !job.client_wants_usage;
@@ -343,11 +396,20 @@ async fn lifecycle(state: AppState, job: Job, reply: oneshot::Sender<Response>) 
             }
             let mut filter = SseFilter::new(hide);
             let end = pump(upstream_response, tx, &mut filter).await;
-            let outcome = stream_outcome(end, &filter, job.est_input, Tokenizer::for_model(&job.model));
+            let outcome = stream_outcome(
+                end,
+                &filter,
+                job.est_input,
+                Tokenizer::for_model(&job.model),
+            );
             tracing::info!(?end, ?outcome, "stream finished");
             state.metrics.request(
                 label,
-                if matches!(outcome, Outcome::Refund(_)) { "upstream_error" } else { "ok" },
+                if matches!(outcome, Outcome::Refund(_)) {
+                    "upstream_error"
+                } else {
+                    "ok"
+                },
             );
             settle_or_refund(&state, &job.request_id, outcome).await;
         }
@@ -369,9 +431,12 @@ async fn forward_unaccounted(state: AppState, job: Job, reply: oneshot::Sender<R
     };
     let mut response = match call_upstream(&state, &job, &upstream, false).await {
         Err((err, _)) => err.into_response(),
-        Ok(UpstreamReply::Complete { status, content_type, body, .. }) => {
-            complete_response(status, content_type, body)
-        }
+        Ok(UpstreamReply::Complete {
+            status,
+            content_type,
+            body,
+            ..
+        }) => complete_response(status, content_type, body),
         Ok(UpstreamReply::Stream(upstream_response)) => {
             let (tx, rx) = mpsc::channel(STREAM_BUFFER_EVENTS);
             let response = stream_response(rx);
@@ -413,7 +478,8 @@ async fn call_upstream(
     if let Some(model) = &upstream.model {
         body.insert("model".into(), Value::String(model.clone()));
     }
-    if accounting && job.stream && job.endpoint.supports_include_usage() && !job.client_wants_usage {
+    if accounting && job.stream && job.endpoint.supports_include_usage() && !job.client_wants_usage
+    {
         let options = body
             .entry("stream_options")
             .or_insert_with(|| Value::Object(Map::new()));
@@ -454,11 +520,14 @@ async fn call_upstream(
         .observe(started.elapsed().as_secs_f64());
     let response = sent.map_err(|e| {
         let e = e.without_url();
-        tracing::warn!(error = %e, "upstream request failed");
+        tracing::warn!(error = %error_chain(&e), "upstream request failed");
         if e.is_timeout() {
             (AppError::UpstreamTimeout, "upstream_timeout")
         } else {
-            (AppError::UpstreamUnavailable("the upstream could not be reached"), "upstream_unreachable")
+            (
+                AppError::UpstreamUnavailable("the upstream could not be reached"),
+                "upstream_unreachable",
+            )
         }
     })?;
 
@@ -477,7 +546,10 @@ async fn call_upstream(
 
     let body = read_upstream_body(response).await?;
     let parsed: Value = serde_json::from_slice(&body).map_err(|_| {
-        tracing::warn!(status = status.as_u16(), "upstream sent a body that is not JSON");
+        tracing::warn!(
+            status = status.as_u16(),
+            "upstream sent a body that is not JSON"
+        );
         (
             AppError::UpstreamUnavailable("the upstream sent an invalid response"),
             "upstream_protocol_error",
@@ -491,7 +563,10 @@ async fn call_upstream(
             output_tokens: Tokenizer::for_model(&job.model).count(&text),
             cached_tokens: 0,
         };
-        tracing::warn!(?estimated, "upstream response has no usage; settling the relay's count");
+        tracing::warn!(
+            ?estimated,
+            "upstream response has no usage; settling the relay's count"
+        );
         estimated
     });
     Ok(UpstreamReply::Complete {
@@ -502,17 +577,22 @@ async fn call_upstream(
     })
 }
 
-async fn read_upstream_body(response: reqwest::Response) -> Result<Bytes, (AppError, &'static str)> {
+async fn read_upstream_body(
+    response: reqwest::Response,
+) -> Result<Bytes, (AppError, &'static str)> {
     let mut body = Vec::new();
     let mut chunks = response.bytes_stream();
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk.map_err(|e| {
             let e = e.without_url();
-            tracing::warn!(error = %e, "reading the upstream body failed");
+            tracing::warn!(error = %error_chain(&e), "reading the upstream body failed");
             if e.is_timeout() {
                 (AppError::UpstreamTimeout, "upstream_timeout")
             } else {
-                (AppError::UpstreamUnavailable("the upstream response was cut off"), "upstream_protocol_error")
+                (
+                    AppError::UpstreamUnavailable("the upstream response was cut off"),
+                    "upstream_protocol_error",
+                )
             }
         })?;
         if body.len() + chunk.len() > MAX_UPSTREAM_BODY {
@@ -528,7 +608,10 @@ async fn read_upstream_body(response: reqwest::Response) -> Result<Bytes, (AppEr
 
 /// An upstream non-2xx: request errors (4xx) are passed on in OpenAI's shape, except auth
 /// failures (the client's key is fine; the relay's is not) which become 502 like 5xx.
-async fn upstream_error(status: StatusCode, response: reqwest::Response) -> (AppError, &'static str) {
+async fn upstream_error(
+    status: StatusCode,
+    response: reqwest::Response,
+) -> (AppError, &'static str) {
     let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
     let body = tokio::time::timeout(Duration::from_secs(5), response.bytes())
         .await
@@ -542,7 +625,10 @@ async fn upstream_error(status: StatusCode, response: reqwest::Response) -> (App
     tracing::warn!(status = status.as_u16(), "upstream answered with an error");
     match status.as_u16() {
         401 | 403 => {
-            tracing::error!(status = status.as_u16(), "the upstream refused the relay's credentials");
+            tracing::error!(
+                status = status.as_u16(),
+                "the upstream refused the relay's credentials"
+            );
             (
                 AppError::UpstreamUnavailable("the upstream refused the relay's credentials"),
                 "upstream_auth_failed",
@@ -562,13 +648,27 @@ async fn upstream_error(status: StatusCode, response: reqwest::Response) -> (App
             } else {
                 "upstream_rejected"
             };
-            (AppError::UpstreamRejected { status, error, retry_after }, reason)
+            (
+                AppError::UpstreamRejected {
+                    status,
+                    error,
+                    retry_after,
+                },
+                reason,
+            )
         }
-        _ => (AppError::UpstreamUnavailable("the upstream failed"), "upstream_error"),
+        _ => (
+            AppError::UpstreamUnavailable("the upstream failed"),
+            "upstream_error",
+        ),
     }
 }
 
-fn complete_response(status: StatusCode, content_type: Option<HeaderValue>, body: Bytes) -> Response {
+fn complete_response(
+    status: StatusCode,
+    content_type: Option<HeaderValue>,
+    body: Bytes,
+) -> Response {
     let mut response = (status, body).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -583,7 +683,10 @@ fn stream_response(rx: mpsc::Receiver<Bytes>) -> Response {
     });
     let mut response = Response::new(Body::from_stream(events));
     let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
@@ -600,7 +703,11 @@ pub enum StreamEnd {
 }
 
 /// Moves whole SSE events from the upstream to the client until either side stops.
-async fn pump(upstream: reqwest::Response, tx: mpsc::Sender<Bytes>, filter: &mut SseFilter) -> StreamEnd {
+async fn pump(
+    upstream: reqwest::Response,
+    tx: mpsc::Sender<Bytes>,
+    filter: &mut SseFilter,
+) -> StreamEnd {
     let mut chunks = upstream.bytes_stream();
     loop {
         let next = tokio::select! {
@@ -618,7 +725,7 @@ async fn pump(upstream: reqwest::Response, tx: mpsc::Sender<Bytes>, filter: &mut
             }
             Some(Err(e)) => {
                 let e = e.without_url();
-                tracing::warn!(error = %e, timeout = e.is_timeout(), "upstream stream failed");
+                tracing::warn!(error = %error_chain(&e), timeout = e.is_timeout(), "upstream stream failed");
                 let error = json!({"error": {
                     "message": if e.is_timeout() { "The upstream did not finish in time." } else { "The upstream stream was interrupted." },
                     "type": "server_error",
@@ -641,7 +748,12 @@ async fn pump(upstream: reqwest::Response, tx: mpsc::Sender<Bytes>, filter: &mut
 /// What a finished stream costs: the upstream's usage when it sent one; otherwise the estimated
 /// input plus the output counted so far. A stream that failed upstream before producing
 /// anything is refunded; a client who left is charged for what was produced.
-fn stream_outcome(end: StreamEnd, filter: &SseFilter, est_input: i64, tokenizer: Tokenizer) -> Outcome {
+fn stream_outcome(
+    end: StreamEnd,
+    filter: &SseFilter,
+    est_input: i64,
+    tokenizer: Tokenizer,
+) -> Outcome {
     if let Some(usage) = filter.usage {
         return Outcome::Settle(usage);
     }
@@ -657,7 +769,11 @@ fn stream_outcome(end: StreamEnd, filter: &SseFilter, est_input: i64, tokenizer:
 
 /// Settle or refund, retrying transient failures with backoff. If every attempt fails the
 /// reservation stays until the engine's sweep releases it: logged at ERROR.
-async fn settle_or_refund(state: &AppState, request_id: &str, outcome: Outcome) -> Option<db::Settlement> {
+async fn settle_or_refund(
+    state: &AppState,
+    request_id: &str,
+    outcome: Outcome,
+) -> Option<db::Settlement> {
     let call = match outcome {
         Outcome::Settle(_) => "settle",
         Outcome::Refund(_) => "refund",
@@ -666,13 +782,23 @@ async fn settle_or_refund(state: &AppState, request_id: &str, outcome: Outcome) 
     for attempt in 1..=SETTLE_ATTEMPTS {
         let started = Instant::now();
         let result = match outcome {
-            Outcome::Settle(u) => db::settle(&state.pool, request_id, u.input_tokens, u.output_tokens, u.cached_tokens)
-                .await
-                .map(Some),
-            Outcome::Refund(reason) => db::refund(&state.pool, request_id, reason).await.map(|refunded| {
-                tracing::info!(reason, refunded, "reservation refunded");
-                None
-            }),
+            Outcome::Settle(u) => db::settle(
+                &state.pool,
+                request_id,
+                u.input_tokens,
+                u.output_tokens,
+                u.cached_tokens,
+            )
+            .await
+            .map(Some),
+            Outcome::Refund(reason) => {
+                db::refund(&state.pool, request_id, reason)
+                    .await
+                    .map(|refunded| {
+                        tracing::info!(reason, refunded, "reservation refunded");
+                        None
+                    })
+            }
         };
         state
             .metrics
@@ -699,7 +825,11 @@ async fn settle_or_refund(state: &AppState, request_id: &str, outcome: Outcome) 
                 delay = (delay * 4).min(Duration::from_secs(5));
             }
             Err(e) => {
-                state.metrics.settlement_failures.with_label_values(&[call]).inc();
+                state
+                    .metrics
+                    .settlement_failures
+                    .with_label_values(&[call])
+                    .inc();
                 tracing::error!(
                     call,
                     attempt,
@@ -720,7 +850,11 @@ fn ratelimit_headers(rl: &RateLimit, headers: &mut HeaderMap) {
         return;
     };
     let metric = metric.to_ascii_lowercase();
-    if metric.is_empty() || !metric.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+    if metric.is_empty()
+        || !metric
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
         return;
     }
     let mut put = |what: &str, value: String| {
@@ -743,7 +877,11 @@ fn ratelimit_headers(rl: &RateLimit, headers: &mut HeaderMap) {
 }
 
 /// `GET /v1/models`: the models this key may use.
-pub async fn list_models(state: &AppState, request_id: &str, headers: &HeaderMap) -> Result<Response, AppError> {
+pub async fn list_models(
+    state: &AppState,
+    request_id: &str,
+    headers: &HeaderMap,
+) -> Result<Response, AppError> {
     let api_key = bearer_token(headers)?;
     match db::models(&state.pool, &api_key).await {
         Ok(models) => {
@@ -762,8 +900,14 @@ pub async fn list_models(state: &AppState, request_id: &str, headers: &HeaderMap
         }
         Err(DbError::Unavailable(cause)) if state.config.fail_open => {
             tracing::warn!(%request_id, %cause, "quota database unavailable: listing the upstream's models WITHOUT key check (--fail-open)");
-            let base = state.config.upstream_url.as_deref().ok_or(AppError::DatabaseUnavailable)?;
-            let mut request = state.http.get(format!("{}/models", base.trim_end_matches('/')));
+            let base = state
+                .config
+                .upstream_url
+                .as_deref()
+                .ok_or(AppError::DatabaseUnavailable)?;
+            let mut request = state
+                .http
+                .get(format!("{}/models", base.trim_end_matches('/')));
             if let Some(key) = &state.config.upstream_api_key {
                 request = request.bearer_auth(key);
             }
@@ -777,7 +921,8 @@ pub async fn list_models(state: &AppState, request_id: &str, headers: &HeaderMap
                 .await
                 .map_err(|_| AppError::UpstreamUnavailable("the upstream response was cut off"))?;
             let mut r = complete_response(status, None, body);
-            r.headers_mut().insert("x-pgq-accounting", HeaderValue::from_static("off"));
+            r.headers_mut()
+                .insert("x-pgq-accounting", HeaderValue::from_static("off"));
             Ok(r)
         }
         Err(e) => Err(e.into()),
@@ -787,6 +932,262 @@ pub async fn list_models(state: &AppState, request_id: &str, headers: &HeaderMap
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::app::test_relay;
+
+    fn job(
+        endpoint: Endpoint,
+        body: Value,
+        client_headers: &[(&'static str, &'static str)],
+    ) -> Job {
+        let mut headers = HeaderMap::new();
+        for (k, v) in client_headers {
+            headers.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let Value::Object(body) = body else {
+            panic!("object")
+        };
+        Job {
+            request_id: "req_test".into(),
+            endpoint,
+            api_key: "sk-client".into(),
+            channel_id: None,
+            model: body["model"].as_str().unwrap().into(),
+            stream: body.get("stream") == Some(&Value::Bool(true)),
+            client_wants_usage: body
+                .get("stream_options")
+                .and_then(|o| o.get("include_usage"))
+                == Some(&Value::Bool(true)),
+            body,
+            est_input: 10,
+            max_output: 100,
+            headers,
+        }
+    }
+
+    fn upstream(base: &str, model: Option<&str>) -> Upstream {
+        Upstream {
+            base_url: format!("{base}/v1"),
+            api_key: Some("sk-channel".into()),
+            model: model.map(str::to_string),
+        }
+    }
+
+    async fn drain(mut rx: mpsc::Receiver<Bytes>) -> String {
+        let mut out = Vec::new();
+        while let Some(b) = rx.recv().await {
+            out.extend_from_slice(&b);
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    async fn last_seen(mock: &str) -> Value {
+        let seen: Value = reqwest::get(format!("{mock}/_mock/requests"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        seen.as_array().unwrap().last().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn streaming_asks_for_usage_hides_it_and_captures_it() {
+        let mock = crate::mock::spawn_for_tests(4).await;
+        let state = test_relay(false, None, Duration::from_secs(10));
+        let j = job(
+            Endpoint::ChatCompletions,
+            json!({"model": "alias", "stream": true, "messages": [{"role": "user", "content": "a b"}]}),
+            &[("x-mock-input-tokens", "21"), ("x-mock-cached-tokens", "5")],
+        );
+        let Ok(UpstreamReply::Stream(resp)) =
+            call_upstream(&state, &j, &upstream(&mock, Some("real-model")), true).await
+        else {
+            panic!("expected a stream");
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let client = tokio::spawn(drain(rx));
+        let mut filter = SseFilter::new(true);
+        assert_eq!(pump(resp, tx, &mut filter).await, StreamEnd::Completed);
+        let shown = client.await.unwrap();
+        assert!(shown.ends_with("data: [DONE]\n\n"));
+        assert!(
+            !shown.contains("\"prompt_tokens\""),
+            "the usage chunk is not shown: {shown}"
+        );
+        assert_eq!(
+            filter.usage,
+            Some(Usage {
+                input_tokens: 21,
+                output_tokens: 4,
+                cached_tokens: 5
+            })
+        );
+
+        let seen = last_seen(&mock).await;
+        assert_eq!(seen["body"]["stream_options"]["include_usage"], true);
+        assert_eq!(
+            seen["body"]["model"], "real-model",
+            "upstream_model replaces the client's model"
+        );
+        assert_eq!(seen["authorization"], "Bearer sk-channel");
+        assert_eq!(seen["headers"]["x-request-id"], "req_test");
+    }
+
+    #[tokio::test]
+    async fn non_streaming_usage_comes_from_the_body() {
+        let mock = crate::mock::spawn_for_tests(4).await;
+        let state = test_relay(false, None, Duration::from_secs(10));
+        let j = job(
+            Endpoint::Responses,
+            json!({"model": "m", "input": "a b c"}),
+            &[],
+        );
+        let Ok(UpstreamReply::Complete { status, usage, .. }) =
+            call_upstream(&state, &j, &upstream(&mock, None), true).await
+        else {
+            panic!("expected a body");
+        };
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            usage,
+            Usage {
+                input_tokens: 3,
+                output_tokens: 4,
+                cached_tokens: 0
+            }
+        );
+        let j = job(
+            Endpoint::Embeddings,
+            json!({"model": "e", "input": "a b"}),
+            &[],
+        );
+        let Ok(UpstreamReply::Complete { usage, .. }) =
+            call_upstream(&state, &j, &upstream(&mock, None), true).await
+        else {
+            panic!("expected a body");
+        };
+        assert_eq!(
+            usage,
+            Usage {
+                input_tokens: 2,
+                output_tokens: 0,
+                cached_tokens: 0
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn upstream_failures_map_to_refund_reasons() {
+        let mock = crate::mock::spawn_for_tests(4).await;
+        let state = test_relay(false, None, Duration::from_millis(300));
+        let body = json!({"model": "m", "messages": []});
+        for (fail, status, reason) in [
+            ("500", 502, "upstream_error"),
+            ("503", 502, "upstream_error"),
+            ("401", 502, "upstream_auth_failed"),
+            ("400", 400, "upstream_rejected"),
+            ("429", 429, "upstream_rate_limited"),
+            ("timeout", 504, "upstream_timeout"),
+        ] {
+            let j = job(
+                Endpoint::ChatCompletions,
+                body.clone(),
+                &[("x-mock-fail", fail)],
+            );
+            let Err((err, why)) = call_upstream(&state, &j, &upstream(&mock, None), true).await
+            else {
+                panic!("{fail} must fail");
+            };
+            assert_eq!(
+                (err.status_code().as_u16(), why),
+                (status, reason),
+                "{fail}"
+            );
+        }
+        let unreachable = Upstream {
+            base_url: "http://127.0.0.1:1/v1".into(),
+            api_key: None,
+            model: None,
+        };
+        let j = job(Endpoint::ChatCompletions, body, &[]);
+        let Err((err, why)) = call_upstream(&state, &j, &unreachable, true).await else {
+            panic!()
+        };
+        assert_eq!(
+            (err.status_code().as_u16(), why),
+            (502, "upstream_unreachable")
+        );
+    }
+
+    #[tokio::test]
+    async fn client_hanging_up_stops_the_pump_with_what_was_produced() {
+        let mock = crate::mock::spawn_for_tests(50).await;
+        let state = test_relay(false, None, Duration::from_secs(10));
+        let j = job(
+            Endpoint::ChatCompletions,
+            json!({"model": "gpt-4o", "stream": true, "messages": []}),
+            &[("x-mock-chunk-delay-ms", "20")],
+        );
+        let Ok(UpstreamReply::Stream(resp)) =
+            call_upstream(&state, &j, &upstream(&mock, None), true).await
+        else {
+            panic!("expected a stream");
+        };
+        let (tx, mut rx) = mpsc::channel(1);
+        let client = tokio::spawn(async move {
+            for _ in 0..4 {
+                rx.recv().await.unwrap();
+            }
+            // then the client leaves
+        });
+        let mut filter = SseFilter::new(true);
+        let started = Instant::now();
+        assert_eq!(pump(resp, tx, &mut filter).await, StreamEnd::ClientGone);
+        client.await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_millis(700),
+            "the upstream is not drained"
+        );
+        assert!(filter.usage.is_none());
+        let Outcome::Settle(u) =
+            stream_outcome(StreamEnd::ClientGone, &filter, 10, Tokenizer::O200k)
+        else {
+            panic!()
+        };
+        assert!(u.output_tokens >= 3 && u.output_tokens < 50, "{u:?}");
+        assert_eq!(u.input_tokens, 10);
+    }
+
+    #[tokio::test]
+    async fn upstream_cut_mid_stream_tells_the_client_and_counts_output() {
+        let mock = crate::mock::spawn_for_tests(8).await;
+        let state = test_relay(false, None, Duration::from_secs(10));
+        let j = job(
+            Endpoint::ChatCompletions,
+            json!({"model": "gpt-4o", "stream": true, "messages": []}),
+            &[("x-mock-fail", "disconnect-mid-stream")],
+        );
+        let Ok(UpstreamReply::Stream(resp)) =
+            call_upstream(&state, &j, &upstream(&mock, None), true).await
+        else {
+            panic!("expected a stream");
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let client = tokio::spawn(drain(rx));
+        let mut filter = SseFilter::new(true);
+        assert_eq!(pump(resp, tx, &mut filter).await, StreamEnd::UpstreamFailed);
+        let shown = client.await.unwrap();
+        assert!(
+            shown.trim_end().ends_with("}}"),
+            "ends with an error event: {shown}"
+        );
+        assert!(shown.contains("upstream_unavailable"));
+        assert_eq!(filter.text, crate::mock::wire::output_text(4));
+        assert!(matches!(
+            stream_outcome(StreamEnd::UpstreamFailed, &filter, 10, Tokenizer::O200k),
+            Outcome::Settle(_)
+        ));
+    }
 
     fn headers(auth: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -802,7 +1203,10 @@ mod tests {
             let e = bearer_token(&headers(bad)).unwrap_err();
             assert_eq!(e.status_code(), 401, "{bad}");
         }
-        assert_eq!(bearer_token(&HeaderMap::new()).unwrap_err().status_code(), 401);
+        assert_eq!(
+            bearer_token(&HeaderMap::new()).unwrap_err().status_code(),
+            401
+        );
     }
 
     #[test]
@@ -815,7 +1219,8 @@ mod tests {
             ("x-api-key", "sk-client"),
             ("x-pgq-channel-id", "7"),
             ("cookie", "a=b"),
-            ("x-upstream-token", "t"),
+            ("x-upstream-secret", "t"),
+            ("x-mock-cached-tokens", "2"),
             ("connection", "keep-alive"),
         ] {
             h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
@@ -823,7 +1228,15 @@ mod tests {
         let out = forwarded_headers(&h);
         let mut names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
         names.sort();
-        assert_eq!(names, ["user-agent", "x-mock-output-tokens", "x-stainless-lang"]);
+        assert_eq!(
+            names,
+            [
+                "user-agent",
+                "x-mock-cached-tokens",
+                "x-mock-output-tokens",
+                "x-stainless-lang"
+            ]
+        );
     }
 
     #[test]
@@ -831,22 +1244,36 @@ mod tests {
         let tok = Tokenizer::Approx;
         // usage chunk wins, whatever happened to the connection
         let mut f = SseFilter::new(true);
-        f.push(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}\n\n");
+        f.push(
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}\n\n",
+        );
         assert_eq!(
             stream_outcome(StreamEnd::ClientGone, &f, 100, tok),
-            Outcome::Settle(Usage { input_tokens: 5, output_tokens: 2, cached_tokens: 0 })
+            Outcome::Settle(Usage {
+                input_tokens: 5,
+                output_tokens: 2,
+                cached_tokens: 0
+            })
         );
         // client left after some content: estimated input + counted output, never a refund
         let mut f = SseFilter::new(true);
         f.push(b"data: {\"choices\":[{\"delta\":{\"content\":\"abcdefgh\"}}]}\n\n");
         assert_eq!(
             stream_outcome(StreamEnd::ClientGone, &f, 100, tok),
-            Outcome::Settle(Usage { input_tokens: 100, output_tokens: 2, cached_tokens: 0 })
+            Outcome::Settle(Usage {
+                input_tokens: 100,
+                output_tokens: 2,
+                cached_tokens: 0
+            })
         );
         // upstream failed after content: still charged
         assert_eq!(
             stream_outcome(StreamEnd::UpstreamFailed, &f, 100, tok),
-            Outcome::Settle(Usage { input_tokens: 100, output_tokens: 2, cached_tokens: 0 })
+            Outcome::Settle(Usage {
+                input_tokens: 100,
+                output_tokens: 2,
+                cached_tokens: 0
+            })
         );
         // upstream failed before any content: refunded
         let empty = SseFilter::new(true);
@@ -857,7 +1284,11 @@ mod tests {
         // client left before any content: the input was still processed
         assert_eq!(
             stream_outcome(StreamEnd::ClientGone, &empty, 100, tok),
-            Outcome::Settle(Usage { input_tokens: 100, output_tokens: 0, cached_tokens: 0 })
+            Outcome::Settle(Usage {
+                input_tokens: 100,
+                output_tokens: 0,
+                cached_tokens: 0
+            })
         );
     }
 
@@ -877,8 +1308,22 @@ mod tests {
         assert_eq!(h["x-ratelimit-remaining-cost"], "7.25");
         assert_eq!(h["x-ratelimit-reset-cost"], "3600");
         let mut h = HeaderMap::new();
-        ratelimit_headers(&RateLimit { metric: None, limit: Some("1".into()), ..Default::default() }, &mut h);
-        ratelimit_headers(&RateLimit { metric: Some("bad metric\n".into()), limit: Some("1".into()), ..Default::default() }, &mut h);
+        ratelimit_headers(
+            &RateLimit {
+                metric: None,
+                limit: Some("1".into()),
+                ..Default::default()
+            },
+            &mut h,
+        );
+        ratelimit_headers(
+            &RateLimit {
+                metric: Some("bad metric\n".into()),
+                limit: Some("1".into()),
+                ..Default::default()
+            },
+            &mut h,
+        );
         assert!(h.is_empty());
     }
 }

@@ -18,7 +18,10 @@ pub struct Usage {
 }
 
 fn int(v: Option<&Value>) -> Option<i64> {
-    v.and_then(|v| v.as_i64().or_else(|| v.as_u64().map(|u| i64::try_from(u).unwrap_or(i64::MAX))))
+    v.and_then(|v| {
+        v.as_i64()
+            .or_else(|| v.as_u64().map(|u| i64::try_from(u).unwrap_or(i64::MAX)))
+    })
 }
 
 /// Usage from a response body, a stream chunk, or a Responses API event (`response.usage`).
@@ -60,7 +63,12 @@ pub fn output_text_of_body(v: &Value, out: &mut String) {
     }
     if let Some(items) = v.get("output").and_then(Value::as_array) {
         for item in items {
-            for part in item.get("content").and_then(Value::as_array).into_iter().flatten() {
+            for part in item
+                .get("content")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 if let Some(s) = part.get("text").and_then(Value::as_str) {
                     out.push_str(s);
                 }
@@ -132,14 +140,20 @@ impl SseFilter {
         let before = self.text.len();
         if let Some(choices) = v.get("choices").and_then(Value::as_array) {
             for c in choices {
-                for ptr in ["/delta/content", "/delta/refusal", "/delta/reasoning_content", "/text"] {
+                for ptr in [
+                    "/delta/content",
+                    "/delta/refusal",
+                    "/delta/reasoning_content",
+                    "/text",
+                ] {
                     if let Some(s) = c.pointer(ptr).and_then(Value::as_str) {
                         self.text.push_str(s);
                     }
                 }
                 if let Some(calls) = c.pointer("/delta/tool_calls").and_then(Value::as_array) {
                     for call in calls {
-                        if let Some(s) = call.pointer("/function/arguments").and_then(Value::as_str) {
+                        if let Some(s) = call.pointer("/function/arguments").and_then(Value::as_str)
+                        {
                             self.text.push_str(s);
                         }
                     }
@@ -158,7 +172,10 @@ impl SseFilter {
         if self.text.len() > before {
             self.content_events += 1;
         }
-        let usage_only = v.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty)
+        let usage_only = v
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(Vec::is_empty)
             && v.get("usage").is_some_and(Value::is_object);
         !(self.hide_usage_chunk && usage_only)
     }
@@ -219,18 +236,35 @@ mod tests {
     }
 
     fn stream_text() -> String {
-        [chunk("a"), chunk("b"), chunk("c"), usage_chunk(), "data: [DONE]\n\n".into()].concat()
+        [
+            chunk("a"),
+            chunk("b"),
+            chunk("c"),
+            usage_chunk(),
+            "data: [DONE]\n\n".into(),
+        ]
+        .concat()
     }
 
     #[test]
     fn usage_chunk_is_hidden_when_the_relay_asked_for_it() {
         let mut f = SseFilter::new(true);
         let out = f.push(stream_text().as_bytes());
-        let shown: String = out.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect();
+        let shown: String = out
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect();
         assert_eq!(out.len(), 4, "3 content chunks + [DONE]");
         assert!(!shown.contains("\"usage\""));
         assert!(shown.ends_with("data: [DONE]\n\n"));
-        assert_eq!(f.usage, Some(Usage { input_tokens: 12, output_tokens: 3, cached_tokens: 4 }));
+        assert_eq!(
+            f.usage,
+            Some(Usage {
+                input_tokens: 12,
+                output_tokens: 3,
+                cached_tokens: 4
+            })
+        );
         assert_eq!(f.text, "abc");
         assert!(f.saw_done);
     }
@@ -280,19 +314,51 @@ mod tests {
         .concat();
         let mut f = SseFilter::new(true);
         let out = f.push(events.as_bytes());
-        assert_eq!(out.len(), 3, "response.completed is not a usage-only chat chunk");
+        assert_eq!(
+            out.len(),
+            3,
+            "response.completed is not a usage-only chat chunk"
+        );
         assert_eq!(f.text, "Hello");
-        assert_eq!(f.usage, Some(Usage { input_tokens: 9, output_tokens: 2, cached_tokens: 1 }));
+        assert_eq!(
+            f.usage,
+            Some(Usage {
+                input_tokens: 9,
+                output_tokens: 2,
+                cached_tokens: 1
+            })
+        );
     }
 
     #[test]
     fn usage_from_bodies_of_every_endpoint() {
         let chat = json!({"usage": {"prompt_tokens": 5, "completion_tokens": 7, "prompt_tokens_details": {"cached_tokens": 2}}});
-        assert_eq!(usage_from_json(&chat), Some(Usage { input_tokens: 5, output_tokens: 7, cached_tokens: 2 }));
+        assert_eq!(
+            usage_from_json(&chat),
+            Some(Usage {
+                input_tokens: 5,
+                output_tokens: 7,
+                cached_tokens: 2
+            })
+        );
         let emb = json!({"usage": {"prompt_tokens": 8, "total_tokens": 8}});
-        assert_eq!(usage_from_json(&emb), Some(Usage { input_tokens: 8, output_tokens: 0, cached_tokens: 0 }));
+        assert_eq!(
+            usage_from_json(&emb),
+            Some(Usage {
+                input_tokens: 8,
+                output_tokens: 0,
+                cached_tokens: 0
+            })
+        );
         let resp = json!({"usage": {"input_tokens": 3, "output_tokens": 4, "input_tokens_details": {"cached_tokens": 1}}});
-        assert_eq!(usage_from_json(&resp), Some(Usage { input_tokens: 3, output_tokens: 4, cached_tokens: 1 }));
+        assert_eq!(
+            usage_from_json(&resp),
+            Some(Usage {
+                input_tokens: 3,
+                output_tokens: 4,
+                cached_tokens: 1
+            })
+        );
         assert_eq!(usage_from_json(&json!({"usage": null})), None);
         assert_eq!(usage_from_json(&json!({"choices": []})), None);
     }
@@ -300,8 +366,14 @@ mod tests {
     #[test]
     fn output_text_of_non_streaming_bodies() {
         let mut s = String::new();
-        output_text_of_body(&json!({"choices": [{"message": {"content": "hi "}}, {"text": "there"}]}), &mut s);
-        output_text_of_body(&json!({"output": [{"content": [{"type": "output_text", "text": "!"}]}]}), &mut s);
+        output_text_of_body(
+            &json!({"choices": [{"message": {"content": "hi "}}, {"text": "there"}]}),
+            &mut s,
+        );
+        output_text_of_body(
+            &json!({"output": [{"content": [{"type": "output_text", "text": "!"}]}]}),
+            &mut s,
+        );
         assert_eq!(s, "hi there!");
     }
 }

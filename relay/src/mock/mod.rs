@@ -7,7 +7,7 @@
 //! `authorization`, the `authorization` value on its own, body) and listed, oldest first, at
 //! `GET /_mock/requests`; `DELETE /_mock/requests` forgets them.
 
-mod wire;
+pub(crate) mod wire;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,10 +45,22 @@ pub fn app(defaults: MockArgs) -> Router {
         next_id: AtomicU64::new(1),
     });
     Router::new()
-        .route("/v1/chat/completions", post(|s: State<Arc<MockState>>, r: Request| generate(s, Endpoint::ChatCompletions, r)))
-        .route("/v1/completions", post(|s: State<Arc<MockState>>, r: Request| generate(s, Endpoint::Completions, r)))
-        .route("/v1/embeddings", post(|s: State<Arc<MockState>>, r: Request| generate(s, Endpoint::Embeddings, r)))
-        .route("/v1/responses", post(|s: State<Arc<MockState>>, r: Request| generate(s, Endpoint::Responses, r)))
+        .route(
+            "/v1/chat/completions",
+            post(|s: State<Arc<MockState>>, r: Request| generate(s, Endpoint::ChatCompletions, r)),
+        )
+        .route(
+            "/v1/completions",
+            post(|s: State<Arc<MockState>>, r: Request| generate(s, Endpoint::Completions, r)),
+        )
+        .route(
+            "/v1/embeddings",
+            post(|s: State<Arc<MockState>>, r: Request| generate(s, Endpoint::Embeddings, r)),
+        )
+        .route(
+            "/v1/responses",
+            post(|s: State<Arc<MockState>>, r: Request| generate(s, Endpoint::Responses, r)),
+        )
         .route("/v1/models", get(models))
         .route("/_mock/requests", get(recorded).delete(forget))
         .layer(DefaultBodyLimit::max(256 * 1024 * 1024))
@@ -100,14 +112,20 @@ impl Behavior {
                 .transpose()
         }
         let fail = match headers.get("x-mock-fail") {
-            Some(v) => Some(parse_fail(v.to_str().map_err(|_| "x-mock-fail is not text")?)?),
+            Some(v) => Some(parse_fail(
+                v.to_str().map_err(|_| "x-mock-fail is not text")?,
+            )?),
             None => defaults.fail.as_deref().map(parse_fail).transpose()?,
         };
         Ok(Behavior {
-            latency: Duration::from_millis(num(headers, "x-mock-latency-ms")?.unwrap_or(defaults.latency_ms)),
+            latency: Duration::from_millis(
+                num(headers, "x-mock-latency-ms")?.unwrap_or(defaults.latency_ms),
+            ),
             output_tokens: num(headers, "x-mock-output-tokens")?.unwrap_or(defaults.output_tokens),
             input_tokens: num(headers, "x-mock-input-tokens")?,
-            chunk_delay: Duration::from_millis(num(headers, "x-mock-chunk-delay-ms")?.unwrap_or(defaults.chunk_delay_ms)),
+            chunk_delay: Duration::from_millis(
+                num(headers, "x-mock-chunk-delay-ms")?.unwrap_or(defaults.chunk_delay_ms),
+            ),
             cached_tokens: num(headers, "x-mock-cached-tokens")?.unwrap_or(defaults.cached_tokens),
             fail,
         })
@@ -115,7 +133,10 @@ impl Behavior {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn error(status: StatusCode, message: &str, code: Option<&str>) -> Response {
@@ -129,12 +150,16 @@ impl MockState {
             if name == header::AUTHORIZATION {
                 continue;
             }
-            recorded_headers.insert(name.to_string(), Value::String(String::from_utf8_lossy(value.as_bytes()).into_owned()));
+            recorded_headers.insert(
+                name.to_string(),
+                Value::String(String::from_utf8_lossy(value.as_bytes()).into_owned()),
+            );
         }
         let body = if body.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
+            serde_json::from_slice(body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
         };
         let entry = json!({
             "method": method,
@@ -159,7 +184,11 @@ async fn recorded(State(state): State<Arc<MockState>>) -> Json<Value> {
 }
 
 async fn forget(State(state): State<Arc<MockState>>) -> StatusCode {
-    state.requests.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    state
+        .requests
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
     StatusCode::NO_CONTENT
 }
 
@@ -168,12 +197,21 @@ async fn models(State(state): State<Arc<MockState>>, headers: HeaderMap) -> Resp
     Json(wire::models()).into_response()
 }
 
-async fn generate(State(state): State<Arc<MockState>>, endpoint: Endpoint, req: Request) -> Response {
+async fn generate(
+    State(state): State<Arc<MockState>>,
+    endpoint: Endpoint,
+    req: Request,
+) -> Response {
     let (parts, body) = req.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
         return error(StatusCode::BAD_REQUEST, "could not read the body", None);
     };
-    state.record(parts.method.as_str(), parts.uri.path(), &parts.headers, &bytes);
+    state.record(
+        parts.method.as_str(),
+        parts.uri.path(),
+        &parts.headers,
+        &bytes,
+    );
     let behavior = match Behavior::from(&state.defaults, &parts.headers) {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e, Some("bad_mock_header")),
@@ -183,9 +221,14 @@ async fn generate(State(state): State<Arc<MockState>>, endpoint: Endpoint, req: 
     }
     match behavior.fail {
         Some(Fail::Status(status)) => {
-            let mut r = error(status, &format!("mock upstream failure (HTTP {})", status.as_u16()), Some("mock_failure"));
+            let mut r = error(
+                status,
+                &format!("mock upstream failure (HTTP {})", status.as_u16()),
+                Some("mock_failure"),
+            );
             if status == StatusCode::TOO_MANY_REQUESTS {
-                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             return r;
         }
@@ -196,12 +239,26 @@ async fn generate(State(state): State<Arc<MockState>>, endpoint: Endpoint, req: 
         _ => {}
     }
     let Ok(body) = serde_json::from_slice::<Value>(&bytes) else {
-        return error(StatusCode::BAD_REQUEST, "We could not parse the JSON body of your request.", None);
+        return error(
+            StatusCode::BAD_REQUEST,
+            "We could not parse the JSON body of your request.",
+            None,
+        );
     };
-    let model = body.get("model").and_then(Value::as_str).unwrap_or("mock-model").to_string();
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-model")
+        .to_string();
     let counts = wire::Counts {
-        prompt: behavior.input_tokens.unwrap_or_else(|| wire::prompt_tokens(endpoint, &body)),
-        completion: if endpoint == Endpoint::Embeddings { 0 } else { behavior.output_tokens },
+        prompt: behavior
+            .input_tokens
+            .unwrap_or_else(|| wire::prompt_tokens(endpoint, &body)),
+        completion: if endpoint == Endpoint::Embeddings {
+            0
+        } else {
+            behavior.output_tokens
+        },
         cached: behavior.cached_tokens,
     };
     let n = state.next_id.fetch_add(1, Ordering::Relaxed);
@@ -211,12 +268,20 @@ async fn generate(State(state): State<Arc<MockState>>, endpoint: Endpoint, req: 
 
     if !stream {
         let value = match endpoint {
-            Endpoint::ChatCompletions => wire::chat_completion(&format!("chatcmpl-mock{n}"), created, &model, counts),
-            Endpoint::Completions => wire::text_completion(&format!("cmpl-mock{n}"), created, &model, counts),
-            Endpoint::Embeddings => wire::embeddings(&model, &body, counts),
-            Endpoint::Responses => {
-                wire::response_object(&format!("resp_mock{n}"), created, &model, "completed", Some(counts))
+            Endpoint::ChatCompletions => {
+                wire::chat_completion(&format!("chatcmpl-mock{n}"), created, &model, counts)
             }
+            Endpoint::Completions => {
+                wire::text_completion(&format!("cmpl-mock{n}"), created, &model, counts)
+            }
+            Endpoint::Embeddings => wire::embeddings(&model, &body, counts),
+            Endpoint::Responses => wire::response_object(
+                &format!("resp_mock{n}"),
+                created,
+                &model,
+                "completed",
+                Some(counts),
+            ),
         };
         let text = value.to_string();
         if disconnect {
@@ -224,10 +289,16 @@ async fn generate(State(state): State<Arc<MockState>>, endpoint: Endpoint, req: 
             let half = Bytes::from(text[..text.len() / 2].to_string());
             let parts: Vec<Result<Bytes, std::io::Error>> = vec![
                 Ok(half),
-                Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "mock disconnect")),
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "mock disconnect",
+                )),
             ];
             let mut r = Response::new(Body::from_stream(futures_util::stream::iter(parts)));
-            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             return r;
         }
         return ([(header::CONTENT_TYPE, "application/json")], text).into_response();
@@ -247,8 +318,13 @@ async fn generate(State(state): State<Arc<MockState>>, endpoint: Endpoint, req: 
     tokio::spawn(async move {
         for (i, event) in events.into_iter().enumerate() {
             if cut == Some(i) {
+                // let what was sent reach the client before the connection breaks
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 let _ = tx
-                    .send(Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "mock disconnect")))
+                    .send(Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "mock disconnect",
+                    )))
                     .await;
                 return;
             }
@@ -260,10 +336,16 @@ async fn generate(State(state): State<Arc<MockState>>, endpoint: Endpoint, req: 
             }
         }
     });
-    let body = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
     let mut r = Response::new(Body::from_stream(body));
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     r
 }
 
@@ -290,6 +372,23 @@ pub async fn run(args: MockArgs) -> std::process::ExitCode {
     }
 }
 
+/// A mock on a free loopback port, in this process; returns its base URL (without `/v1`).
+#[cfg(test)]
+pub async fn spawn_for_tests(output_tokens: u64) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let args = MockArgs {
+        listen: addr,
+        latency_ms: 0,
+        output_tokens,
+        chunk_delay_ms: 0,
+        cached_tokens: 0,
+        fail: None,
+    };
+    tokio::spawn(async move { axum::serve(listener, app(args)).await.unwrap() });
+    format!("http://{addr}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,14 +406,23 @@ mod tests {
         }
     }
 
-    async fn call(router: &Router, path: &str, body: Value, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, String) {
+    async fn call(
+        router: &Router,
+        path: &str,
+        body: Value,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, HeaderMap, String) {
         let mut req = Request::post(path)
             .header("content-type", "application/json")
             .header("authorization", "Bearer sk-upstream");
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = router.clone().oneshot(req.body(Body::from(body.to_string())).unwrap()).await.unwrap();
+        let resp = router
+            .clone()
+            .oneshot(req.body(Body::from(body.to_string())).unwrap())
+            .await
+            .unwrap();
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
@@ -323,20 +431,35 @@ mod tests {
 
     fn data_events(text: &str) -> Vec<String> {
         text.split("\n\n")
-            .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")).map(str::to_string))
+            .filter_map(|e| {
+                e.lines()
+                    .find_map(|l| l.strip_prefix("data: "))
+                    .map(str::to_string)
+            })
             .collect()
     }
 
     #[tokio::test]
     async fn chat_completion_has_openai_shape_and_usage() {
         let router = app(defaults());
-        let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "one two three"}]});
-        let (status, _, text) = call(&router, "/v1/chat/completions", body, &[("x-mock-cached-tokens", "2")]).await;
+        let body =
+            json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "one two three"}]});
+        let (status, _, text) = call(
+            &router,
+            "/v1/chat/completions",
+            body,
+            &[("x-mock-cached-tokens", "2")],
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["object"], "chat.completion");
         assert_eq!(v["model"], "gpt-4o");
-        assert_eq!(v["usage"]["prompt_tokens"], 3 + 3 + 3, "words + 3 per message + 3");
+        assert_eq!(
+            v["usage"]["prompt_tokens"],
+            3 + 3 + 3,
+            "words + 3 per message + 3"
+        );
         assert_eq!(v["usage"]["completion_tokens"], 5);
         assert_eq!(v["usage"]["total_tokens"], 14);
         assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 2);
@@ -346,18 +469,33 @@ mod tests {
     #[tokio::test]
     async fn streaming_without_include_usage_sends_no_usage_chunk() {
         let router = app(defaults());
-        let body = json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
-        let (status, headers, text) = call(&router, "/v1/chat/completions", body, &[("x-mock-output-tokens", "3")]).await;
+        let body =
+            json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+        let (status, headers, text) = call(
+            &router,
+            "/v1/chat/completions",
+            body,
+            &[("x-mock-output-tokens", "3")],
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(headers["content-type"], "text/event-stream");
         let events = data_events(&text);
         assert_eq!(events.last().unwrap(), "[DONE]");
-        assert_eq!(events.len(), 1 + 3 + 1 + 1, "role, 3 tokens, finish, [DONE]");
+        assert_eq!(
+            events.len(),
+            1 + 3 + 1 + 1,
+            "role, 3 tokens, finish, [DONE]"
+        );
         assert!(!text.contains("usage"));
         let content: String = events[..events.len() - 1]
             .iter()
             .map(|e| serde_json::from_str::<Value>(e).unwrap())
-            .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+            .filter_map(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_string)
+            })
             .collect();
         assert_eq!(content, wire::output_text(3));
     }
@@ -367,7 +505,13 @@ mod tests {
         let router = app(defaults());
         let body = json!({"model": "m", "stream": true, "stream_options": {"include_usage": true},
                           "messages": [{"role": "user", "content": "hi there"}]});
-        let (_, _, text) = call(&router, "/v1/chat/completions", body, &[("x-mock-input-tokens", "40")]).await;
+        let (_, _, text) = call(
+            &router,
+            "/v1/chat/completions",
+            body,
+            &[("x-mock-input-tokens", "40")],
+        )
+        .await;
         let events = data_events(&text);
         assert_eq!(events.last().unwrap(), "[DONE]");
         let usage_chunk: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
@@ -375,13 +519,23 @@ mod tests {
         assert_eq!(usage_chunk["usage"]["prompt_tokens"], 40);
         assert_eq!(usage_chunk["usage"]["completion_tokens"], 5);
         let first: Value = serde_json::from_str(&events[0]).unwrap();
-        assert_eq!(first["usage"], Value::Null, "other chunks carry usage: null");
+        assert_eq!(
+            first["usage"],
+            Value::Null,
+            "other chunks carry usage: null"
+        );
     }
 
     #[tokio::test]
     async fn legacy_completions_stream_and_body() {
         let router = app(defaults());
-        let (_, _, text) = call(&router, "/v1/completions", json!({"model": "m", "prompt": "a b c d"}), &[]).await;
+        let (_, _, text) = call(
+            &router,
+            "/v1/completions",
+            json!({"model": "m", "prompt": "a b c d"}),
+            &[],
+        )
+        .await;
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["object"], "text_completion");
         assert_eq!(v["usage"]["prompt_tokens"], 4);
@@ -395,7 +549,13 @@ mod tests {
     #[tokio::test]
     async fn embeddings_report_prompt_tokens_only() {
         let router = app(defaults());
-        let (_, _, text) = call(&router, "/v1/embeddings", json!({"model": "e", "input": ["a b", "c"]}), &[]).await;
+        let (_, _, text) = call(
+            &router,
+            "/v1/embeddings",
+            json!({"model": "e", "input": ["a b", "c"]}),
+            &[],
+        )
+        .await;
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["data"].as_array().unwrap().len(), 2);
         assert_eq!(v["usage"], json!({"prompt_tokens": 3, "total_tokens": 3}));
@@ -404,12 +564,24 @@ mod tests {
     #[tokio::test]
     async fn responses_api_body_and_stream_carry_usage() {
         let router = app(defaults());
-        let (_, _, text) = call(&router, "/v1/responses", json!({"model": "m", "input": "x y"}), &[]).await;
+        let (_, _, text) = call(
+            &router,
+            "/v1/responses",
+            json!({"model": "m", "input": "x y"}),
+            &[],
+        )
+        .await;
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["object"], "response");
         assert_eq!(v["usage"]["input_tokens"], 2);
         assert_eq!(v["usage"]["output_tokens"], 5);
-        let (_, _, text) = call(&router, "/v1/responses", json!({"model": "m", "input": "x", "stream": true}), &[]).await;
+        let (_, _, text) = call(
+            &router,
+            "/v1/responses",
+            json!({"model": "m", "input": "x", "stream": true}),
+            &[],
+        )
+        .await;
         assert!(!text.contains("[DONE]"));
         let last: Value = serde_json::from_str(data_events(&text).last().unwrap()).unwrap();
         assert_eq!(last["type"], "response.completed");
@@ -420,13 +592,34 @@ mod tests {
     async fn failures_by_header() {
         let router = app(defaults());
         let body = json!({"model": "m", "messages": []});
-        let (status, _, text) = call(&router, "/v1/chat/completions", body.clone(), &[("x-mock-fail", "500")]).await;
+        let (status, _, text) = call(
+            &router,
+            "/v1/chat/completions",
+            body.clone(),
+            &[("x-mock-fail", "500")],
+        )
+        .await;
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-        assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["error"]["type"], "server_error");
-        let (status, headers, _) = call(&router, "/v1/chat/completions", body.clone(), &[("x-mock-fail", "429")]).await;
+        assert_eq!(
+            serde_json::from_str::<Value>(&text).unwrap()["error"]["type"],
+            "server_error"
+        );
+        let (status, headers, _) = call(
+            &router,
+            "/v1/chat/completions",
+            body.clone(),
+            &[("x-mock-fail", "429")],
+        )
+        .await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(headers["retry-after"], "1");
-        let (status, _, _) = call(&router, "/v1/chat/completions", body.clone(), &[("x-mock-fail", "bogus")]).await;
+        let (status, _, _) = call(
+            &router,
+            "/v1/chat/completions",
+            body.clone(),
+            &[("x-mock-fail", "bogus")],
+        )
+        .await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
     }
 
@@ -459,18 +652,48 @@ mod tests {
         let router = app(defaults());
         let body = json!({"model": "m", "stream": true, "messages": []});
         let started = std::time::Instant::now();
-        call(&router, "/v1/chat/completions", body, &[("x-mock-chunk-delay-ms", "20"), ("x-mock-output-tokens", "4")]).await;
+        call(
+            &router,
+            "/v1/chat/completions",
+            body,
+            &[
+                ("x-mock-chunk-delay-ms", "20"),
+                ("x-mock-output-tokens", "4"),
+            ],
+        )
+        .await;
         // role + 4 tokens + finish + [DONE] = 7 events, 6 gaps
-        assert!(started.elapsed() >= Duration::from_millis(120), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() >= Duration::from_millis(120),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
     async fn requests_are_recorded_without_auth_in_headers() {
         let router = app(defaults());
-        call(&router, "/v1/chat/completions", json!({"model": "first", "messages": []}), &[("x-custom", "1")]).await;
-        call(&router, "/v1/embeddings", json!({"model": "second", "input": "a"}), &[]).await;
-        let resp = router.clone().oneshot(Request::get("/_mock/requests").body(Body::empty()).unwrap()).await.unwrap();
-        let v: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        call(
+            &router,
+            "/v1/chat/completions",
+            json!({"model": "first", "messages": []}),
+            &[("x-custom", "1")],
+        )
+        .await;
+        call(
+            &router,
+            "/v1/embeddings",
+            json!({"model": "second", "input": "a"}),
+            &[],
+        )
+        .await;
+        let resp = router
+            .clone()
+            .oneshot(Request::get("/_mock/requests").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let v: Value =
+            serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
         let list = v.as_array().unwrap();
         assert_eq!(list.len(), 2);
         assert_eq!(list[0]["body"]["model"], "first");
@@ -478,7 +701,15 @@ mod tests {
         assert!(list[0]["headers"].get("authorization").is_none());
         assert_eq!(list[0]["authorization"], "Bearer sk-upstream");
         assert_eq!(list[1]["path"], "/v1/embeddings", "newest last");
-        let resp = router.clone().oneshot(Request::delete("/_mock/requests").body(Body::empty()).unwrap()).await.unwrap();
+        let resp = router
+            .clone()
+            .oneshot(
+                Request::delete("/_mock/requests")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     }
 }

@@ -6,7 +6,16 @@ use crate::estimate::Endpoint;
 
 /// Words the mock "generates", one per completion token.
 const WORDS: &[&str] = &[
-    "Lorem", " ipsum", " dolor", " sit", " amet", ",", " consectetur", " adipiscing", " elit", ".",
+    "Lorem",
+    " ipsum",
+    " dolor",
+    " sit",
+    " amet",
+    ",",
+    " consectetur",
+    " adipiscing",
+    " elit",
+    ".",
 ];
 
 pub fn token_text(i: u64) -> &'static str {
@@ -151,9 +160,18 @@ fn response_message(id: &str, text: &str) -> Value {
     })
 }
 
-pub fn response_object(id: &str, created: u64, model: &str, status: &str, c: Option<Counts>) -> Value {
+pub fn response_object(
+    id: &str,
+    created: u64,
+    model: &str,
+    status: &str,
+    c: Option<Counts>,
+) -> Value {
     let (output, usage) = match c {
-        Some(c) => (vec![response_message(id, &output_text(c.completion))], responses_usage(c)),
+        Some(c) => (
+            vec![response_message(id, &output_text(c.completion))],
+            responses_usage(c),
+        ),
         None => (vec![], Value::Null),
     };
     json!({
@@ -186,7 +204,14 @@ pub fn sse_event(event: &str, data: &Value) -> String {
 }
 
 /// The SSE events of a streamed response, in order (without delays).
-pub fn stream_events(endpoint: Endpoint, id: &str, created: u64, model: &str, c: Counts, include_usage: bool) -> Vec<String> {
+pub fn stream_events(
+    endpoint: Endpoint,
+    id: &str,
+    created: u64,
+    model: &str,
+    c: Counts,
+    include_usage: bool,
+) -> Vec<String> {
     let mut events = Vec::new();
     // OpenAI sends `"usage": null` on every chunk when include_usage is set
     let with_usage = |mut v: Value| {
@@ -204,7 +229,10 @@ pub fn stream_events(endpoint: Endpoint, id: &str, created: u64, model: &str, c:
                     "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
                 }))
             };
-            events.push(sse(&chunk(json!({"role": "assistant", "content": "", "refusal": null}), Value::Null)));
+            events.push(sse(&chunk(
+                json!({"role": "assistant", "content": "", "refusal": null}),
+                Value::Null,
+            )));
             for i in 0..c.completion {
                 events.push(sse(&chunk(json!({"content": token_text(i)}), Value::Null)));
             }
@@ -243,10 +271,13 @@ pub fn stream_events(endpoint: Endpoint, id: &str, created: u64, model: &str, c:
                 seq += 1;
                 seq
             };
-            events.push(sse_event("response.created", &json!({
-                "type": "response.created", "sequence_number": next(),
-                "response": response_object(id, created, model, "in_progress", None),
-            })));
+            events.push(sse_event(
+                "response.created",
+                &json!({
+                    "type": "response.created", "sequence_number": next(),
+                    "response": response_object(id, created, model, "in_progress", None),
+                }),
+            ));
             let item_id = format!("msg_{id}");
             for i in 0..c.completion {
                 events.push(sse_event("response.output_text.delta", &json!({
@@ -258,10 +289,13 @@ pub fn stream_events(endpoint: Endpoint, id: &str, created: u64, model: &str, c:
                 "type": "response.output_text.done", "sequence_number": next(),
                 "item_id": item_id, "output_index": 0, "content_index": 0, "text": output_text(c.completion),
             })));
-            events.push(sse_event("response.completed", &json!({
-                "type": "response.completed", "sequence_number": next(),
-                "response": response_object(id, created, model, "completed", Some(c)),
-            })));
+            events.push(sse_event(
+                "response.completed",
+                &json!({
+                    "type": "response.completed", "sequence_number": next(),
+                    "response": response_object(id, created, model, "completed", Some(c)),
+                }),
+            ));
         }
         Endpoint::Embeddings => {}
     }
