@@ -12,7 +12,7 @@ END
 $$;
 
 CREATE FUNCTION quota.policy_validate() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     problem text[];
 BEGIN

@@ -30,19 +30,27 @@ $$;
 
 -- The key row for a presented secret, or nothing. Indexed lookup by public id, then hash compare.
 CREATE FUNCTION quota.key_for_secret(api_key text) RETURNS SETOF quota.api_key
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE AS $$
     SELECT k.* FROM quota.api_key k
     WHERE api_key ~ '^sk-pgq-[0-9a-f]{12}-[0-9a-f]{64}$'
       AND k.public_id = substr(api_key, 8, 12)
       AND k.secret_hash = sha256(convert_to(substr(api_key, 21), 'UTF8'))
 $$;
 
--- Cost of a usage in money, exactly; NULL when the model has no price.
+-- Cost of a usage in money, exactly; NULL when the model has no price. PL/pgSQL rather than SQL:
+-- its plan is cached for the session instead of being re-planned on every call.
 CREATE FUNCTION quota.price_of(model text, input_tokens bigint, output_tokens bigint, cached_tokens bigint)
 RETURNS numeric
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT trim_scale(((input_tokens - least(cached_tokens, input_tokens)) * p.input_per_mtok
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    p quota.model_price;
+BEGIN
+    SELECT mp.* INTO p FROM quota.model_price mp WHERE mp.model = price_of.model;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    RETURN trim_scale(((input_tokens - least(cached_tokens, input_tokens)) * p.input_per_mtok
             + least(cached_tokens, input_tokens) * coalesce(p.cached_input_per_mtok, p.input_per_mtok)
-            + output_tokens * p.output_per_mtok) / 1000000)
-    FROM quota.model_price p WHERE p.model = price_of.model
+            + output_tokens * p.output_per_mtok) / 1000000);
+END
 $$;

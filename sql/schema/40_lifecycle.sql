@@ -1,6 +1,10 @@
 -- The request lifecycle: admit before forwarding, settle or refund after. Each call is one
 -- transaction. Lock order everywhere: reservation row, then counters in policy_id order, then
 -- the api_key row, so concurrent calls cannot deadlock.
+--
+-- Only the SECURITY DEFINER entry points pin search_path. The helpers below them do not: they
+-- schema-qualify every object and run under their caller's pinned path, and a SET clause on
+-- each would cost a search-path recomputation per call and prevent inlining.
 
 CREATE TYPE quota.admission AS (
     allowed              boolean,
@@ -30,7 +34,7 @@ CREATE TYPE quota.settlement AS (
 
 -- "daily cost quota", "5-hour token quota", … for client messages that carry no amounts.
 CREATE FUNCTION quota.policy_words(p quota.policy) RETURNS text
-LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE p.period WHEN '5h' THEN '5-hour' WHEN 'day' THEN 'daily' WHEN 'week' THEN 'weekly'
                          WHEN 'month' THEN 'monthly' WHEN 'minutes' THEN p.period_minutes || '-minute'
                          ELSE 'lifetime' END
@@ -42,7 +46,7 @@ $$;
 -- The amount a policy counts for a usage: money, raw tokens, or one request.
 CREATE FUNCTION quota.metric_amount(metric text, cost numeric, input_tokens bigint, output_tokens bigint)
 RETURNS numeric
-LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE metric WHEN 'cost' THEN cost
                        WHEN 'tokens' THEN input_tokens + output_tokens
                        ELSE 1 END
@@ -52,14 +56,18 @@ $$;
 -- whose stored window is not the current one has used nothing in the current one).
 CREATE FUNCTION quota.window_used(p quota.policy, c quota.counter, window_start timestamptz)
 RETURNS numeric
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT CASE
-        WHEN c IS NULL OR c.policy_id IS NULL THEN 0
-        WHEN p.window_mode = 'rolling' THEN
-            (SELECT coalesce(sum(r.used), 0) FROM quota.rolling_usage r
-              WHERE r.policy_id = c.policy_id AND r.scope_id = c.scope_id AND r.bucket >= window_start)
-        WHEN c.window_start = window_start THEN c.used
-        ELSE 0 END
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF c.policy_id IS NULL THEN
+        RETURN 0;
+    ELSIF p.window_mode = 'rolling' THEN
+        RETURN (SELECT coalesce(sum(r.used), 0) FROM quota.rolling_usage r
+                 WHERE r.policy_id = c.policy_id AND r.scope_id = c.scope_id AND r.bucket >= window_start);
+    ELSIF c.window_start = window_start THEN
+        RETURN c.used;
+    END IF;
+    RETURN 0;
+END
 $$;
 
 -- When a blocked window frees up: its end for fixed windows; for rolling windows the moment the
@@ -67,7 +75,7 @@ $$;
 CREATE FUNCTION quota.window_frees_at(p quota.policy, scope_id bigint, window_start timestamptz,
                                       window_end timestamptz, now_ts timestamptz)
 RETURNS timestamptz
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE AS $$
     SELECT CASE WHEN p.window_mode = 'rolling' THEN
         coalesce((SELECT min(r.bucket) FROM quota.rolling_usage r
                    WHERE r.policy_id = p.policy_id AND r.scope_id = window_frees_at.scope_id
@@ -82,6 +90,7 @@ RETURNS quota.admission
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_now      timestamptz := quota.clock();
+    v_found    record;
     v_key      quota.api_key;
     v_user_ok  boolean;
     v_out      quota.admission;
@@ -112,16 +121,18 @@ BEGIN
     v_out.allowed := false;
     v_out.channel_id := admit.channel_id;
 
-    SELECT k.* INTO v_key FROM quota.key_for_secret(admit.api_key) k;
+    SELECT k AS key, u.enabled AS user_ok INTO v_found
+    FROM quota.key_for_secret(admit.api_key) k JOIN quota.app_user u ON u.user_id = k.user_id;
     IF NOT FOUND THEN
         v_out.http_status := 401; v_out.error_code := 'invalid_api_key';
         v_out.message := 'Incorrect API key provided.';
         RETURN v_out;
     END IF;
+    v_key := v_found.key;
+    v_user_ok := v_found.user_ok;
     v_out.key_id := v_key.key_id;
     v_out.user_id := v_key.user_id;
 
-    SELECT u.enabled INTO v_user_ok FROM quota.app_user u WHERE u.user_id = v_key.user_id;
     IF NOT v_key.enabled THEN
         v_out.http_status := 403; v_out.error_code := 'key_disabled';
         v_out.message := 'This API key has been disabled.';
@@ -145,8 +156,8 @@ BEGIN
         RETURN v_out;
     END IF;
 
-    IF EXISTS (SELECT 1 FROM quota.usage_ledger l WHERE l.request_id = admit.request_id)
-       OR EXISTS (SELECT 1 FROM quota.released r WHERE r.request_id = admit.request_id) THEN
+    IF EXISTS (SELECT 1 FROM quota.usage_ledger l WHERE l.request_id = admit.request_id
+               UNION ALL SELECT 1 FROM quota.released r WHERE r.request_id = admit.request_id) THEN
         RAISE EXCEPTION 'admit: request_id % was already used', admit.request_id USING ERRCODE = 'PQ409';
     END IF;
 
@@ -243,7 +254,7 @@ $$;
 
 -- Ends a run-out suspension of one key and logs it; safe to race (only one caller logs).
 CREATE FUNCTION quota.resume_key(key_id bigint, now_ts timestamptz) RETURNS boolean
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     v_policy bigint;
     v_user   bigint;
@@ -264,7 +275,7 @@ $$;
 
 -- Gives back the holds of a reservation that will not be settled (refund, expiry).
 CREATE FUNCTION quota.release_holds(r quota.reservation) RETURNS void
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     i integer;
 BEGIN
@@ -409,7 +420,7 @@ $$;
 CREATE FUNCTION quota.mark_exhausted(p quota.policy, scope_id bigint, key_id bigint, user_id bigint,
                                      window_start timestamptz, window_end timestamptz, now_ts timestamptz)
 RETURNS void
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     v_until timestamptz;
 BEGIN

@@ -1,6 +1,6 @@
 -- Daily rollups per key/user/model/channel, kept by a trigger in the settle transaction.
 CREATE FUNCTION quota.usage_daily_add() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO quota.usage_daily AS d (day, key_id, user_id, model, channel_id, requests, input_tokens,
                                         output_tokens, cached_tokens, cost, unbilled)

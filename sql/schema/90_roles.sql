@@ -21,7 +21,8 @@ GRANT EXECUTE ON FUNCTION
     quota.admit(text, text, text, bigint, bigint, bigint),
     quota.settle(text, bigint, bigint, bigint),
     quota.refund(text, text),
-    quota.models(text)
+    quota.models(text),
+    quota.clock()          -- so the relay turns reset instants into seconds on the engine's clock
 TO quota_relay;
 
 GRANT SELECT, INSERT, UPDATE, DELETE ON quota.policy, quota.model_price, quota.app_user TO quota_admin;
