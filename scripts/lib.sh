@@ -48,14 +48,17 @@ install_extension() {
 }
 
 # Start a binary in the background and wait for its "listening on http://..." stdout line.
-# Sets SPAWNED_PID and SPAWNED_URL. Usage: spawn_listening LOGFILE cmd args...
+# Sets SPAWNED_URL and appends the pid to SPAWNED_PIDS at once, so an exit trap that kills
+# "${SPAWNED_PIDS[@]}" stops it even when start-up fails. Usage: spawn_listening LOGFILE cmd args...
+SPAWNED_PIDS=()
 spawn_listening() {
   local log=$1; shift
   "$@" >"$log" 2>&1 &
   SPAWNED_PID=$!
+  SPAWNED_PIDS+=("$SPAWNED_PID")
   local i
   for i in $(seq 1 100); do
-    SPAWNED_URL=$(grep -o 'listening on http://[^ ]*' "$log" 2>/dev/null | head -n1 | sed 's/listening on //')
+    SPAWNED_URL=$(grep -o 'listening on http://[^ ]*' "$log" 2>/dev/null | head -n1 | sed 's/listening on //' || true)
     [ -n "$SPAWNED_URL" ] && return 0
     kill -0 "$SPAWNED_PID" 2>/dev/null || { tail -n 5 "$log" >&2; fail "$1 exited at start-up (see $log)"; }
     sleep 0.1

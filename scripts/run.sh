@@ -23,14 +23,17 @@ say "building the extension and the relay (release)"
 install_extension --release
 cargo build -q --release -p pg-quota-relay || fail "cargo build --release -p pg-quota-relay"
 
-pids=()
 stop_all() {
   trap - INT TERM EXIT
   say "stopping"
-  [ ${#pids[@]} -gt 0 ] && kill "${pids[@]}" 2>/dev/null && wait "${pids[@]}" 2>/dev/null
+  if [ ${#SPAWNED_PIDS[@]} -gt 0 ]; then
+    kill "${SPAWNED_PIDS[@]}" 2>/dev/null || true
+    wait "${SPAWNED_PIDS[@]}" 2>/dev/null || true
+  fi
   cluster_stop "$DATA"
 }
-trap stop_all INT TERM EXIT
+trap 'stop_all; exit 0' INT TERM
+trap stop_all EXIT
 
 cluster_init "$DATA"
 cluster_start "$DATA" "$PGQ_PORT" "shared_preload_libraries=pg_quota" "pg_quota.sweep_database=pg_quota"
@@ -50,10 +53,10 @@ DEMO_KEY=$(tail -n1 "$RUNDIR/demo-key")
 
 DATABASE_URL="host=127.0.0.1 port=$PGQ_PORT user=postgres dbname=pg_quota"
 spawn_listening "$RUNDIR/mock.log" target/release/pg-quota-relay mock-upstream --listen "$MOCK_LISTEN"
-pids+=("$SPAWNED_PID"); MOCK_URL=$SPAWNED_URL
+MOCK_URL=$SPAWNED_URL
 DATABASE_URL=$DATABASE_URL spawn_listening "$RUNDIR/relay.log" target/release/pg-quota-relay serve \
   --listen "$RELAY_LISTEN" --upstream-url "$MOCK_URL/v1"
-pids+=("$SPAWNED_PID"); RELAY_URL=$SPAWNED_URL
+RELAY_URL=$SPAWNED_URL
 
 cat <<MSG
 
@@ -72,5 +75,5 @@ cat <<MSG
 
   Ctrl-C stops everything.
 MSG
-wait -n "${pids[@]}" || true
+wait -n "${SPAWNED_PIDS[@]}" || true
 fail "a process exited unexpectedly (see .run/*.log)"
