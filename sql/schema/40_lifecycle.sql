@@ -32,6 +32,31 @@ CREATE TYPE quota.settlement AS (
     replay           boolean
 );
 
+-- The policies a key is subject to, in lock order. The one place that decides which policies
+-- apply to a request (admit, a late settle, status).
+CREATE FUNCTION quota.policies_for(key_id bigint, user_id bigint) RETURNS SETOF quota.policy
+LANGUAGE sql STABLE AS $$
+    SELECT p.* FROM quota.policy p
+    WHERE p.enabled AND ((p.subject_type = 'key' AND p.subject_id = policies_for.key_id)
+                      OR (p.subject_type = 'user' AND p.subject_id = policies_for.user_id))
+    ORDER BY p.policy_id
+$$;
+
+-- The scope a policy's counter counts for, for a request by this key.
+CREATE FUNCTION quota.scope_of(p quota.policy, key_id bigint, user_id bigint) RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE p.subject_type WHEN 'key' THEN key_id ELSE user_id END
+$$;
+
+-- A policy's window containing `at` (see quota.window_bounds).
+CREATE FUNCTION quota.policy_window(p quota.policy, at timestamptz)
+RETURNS TABLE (window_start timestamptz, window_end timestamptz)
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT w.window_start, w.window_end
+    FROM quota.window_bounds(p.period, p.period_minutes, p.window_mode, p.anchor, p.time_zone,
+                             p.week_start, p.reset_hour, at) w
+$$;
+
 -- "daily cost quota", "5-hour token quota", … for client messages that carry no amounts.
 CREATE FUNCTION quota.policy_words(p quota.policy) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
@@ -167,20 +192,11 @@ BEGIN
 
     -- Pass 1: lock every applicable counter in policy_id order and check; nothing is written
     -- unless every policy passes (all-or-nothing).
-    FOR v_policy IN
-        SELECT p.* FROM quota.policy p
-        WHERE p.enabled
-          AND ((p.subject_type = 'key' AND p.subject_id = v_key.key_id)
-            OR (p.subject_type = 'user' AND p.subject_id = v_key.user_id))
-        ORDER BY p.policy_id
-    LOOP
+    FOR v_policy IN SELECT p.* FROM quota.policies_for(v_key.key_id, v_key.user_id) p LOOP
         v_amount := quota.metric_amount(v_policy.metric, v_cost, admit.est_input_tokens, admit.max_output_tokens);
         CONTINUE WHEN v_amount IS NULL;
-        v_scope := CASE v_policy.subject_type WHEN 'key' THEN v_key.key_id ELSE v_key.user_id END;
-        SELECT w.window_start, w.window_end INTO v_ws, v_we
-        FROM quota.window_bounds(v_policy.period, v_policy.period_minutes, v_policy.window_mode,
-                                 v_policy.anchor, v_policy.time_zone, v_policy.week_start,
-                                 v_policy.reset_hour, v_now) w;
+        v_scope := quota.scope_of(v_policy, v_key.key_id, v_key.user_id);
+        SELECT w.window_start, w.window_end INTO v_ws, v_we FROM quota.policy_window(v_policy, v_now) w;
 
         SELECT c.* INTO v_counter FROM quota.counter c
         WHERE c.policy_id = v_policy.policy_id AND c.scope_id = v_scope FOR UPDATE;
@@ -333,13 +349,10 @@ BEGIN
         v_res := ROW(settle.request_id, v_released.key_id, v_released.user_id, v_released.channel_id,
                      v_released.model, 0, 0, '{}', '{}', '{}', v_released.released_at)::quota.reservation;
         SELECT array_agg(p.policy_id ORDER BY p.policy_id),
-               array_agg(CASE p.subject_type WHEN 'key' THEN v_released.key_id ELSE v_released.user_id END
-                         ORDER BY p.policy_id),
+               array_agg(quota.scope_of(p, v_released.key_id, v_released.user_id) ORDER BY p.policy_id),
                array_agg(0::numeric ORDER BY p.policy_id)
           INTO v_res.hold_policy, v_res.hold_scope, v_res.hold_amount
-        FROM quota.policy p
-        WHERE p.enabled AND ((p.subject_type = 'key' AND p.subject_id = v_released.key_id)
-                          OR (p.subject_type = 'user' AND p.subject_id = v_released.user_id));
+        FROM quota.policies_for(v_released.key_id, v_released.user_id) p;
         v_res.hold_policy := coalesce(v_res.hold_policy, '{}');
         v_res.hold_scope := coalesce(v_res.hold_scope, '{}');
         v_res.hold_amount := coalesce(v_res.hold_amount, '{}');
@@ -360,10 +373,7 @@ BEGIN
         CONTINUE WHEN NOT FOUND;  -- the policy was deleted meanwhile; its counter went with it
         v_actual := coalesce(quota.metric_amount(v_policy.metric, v_cost, settle.input_tokens,
                                                  settle.output_tokens), 0);
-        SELECT w.window_start, w.window_end INTO v_ws, v_we
-        FROM quota.window_bounds(v_policy.period, v_policy.period_minutes, v_policy.window_mode,
-                                 v_policy.anchor, v_policy.time_zone, v_policy.week_start,
-                                 v_policy.reset_hour, v_now) w;
+        SELECT w.window_start, w.window_end INTO v_ws, v_we FROM quota.policy_window(v_policy, v_now) w;
 
         UPDATE quota.counter c SET
             used         = CASE WHEN c.window_start = v_ws THEN c.used ELSE 0 END

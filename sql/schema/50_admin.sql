@@ -44,12 +44,10 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
                 WHEN u.used >= p.quota_limit THEN 'exhausted'
                 ELSE 'ok' END
     FROM k CROSS JOIN now_ts n
-    JOIN quota.policy p ON p.enabled AND ((p.subject_type = 'key' AND p.subject_id = k.key_id)
-                                       OR (p.subject_type = 'user' AND p.subject_id = k.user_id))
-    CROSS JOIN LATERAL quota.window_bounds(p.period, p.period_minutes, p.window_mode, p.anchor,
-                                           p.time_zone, p.week_start, p.reset_hour, n.t) w
+    CROSS JOIN LATERAL quota.policies_for(k.key_id, k.user_id) p
+    CROSS JOIN LATERAL quota.policy_window(p, n.t) w
     LEFT JOIN quota.counter c ON c.policy_id = p.policy_id
-         AND c.scope_id = CASE p.subject_type WHEN 'key' THEN k.key_id ELSE k.user_id END
+         AND c.scope_id = quota.scope_of(p, k.key_id, k.user_id)
     CROSS JOIN LATERAL (SELECT quota.window_used(p, c, w.window_start) AS used) u
     ORDER BY p.policy_id
 $$;
@@ -92,8 +90,7 @@ BEGIN
     END LOOP;
 
     DELETE FROM quota.rolling_usage r
-    USING quota.policy p, LATERAL quota.window_bounds(p.period, p.period_minutes, p.window_mode, p.anchor,
-                                                      p.time_zone, p.week_start, p.reset_hour, v_now) w
+    USING quota.policy p, LATERAL quota.policy_window(p, v_now) w
     WHERE r.policy_id = p.policy_id AND r.bucket < w.window_start;
     GET DIAGNOSTICS pruned_buckets = ROW_COUNT;
 END
@@ -136,8 +133,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
         FROM quota.counter c
         JOIN quota.policy p ON p.policy_id = c.policy_id
         CROSS JOIN now_ts n
-        CROSS JOIN LATERAL quota.window_bounds(p.period, p.period_minutes, p.window_mode, p.anchor,
-                                               p.time_zone, p.week_start, p.reset_hour, n.t) w
+        CROSS JOIN LATERAL quota.policy_window(p, n.t) w
         LEFT JOIN holds h ON h.policy_id = c.policy_id AND h.scope_id = c.scope_id
     )
     SELECT * FROM expected e

@@ -40,6 +40,8 @@ GRANT EXECUTE ON FUNCTION
     quota.clock(),
     quota.approx_duration(bigint),
     quota.window_bounds(text, integer, text, timestamptz, text, integer, integer, timestamptz),
+    quota.policy_window(quota.policy, timestamptz),
+    quota.policies_for(bigint, bigint),
     quota.policy_window_problem(text, integer, text, text, integer, integer),
     quota.policy_refuse(text, text)
 TO quota_admin;
