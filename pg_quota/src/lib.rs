@@ -18,6 +18,7 @@ extension_sql_file!(
     name = "policy",
     requires = ["tables", window::policy_window_problem]
 );
+extension_sql_file!("../../sql/schema/25_scopes.sql", name = "scopes", requires = ["policy"]);
 extension_sql_file!("../../sql/schema/30_keys.sql", name = "keys", requires = ["tables"]);
 extension_sql_file!(
     "../../sql/schema/40_lifecycle.sql",

@@ -37,11 +37,63 @@ CREATE TABLE quota.model_price (
     updated_at             timestamptz NOT NULL DEFAULT now()
 );
 
+-- User groups: a group's policies apply to each member on its own (per-member amounts).
+CREATE TABLE quota.user_group (
+    group_id   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name       text NOT NULL UNIQUE CHECK (name <> ''),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE quota.user_group_member (
+    group_id  bigint NOT NULL REFERENCES quota.user_group ON DELETE CASCADE,
+    user_id   bigint NOT NULL REFERENCES quota.app_user ON DELETE CASCADE,
+    PRIMARY KEY (group_id, user_id)
+);
+CREATE INDEX ON quota.user_group_member (user_id);
+
+-- Model groups: named sets of models. A model belongs to at most one group (the primary key on
+-- model_group_member.model); a trigger names the group that already holds it.
+CREATE TABLE quota.model_group (
+    model_group_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name           text NOT NULL UNIQUE CHECK (name <> ''),
+    created_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE quota.model_group_member (
+    model           text PRIMARY KEY CHECK (model <> ''),
+    model_group_id  bigint NOT NULL REFERENCES quota.model_group ON DELETE CASCADE
+);
+CREATE INDEX ON quota.model_group_member (model_group_id);
+
+-- Upstream channels (accounts). api_key is the upstream's secret: only quota.admit reads it
+-- (for the relay role); admins may write it but no role but the owner may SELECT it.
+CREATE TABLE quota.channel (
+    channel_id  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name        text NOT NULL UNIQUE CHECK (name <> ''),
+    base_url    text NOT NULL CHECK (base_url ~ '^https?://'),
+    api_key     text,
+    priority    integer NOT NULL DEFAULT 0,
+    weight      integer NOT NULL DEFAULT 1 CHECK (weight > 0),
+    status      text NOT NULL DEFAULT 'enabled' CHECK (status IN ('enabled', 'disabled')),
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE quota.channel IS
+    'Upstream accounts. Routing picks, among enabled channels serving the model and under all their caps (policies with subject_type = ''channel''), the highest priority, then at random by weight.';
+COMMENT ON COLUMN quota.channel.api_key IS 'The upstream secret; readable only through quota.admit.';
+
+-- The models a channel serves; upstream_model renames the model on the way out (NULL: same name).
+CREATE TABLE quota.channel_model (
+    channel_id      bigint NOT NULL REFERENCES quota.channel ON DELETE CASCADE,
+    model           text NOT NULL CHECK (model <> ''),
+    upstream_model  text CHECK (upstream_model <> ''),
+    PRIMARY KEY (model, channel_id)
+);
+
 CREATE TABLE quota.policy (
     policy_id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     name           text,
     subject_type   text NOT NULL,
     subject_id     bigint NOT NULL,
+    -- NULL: every model (a global policy); otherwise only requests for models of this group.
+    model_group    bigint REFERENCES quota.model_group ON DELETE RESTRICT,
     metric         text NOT NULL DEFAULT 'cost',
     period         text NOT NULL,
     period_minutes integer,
@@ -61,10 +113,30 @@ CREATE TABLE quota.policy (
 CREATE INDEX ON quota.policy (subject_type, subject_id) WHERE enabled;
 COMMENT ON TABLE quota.policy IS
     'One quota rule. Admins INSERT/UPDATE/DELETE rows; a trigger refuses invalid rows naming the column.';
+COMMENT ON COLUMN quota.policy.exclusive IS
+    'Billing isolation for a model-group policy: spend it covers is not counted again by the same subject''s global policies (same axis: key, or user with its groups).';
 COMMENT ON COLUMN quota.policy.anchor IS
     'Aligns 5h and minutes windows, gives month windows their day-of-month, and starts total windows. Manual reset never moves it.';
 COMMENT ON COLUMN quota.policy.week_start IS 'ISO weekday a week window starts on: 1 = Monday … 7 = Sunday.';
 COMMENT ON COLUMN quota.policy.reset_hour IS 'Local hour (0-23, in time_zone) at which day, week and month windows start.';
+
+-- Temporary grants that add to the effective limit of the matching policies (same axis and
+-- subject, model group, metric and period) while starts_at <= now < expires_at.
+CREATE TABLE quota.boost (
+    boost_id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    subject_type    text NOT NULL,
+    subject_id      bigint NOT NULL,
+    model_group     bigint REFERENCES quota.model_group ON DELETE CASCADE,
+    metric          text NOT NULL DEFAULT 'cost',
+    period          text NOT NULL,
+    period_minutes  integer,
+    amount          numeric NOT NULL,
+    starts_at       timestamptz NOT NULL DEFAULT quota.clock(),
+    expires_at      timestamptz NOT NULL,
+    reason          text,
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX ON quota.boost (subject_type, subject_id);
 
 -- Live counter of one policy for one scope (the key, the user, …) in its current window.
 -- used counts settled usage of the window starting at window_start; reserved counts holds of
@@ -90,18 +162,21 @@ CREATE TABLE quota.rolling_usage (
 ) WITH (fillfactor = 70);
 
 -- In-flight requests: one row from admit until settle/refund/sweep. hold_* are parallel arrays:
--- the amount reserved on each policy's counter.
+-- the amount reserved on each policy's counter. channel_id is the channel admit routed to.
 CREATE TABLE quota.reservation (
     request_id        text PRIMARY KEY,
     key_id            bigint NOT NULL,
     user_id           bigint NOT NULL,
     channel_id        bigint,
     model             text NOT NULL,
+    counted_in_key_global   boolean NOT NULL,
+    counted_in_user_global  boolean NOT NULL,
     est_input_tokens  bigint NOT NULL,
     max_output_tokens bigint NOT NULL,
     hold_policy       bigint[] NOT NULL,
     hold_scope        bigint[] NOT NULL,
     hold_amount       numeric[] NOT NULL,
+    hold_limit        numeric[] NOT NULL,  -- each policy's effective limit at admit
     created_at        timestamptz NOT NULL
 );
 CREATE INDEX ON quota.reservation (created_at);
@@ -132,6 +207,9 @@ CREATE TABLE quota.usage_ledger (
     cost             numeric NOT NULL CHECK (cost >= 0),
     billed           boolean NOT NULL,
     unbilled_reason  text CHECK (billed = (unbilled_reason IS NULL)),
+    -- false when an exclusive model-group policy of that axis took the spend (billing isolation)
+    counted_in_key_global   boolean NOT NULL DEFAULT true,
+    counted_in_user_global  boolean NOT NULL DEFAULT true,
     counted_policy   bigint[] NOT NULL,
     counted_scope    bigint[] NOT NULL,
     counted_window   timestamptz[] NOT NULL,
@@ -162,7 +240,8 @@ CREATE TABLE quota.event (
     at         timestamptz NOT NULL,
     kind       text NOT NULL CHECK (kind IN ('exhausted', 'disabled', 'resumed', 'reset',
                                              'policy_created', 'policy_changed', 'policy_deleted',
-                                             'reservation_expired')),
+                                             'reservation_expired', 'boost_created', 'boost_changed',
+                                             'boost_deleted')),
     policy_id  bigint,
     key_id     bigint,
     user_id    bigint,
@@ -174,6 +253,13 @@ CREATE INDEX ON quota.event (at);
 SELECT pg_catalog.pg_extension_config_dump('quota.app_user', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.api_key', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.model_price', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.user_group', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.user_group_member', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.model_group', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.model_group_member', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.channel', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.channel_model', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.boost', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.policy', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.counter', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.rolling_usage', '');

@@ -1,13 +1,25 @@
 -- Policy validation and the policy-change log.
 
--- Refuses an invalid policy row with SQLSTATE 23514 (check_violation), naming the column in the
--- message and in the error's COLUMN field so tools can point at it.
-CREATE FUNCTION quota.policy_refuse(col text, msg text) RETURNS void
+-- Whether a policy or boost subject exists. Subjects are polymorphic (no single foreign key), so
+-- validation checks them here and 25_scopes.sql deletes a subject's rows when it goes away.
+CREATE FUNCTION quota.subject_exists(subject_type text, subject_id bigint) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT CASE subject_type
+        WHEN 'key' THEN EXISTS (SELECT 1 FROM quota.api_key k WHERE k.key_id = subject_id)
+        WHEN 'user' THEN EXISTS (SELECT 1 FROM quota.app_user u WHERE u.user_id = subject_id)
+        WHEN 'user_group' THEN EXISTS (SELECT 1 FROM quota.user_group g WHERE g.group_id = subject_id)
+        WHEN 'channel' THEN EXISTS (SELECT 1 FROM quota.channel c WHERE c.channel_id = subject_id)
+        ELSE false END
+$$;
+
+-- Refuses an invalid row (policy, boost) with SQLSTATE 23514 (check_violation), naming the
+-- column in the message and in the error's COLUMN field so tools can point at it.
+CREATE FUNCTION quota.refuse_row(tbl text, col text, msg text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
     RAISE EXCEPTION USING ERRCODE = 'check_violation', MESSAGE = msg,
-        COLUMN = col, TABLE = 'policy', SCHEMA = 'quota',
-        HINT = 'See the column comments: \d+ quota.policy';
+        COLUMN = col, TABLE = tbl, SCHEMA = 'quota',
+        HINT = format('See the column comments: \d+ quota.%s', tbl);
 END
 $$;
 
@@ -16,44 +28,55 @@ LANGUAGE plpgsql AS $$
 DECLARE
     problem text[];
 BEGIN
-    IF NEW.subject_type IS DISTINCT FROM 'key' AND NEW.subject_type IS DISTINCT FROM 'user' THEN
-        PERFORM quota.policy_refuse('subject_type', format(
-            'invalid policy: subject_type: %L is not one of key, user', NEW.subject_type));
+    IF NEW.subject_type IS NULL OR NEW.subject_type NOT IN ('key', 'user', 'user_group', 'channel') THEN
+        PERFORM quota.refuse_row('policy', 'subject_type', format(
+            'invalid policy: subject_type: %L is not one of key, user, user_group, channel', NEW.subject_type));
     END IF;
-    IF NEW.subject_type = 'key' AND NOT EXISTS (SELECT 1 FROM quota.api_key WHERE key_id = NEW.subject_id) THEN
-        PERFORM quota.policy_refuse('subject_id', format('invalid policy: subject_id: no key with key_id %s', NEW.subject_id));
+    IF NOT quota.subject_exists(NEW.subject_type, NEW.subject_id) THEN
+        PERFORM quota.refuse_row('policy', 'subject_id', format('invalid policy: subject_id: no %s with id %s',
+            replace(NEW.subject_type, '_', ' '), coalesce(NEW.subject_id::text, 'NULL')));
     END IF;
-    IF NEW.subject_type = 'user' AND NOT EXISTS (SELECT 1 FROM quota.app_user WHERE user_id = NEW.subject_id) THEN
-        PERFORM quota.policy_refuse('subject_id', format('invalid policy: subject_id: no user with user_id %s', NEW.subject_id));
+    IF NEW.subject_type = 'channel' AND NEW.model_group IS NOT NULL THEN
+        PERFORM quota.refuse_row('policy', 'model_group',
+            'invalid policy: model_group: a channel policy caps the whole channel; leave model_group NULL');
+    END IF;
+    IF NEW.exclusive AND NEW.model_group IS NULL THEN
+        PERFORM quota.refuse_row('policy', 'exclusive',
+            'invalid policy: exclusive: only a model-group policy can isolate its spend from the global policies; set model_group or exclusive = false');
     END IF;
     IF NEW.metric NOT IN ('cost', 'tokens', 'requests') THEN
-        PERFORM quota.policy_refuse('metric', format(
+        PERFORM quota.refuse_row('policy', 'metric', format(
             'invalid policy: metric: %L is not one of cost, tokens, requests', NEW.metric));
     END IF;
-    -- A zero or negative limit would read as "unlimited" to some and "blocked" to others: refused.
+    -- A policy without a limit would enforce nothing (and could shadow others): refused. A zero
+    -- or negative limit would read as "unlimited" to some and "blocked" to others: refused too.
+    IF NEW.quota_limit IS NULL THEN
+        PERFORM quota.refuse_row('policy', 'quota_limit',
+            'invalid policy: quota_limit: required; a policy without a limit would enforce nothing');
+    END IF;
     IF NEW.quota_limit <= 0 THEN
-        PERFORM quota.policy_refuse('quota_limit', format(
+        PERFORM quota.refuse_row('policy', 'quota_limit', format(
             'invalid policy: quota_limit: must be greater than zero, got %s (to block a key, disable it)', NEW.quota_limit));
     END IF;
     IF NEW.metric IN ('tokens', 'requests') AND NEW.quota_limit <> trunc(NEW.quota_limit) THEN
-        PERFORM quota.policy_refuse('quota_limit', format(
+        PERFORM quota.refuse_row('policy', 'quota_limit', format(
             'invalid policy: quota_limit: a %s limit must be a whole number, got %s', NEW.metric, NEW.quota_limit));
     END IF;
     IF NEW.boundary NOT IN ('strict', 'graceful') THEN
-        PERFORM quota.policy_refuse('boundary', format(
+        PERFORM quota.refuse_row('policy', 'boundary', format(
             'invalid policy: boundary: %L is not one of strict, graceful', NEW.boundary));
     END IF;
     IF NEW.on_exhausted NOT IN ('reject', 'disable') THEN
-        PERFORM quota.policy_refuse('on_exhausted', format(
+        PERFORM quota.refuse_row('policy', 'on_exhausted', format(
             'invalid policy: on_exhausted: %L is not one of reject, disable', NEW.on_exhausted));
     END IF;
     IF NOT isfinite(NEW.anchor) THEN
-        PERFORM quota.policy_refuse('anchor', 'invalid policy: anchor: must be a finite timestamp');
+        PERFORM quota.refuse_row('policy', 'anchor', 'invalid policy: anchor: must be a finite timestamp');
     END IF;
     problem := quota.policy_window_problem(NEW.period, NEW.period_minutes, NEW.window_mode,
                                            NEW.time_zone, NEW.week_start, NEW.reset_hour);
     IF problem IS NOT NULL THEN
-        PERFORM quota.policy_refuse(problem[1], problem[2]);
+        PERFORM quota.refuse_row('policy', problem[1], problem[2]);
     END IF;
     NEW.updated_at := quota.clock();
     RETURN NEW;
@@ -63,24 +86,23 @@ $$;
 CREATE TRIGGER policy_validate BEFORE INSERT OR UPDATE ON quota.policy
     FOR EACH ROW EXECUTE FUNCTION quota.policy_validate();
 
--- SECURITY DEFINER: admins change policies but cannot write the event log directly.
-CREATE FUNCTION quota.policy_log_change() RETURNS trigger
+-- Logs every change of an admin-managed row (policies, boosts) as <table>_created/_changed/
+-- _deleted with the old and new row. SECURITY DEFINER: admins change those rows but cannot write
+-- the event log directly.
+CREATE FUNCTION quota.log_change() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_old jsonb := CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END;
+    v_new jsonb := CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END;
 BEGIN
-    IF TG_OP = 'INSERT' THEN
-        INSERT INTO quota.event (at, kind, policy_id, detail)
-        VALUES (quota.clock(), 'policy_created', NEW.policy_id, jsonb_build_object('new', to_jsonb(NEW)));
-    ELSIF TG_OP = 'UPDATE' THEN
-        INSERT INTO quota.event (at, kind, policy_id, detail)
-        VALUES (quota.clock(), 'policy_changed', NEW.policy_id,
-                jsonb_build_object('old', to_jsonb(OLD), 'new', to_jsonb(NEW)));
-    ELSE
-        INSERT INTO quota.event (at, kind, policy_id, detail)
-        VALUES (quota.clock(), 'policy_deleted', OLD.policy_id, jsonb_build_object('old', to_jsonb(OLD)));
-    END IF;
+    INSERT INTO quota.event (at, kind, policy_id, detail)
+    VALUES (quota.clock(),
+            TG_TABLE_NAME || CASE TG_OP WHEN 'INSERT' THEN '_created' WHEN 'UPDATE' THEN '_changed' ELSE '_deleted' END,
+            (coalesce(v_new, v_old) ->> 'policy_id')::bigint,
+            jsonb_strip_nulls(jsonb_build_object('old', v_old, 'new', v_new)));
     RETURN NULL;
 END
 $$;
 
 CREATE TRIGGER policy_log_change AFTER INSERT OR UPDATE OR DELETE ON quota.policy
-    FOR EACH ROW EXECUTE FUNCTION quota.policy_log_change();
+    FOR EACH ROW EXECUTE FUNCTION quota.log_change();

@@ -32,20 +32,78 @@ CREATE TYPE quota.settlement AS (
     replay           boolean
 );
 
--- The policies a key is subject to, in lock order. The one place that decides which policies
--- apply to a request (admit, a late settle, status).
-CREATE FUNCTION quota.policies_for(key_id bigint, user_id bigint) RETURNS SETOF quota.policy
-LANGUAGE sql STABLE AS $$
-    SELECT p.* FROM quota.policy p
-    WHERE p.enabled AND ((p.subject_type = 'key' AND p.subject_id = policies_for.key_id)
-                      OR (p.subject_type = 'user' AND p.subject_id = policies_for.user_id))
-    ORDER BY p.policy_id
+-- The axis a policy counts on: a key's own policies; a user's, own and through its groups (one
+-- axis, so they merge); a channel's.
+CREATE FUNCTION quota.policy_axis(subject_type text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE subject_type WHEN 'user_group' THEN 'user' ELSE subject_type END
 $$;
 
--- The scope a policy's counter counts for, for a request by this key.
-CREATE FUNCTION quota.scope_of(p quota.policy, key_id bigint, user_id bigint) RETURNS bigint
+-- The one place that decides which policies a request counts on (admit, a late settle, status),
+-- in lock order (policy_id), with for each:
+--   scope_id         whose counter it is: the key, the user (also for group policies: each
+--                    member has its own counter and the full amount), or the channel;
+--   limit_key        policies of one axis with the same model group, metric, period and window
+--                    kind form one limit;
+--   effective_limit  the largest quota_limit of that limit's policies (several sources merge by
+--                    MAX) plus the boosts active at `at` for that axis, model group, metric and
+--                    period. A limit admits a request when any of its policies does.
+-- model = NULL lists every policy the key is subject to, for any model. Otherwise only global
+-- policies and those of the model's group apply, and an exclusive model-group policy takes the
+-- request out of the global policies of its axis (billing isolation).
+CREATE FUNCTION quota.policies_for(key_id bigint, user_id bigint, model text, channel_id bigint,
+                                   at timestamptz)
+RETURNS TABLE (policy quota.policy, scope_id bigint, axis text, limit_key text, effective_limit numeric)
+LANGUAGE sql STABLE AS $$
+    WITH groups AS (
+        SELECT m.group_id FROM quota.user_group_member m WHERE m.user_id = policies_for.user_id
+    ), matched AS (
+        SELECT p AS policy, quota.policy_axis(p.subject_type) AS axis
+        FROM quota.policy p
+        WHERE p.enabled
+          AND (   (p.subject_type = 'key' AND p.subject_id = policies_for.key_id)
+               OR (p.subject_type = 'user' AND p.subject_id = policies_for.user_id)
+               OR (p.subject_type = 'user_group' AND p.subject_id IN (SELECT g.group_id FROM groups g))
+               OR (p.subject_type = 'channel' AND p.subject_id = policies_for.channel_id))
+          AND (policies_for.model IS NULL OR p.model_group IS NULL
+               OR p.model_group = (SELECT mg.model_group_id FROM quota.model_group_member mg
+                                    WHERE mg.model = policies_for.model))
+    ), kept AS (
+        SELECT m.policy, m.axis,
+               concat_ws('/', m.axis, coalesce((m.policy).model_group::text, '*'), (m.policy).metric,
+                         (m.policy).period, (m.policy).period_minutes, (m.policy).window_mode) AS limit_key
+        FROM matched m
+        WHERE policies_for.model IS NULL OR (m.policy).model_group IS NOT NULL
+           OR NOT EXISTS (SELECT 1 FROM matched x WHERE x.axis = m.axis AND (x.policy).exclusive)
+    )
+    SELECT k.policy,
+           CASE k.axis WHEN 'key' THEN policies_for.key_id WHEN 'user' THEN policies_for.user_id
+                       ELSE policies_for.channel_id END,
+           k.axis, k.limit_key,
+           max((k.policy).quota_limit) OVER (PARTITION BY k.limit_key)
+           + coalesce((SELECT sum(b.amount) FROM quota.boost b
+                        WHERE b.expires_at > policies_for.at AND b.starts_at <= policies_for.at
+                          AND b.metric = (k.policy).metric AND b.period = (k.policy).period
+                          AND b.period_minutes IS NOT DISTINCT FROM (k.policy).period_minutes
+                          AND b.model_group IS NOT DISTINCT FROM (k.policy).model_group
+                          AND CASE k.axis
+                                  WHEN 'key' THEN b.subject_type = 'key' AND b.subject_id = policies_for.key_id
+                                  WHEN 'user' THEN (b.subject_type = 'user' AND b.subject_id = policies_for.user_id)
+                                                OR (b.subject_type = 'user_group'
+                                                    AND b.subject_id IN (SELECT g.group_id FROM groups g))
+                                  ELSE false END), 0)
+    FROM kept k
+    ORDER BY (k.policy).policy_id
+$$;
+
+-- Whether a policy's window refuses a request of `amount`: exhausted, or (strict) the request
+-- would overshoot. The one rule admit, routing and status share.
+CREATE FUNCTION quota.refuses(boundary text, effective_limit numeric, used numeric, reserved numeric,
+                              amount numeric)
+RETURNS boolean
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE p.subject_type WHEN 'key' THEN key_id ELSE user_id END
+    SELECT used >= effective_limit
+        OR (boundary = 'strict' AND used + reserved + amount > effective_limit)
 $$;
 
 -- A policy's window containing `at` (see quota.window_bounds).
@@ -57,15 +115,20 @@ LANGUAGE sql IMMUTABLE AS $$
                              p.week_start, p.reset_hour, at) w
 $$;
 
--- "daily cost quota", "5-hour token quota", … for client messages that carry no amounts.
+-- "daily spending quota of this API key", … for client messages that carry no amounts.
 CREATE FUNCTION quota.policy_words(p quota.policy) RETURNS text
-LANGUAGE sql IMMUTABLE AS $$
+LANGUAGE sql STABLE AS $$
     SELECT CASE p.period WHEN '5h' THEN '5-hour' WHEN 'day' THEN 'daily' WHEN 'week' THEN 'weekly'
                          WHEN 'month' THEN 'monthly' WHEN 'minutes' THEN p.period_minutes || '-minute'
                          ELSE 'lifetime' END
            || CASE p.window_mode WHEN 'rolling' THEN ' rolling ' ELSE ' ' END
            || CASE p.metric WHEN 'cost' THEN 'spending' WHEN 'tokens' THEN 'token' ELSE 'request' END
-           || ' quota of this ' || CASE p.subject_type WHEN 'key' THEN 'API key' ELSE 'user' END
+           || ' quota'
+           || coalesce(' for ' || (SELECT '"' || g.name || '"' FROM quota.model_group g
+                                    WHERE g.model_group_id = p.model_group) || ' models', '')
+           || CASE p.subject_type WHEN 'key' THEN ' of this API key' WHEN 'user' THEN ' of this user'
+                                  WHEN 'user_group' THEN ' of your user group'
+                                  ELSE ' of the upstream channel' END
 $$;
 
 -- The amount a policy counts for a usage: money, raw tokens, or one request.
@@ -109,6 +172,56 @@ LANGUAGE sql STABLE AS $$
         ELSE window_end END
 $$;
 
+-- When a channel can take a request again: NULL when it can take it now (under every cap), else
+-- the instant all its refusing windows have freed up ('infinity' when a total window refuses).
+-- Reads counters without locking them; admit re-checks the chosen channel under lock.
+CREATE FUNCTION quota.channel_blocked_until(channel_id bigint, cost numeric, input_tokens bigint,
+                                            output_tokens bigint, now_ts timestamptz)
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    r         record;
+    v_counter quota.counter;
+    v_ws      timestamptz;
+    v_we      timestamptz;
+    v_amount  numeric;
+    v_until   timestamptz;
+BEGIN
+    FOR r IN SELECT * FROM quota.policies_for(NULL, NULL, NULL, channel_blocked_until.channel_id, now_ts) LOOP
+        v_amount := quota.metric_amount((r.policy).metric, cost, input_tokens, output_tokens);
+        CONTINUE WHEN v_amount IS NULL;
+        SELECT w.window_start, w.window_end INTO v_ws, v_we FROM quota.policy_window(r.policy, now_ts) w;
+        SELECT c.* INTO v_counter FROM quota.counter c
+        WHERE c.policy_id = (r.policy).policy_id AND c.scope_id = r.scope_id;
+        IF quota.refuses((r.policy).boundary, r.effective_limit, quota.window_used(r.policy, v_counter, v_ws),
+                         coalesce(v_counter.reserved, 0), v_amount) THEN
+            v_until := greatest(v_until, coalesce(quota.window_frees_at(r.policy, r.scope_id, v_ws, v_we, now_ts),
+                                                  'infinity'));
+        END IF;
+    END LOOP;
+    RETURN v_until;
+END
+$$;
+
+-- A 429 decision with the time until `frees` (NULL or infinity: never) in seconds and in words.
+CREATE FUNCTION quota.refusal(code text, what text, frees timestamptz, now_ts timestamptz)
+RETURNS quota.admission
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v_out quota.admission;
+BEGIN
+    v_out.allowed := false;
+    v_out.http_status := 429;
+    v_out.error_code := code;
+    IF isfinite(frees) THEN
+        v_out.retry_after_s := greatest(1, ceil(extract(epoch FROM frees - now_ts)))::int;
+    END IF;
+    v_out.message := what || CASE WHEN v_out.retry_after_s IS NULL THEN ' It does not reset.'
+                                  ELSE ' It resets in ' || quota.approx_duration(v_out.retry_after_s) || '.' END;
+    RETURN v_out;
+END
+$$;
+
 CREATE FUNCTION quota.admit(api_key text, request_id text, model text, est_input_tokens bigint,
                             max_output_tokens bigint, channel_id bigint DEFAULT NULL)
 RETURNS quota.admission
@@ -119,21 +232,42 @@ DECLARE
     v_key      quota.api_key;
     v_user_ok  boolean;
     v_out      quota.admission;
+    v_row      record;
     v_policy   quota.policy;
     v_counter  quota.counter;
+    v_chan     record;
+    v_channel  bigint;
+    v_until    timestamptz;
+    v_soonest  timestamptz;
+    v_served   boolean := false;
     v_ws       timestamptz;
     v_we       timestamptz;
     v_cost     numeric;
     v_amount   numeric;
     v_used     numeric;
-    v_scope    bigint;
-    v_frees    timestamptz;
     v_left     numeric;
-    v_tight    numeric;
+    v_frees    timestamptz;
+    v_iso_key  boolean := false;
+    v_iso_user boolean := false;
+    -- holds, one per policy, in lock order
     v_policies bigint[] := '{}';
     v_scopes   bigint[] := '{}';
     v_amounts  numeric[] := '{}';
     v_starts   timestamptz[] := '{}';
+    v_limits   numeric[] := '{}';
+    -- limits (see quota.policies_for), in order of first appearance
+    g_key      text[] := '{}';
+    g_ok       boolean[] := '{}';
+    g_left     numeric[] := '{}';
+    g_limit    numeric[] := '{}';
+    g_metric   text[] := '{}';
+    g_reset    timestamptz[] := '{}';
+    g_frees    timestamptz[] := '{}';
+    g_policy   bigint[] := '{}';
+    g_spent    boolean[] := '{}';
+    gi         integer;
+    v_worst    integer;
+    v_tight    integer;
     i          integer;
 BEGIN
     IF coalesce(admit.request_id, '') = '' OR coalesce(admit.model, '') = ''
@@ -190,59 +324,139 @@ BEGIN
     -- them and is recorded as unbilled at settle.
     v_cost := quota.price_of(admit.model, admit.est_input_tokens, admit.max_output_tokens, 0);
 
-    -- Pass 1: lock every applicable counter in policy_id order and check; nothing is written
-    -- unless every policy passes (all-or-nothing).
-    FOR v_policy IN SELECT p.* FROM quota.policies_for(v_key.key_id, v_key.user_id) p LOOP
+    -- Routing. A model that no channel serves goes to the relay's default upstream (channel NULL).
+    -- Otherwise: the pinned channel, or among enabled channels under all their caps the highest
+    -- priority, then at random by weight (smallest -ln(u)/weight wins).
+    FOR v_chan IN
+        SELECT c.channel_id, c.status, c.base_url, c.api_key, cm.upstream_model
+        FROM quota.channel_model cm JOIN quota.channel c ON c.channel_id = cm.channel_id
+        WHERE cm.model = admit.model AND (admit.channel_id IS NULL OR c.channel_id = admit.channel_id)
+        ORDER BY c.status = 'enabled' DESC, c.priority DESC, -ln(1 - random()) / c.weight
+    LOOP
+        v_served := true;
+        EXIT WHEN v_chan.status <> 'enabled';
+        v_until := quota.channel_blocked_until(v_chan.channel_id, v_cost, admit.est_input_tokens,
+                                               admit.max_output_tokens, v_now);
+        IF v_until IS NULL THEN
+            v_channel := v_chan.channel_id;
+            v_out.channel_id := v_chan.channel_id;
+            v_out.upstream_base_url := v_chan.base_url;
+            v_out.upstream_api_key := v_chan.api_key;
+            v_out.upstream_model := v_chan.upstream_model;
+            EXIT;
+        END IF;
+        v_soonest := least(v_soonest, v_until);
+    END LOOP;
+    IF v_channel IS NULL AND (v_served OR admit.channel_id IS NOT NULL) THEN
+        IF admit.channel_id IS NOT NULL AND NOT v_served THEN
+            v_out.http_status := 400; v_out.error_code := 'invalid_channel';
+            v_out.message := format('Channel %s does not exist or does not serve model %s.', admit.channel_id, admit.model);
+        ELSIF v_soonest IS NULL THEN
+            v_out.http_status := 503;
+            v_out.error_code := CASE WHEN admit.channel_id IS NULL THEN 'no_channel_available' ELSE 'channel_unavailable' END;
+            v_out.message := CASE WHEN admit.channel_id IS NULL
+                                  THEN format('No upstream channel for model %s is enabled.', admit.model)
+                                  ELSE format('Channel %s is disabled.', admit.channel_id) END;
+        ELSE
+            v_out := quota.refusal(CASE WHEN admit.channel_id IS NULL THEN 'all_channels_exhausted'
+                                        ELSE 'channel_quota_exhausted' END,
+                                   CASE WHEN admit.channel_id IS NULL
+                                        THEN format('Every upstream channel for model %s has reached its quota.', admit.model)
+                                        ELSE format('Channel %s has reached its quota.', admit.channel_id) END,
+                                   v_soonest, v_now);
+            v_out.channel_id := admit.channel_id;
+        END IF;
+        v_out.key_id := v_key.key_id;
+        v_out.user_id := v_key.user_id;
+        RETURN v_out;
+    END IF;
+
+    -- Pass 1: lock every counter the request counts on, in policy_id order, and judge each
+    -- limit; nothing is written unless every limit admits the request (all-or-nothing).
+    FOR v_row IN SELECT * FROM quota.policies_for(v_key.key_id, v_key.user_id, admit.model, v_channel, v_now) LOOP
+        v_policy := v_row.policy;
+        IF v_policy.exclusive THEN
+            v_iso_key := v_iso_key OR v_row.axis = 'key';
+            v_iso_user := v_iso_user OR v_row.axis = 'user';
+        END IF;
         v_amount := quota.metric_amount(v_policy.metric, v_cost, admit.est_input_tokens, admit.max_output_tokens);
         CONTINUE WHEN v_amount IS NULL;
-        v_scope := quota.scope_of(v_policy, v_key.key_id, v_key.user_id);
         SELECT w.window_start, w.window_end INTO v_ws, v_we FROM quota.policy_window(v_policy, v_now) w;
 
         SELECT c.* INTO v_counter FROM quota.counter c
-        WHERE c.policy_id = v_policy.policy_id AND c.scope_id = v_scope FOR UPDATE;
+        WHERE c.policy_id = v_policy.policy_id AND c.scope_id = v_row.scope_id FOR UPDATE;
         IF NOT FOUND THEN
             -- First request of this scope: create the row, then lock it like any other, so
             -- concurrent first requests are checked one after the other.
             INSERT INTO quota.counter AS c (policy_id, scope_id, window_start)
-            VALUES (v_policy.policy_id, v_scope, v_ws) ON CONFLICT DO NOTHING;
+            VALUES (v_policy.policy_id, v_row.scope_id, v_ws) ON CONFLICT DO NOTHING;
             SELECT c.* INTO v_counter FROM quota.counter c
-            WHERE c.policy_id = v_policy.policy_id AND c.scope_id = v_scope FOR UPDATE;
+            WHERE c.policy_id = v_policy.policy_id AND c.scope_id = v_row.scope_id FOR UPDATE;
         END IF;
-
         v_used := quota.window_used(v_policy, v_counter, v_ws);
-        IF v_used >= v_policy.quota_limit
-           OR (v_policy.boundary = 'strict' AND v_used + v_counter.reserved + v_amount > v_policy.quota_limit) THEN
-            v_frees := quota.window_frees_at(v_policy, v_scope, v_ws, v_we, v_now);
-            v_out.http_status := 429;
-            v_out.error_code := 'token_quota_policy_exhausted';
-            v_out.retry_after_s := CASE WHEN v_frees IS NOT NULL
-                                        THEN greatest(1, ceil(extract(epoch FROM v_frees - v_now)))::int END;
-            v_out.message := CASE WHEN v_used >= v_policy.quota_limit
-                                  THEN 'The ' || quota.policy_words(v_policy) || ' is exhausted. '
-                                  ELSE 'This request would exceed the ' || quota.policy_words(v_policy) || '. ' END
-                || CASE WHEN v_frees IS NULL THEN 'It does not reset.'
-                        ELSE 'It resets in ' || quota.approx_duration(v_out.retry_after_s) || '.' END;
-            RETURN v_out;
+
+        gi := array_position(g_key, v_row.limit_key);
+        IF gi IS NULL THEN
+            g_key := g_key || v_row.limit_key; g_ok := g_ok || false; g_left := g_left || NULL::numeric;
+            g_limit := g_limit || v_row.effective_limit; g_metric := g_metric || v_policy.metric;
+            g_reset := g_reset || NULL::timestamptz; g_frees := g_frees || NULL::timestamptz;
+            g_policy := g_policy || NULL::bigint; g_spent := g_spent || NULL::boolean;
+            gi := cardinality(g_key);
+        END IF;
+        IF NOT quota.refuses(v_policy.boundary, v_row.effective_limit, v_used, v_counter.reserved, v_amount) THEN
+            -- A limit admits when any of its policies does; its headers follow its roomiest one.
+            v_left := greatest(v_row.effective_limit - v_used - v_counter.reserved - v_amount, 0);
+            g_ok[gi] := true;
+            IF g_left[gi] IS NULL OR v_left > g_left[gi] THEN
+                g_left[gi] := v_left; g_reset[gi] := v_we;
+            END IF;
+        ELSE
+            v_frees := coalesce(quota.window_frees_at(v_policy, v_row.scope_id, v_ws, v_we, v_now), 'infinity');
+            IF g_frees[gi] IS NULL OR v_frees < g_frees[gi] THEN
+                g_frees[gi] := v_frees; g_policy[gi] := v_policy.policy_id;
+                g_spent[gi] := v_used >= v_row.effective_limit;
+            END IF;
         END IF;
 
         v_policies := v_policies || v_policy.policy_id;
-        v_scopes := v_scopes || v_scope;
+        v_scopes := v_scopes || v_row.scope_id;
         v_amounts := v_amounts || v_amount;
         v_starts := v_starts || v_ws;
-
-        -- The tightest window (least remaining share of its limit) feeds the rate-limit headers.
-        v_left := greatest(v_policy.quota_limit - v_used - v_counter.reserved - v_amount, 0);
-        IF v_tight IS NULL OR v_left / v_policy.quota_limit < v_tight THEN
-            v_tight := v_left / v_policy.quota_limit;
-            v_out.ratelimit_limit := v_policy.quota_limit;
-            v_out.ratelimit_remaining := v_left;
-            v_out.ratelimit_metric := v_policy.metric;
-            v_out.ratelimit_reset_at := v_we;
-        END IF;
+        v_limits := v_limits || v_row.effective_limit;
     END LOOP;
 
-    -- Pass 2: every policy passed; roll stale windows and reserve on all of them.
-    FOR i IN 1 .. coalesce(array_length(v_policies, 1), 0) LOOP
+    -- A refused limit refuses the request; with several, report the one that frees up last.
+    -- The tightest admitted limit (least share left) feeds the rate-limit headers.
+    FOR gi IN 1 .. cardinality(g_key) LOOP
+        IF NOT g_ok[gi] THEN
+            IF v_worst IS NULL OR g_frees[gi] > g_frees[v_worst] THEN
+                v_worst := gi;
+            END IF;
+        ELSIF v_tight IS NULL OR g_left[gi] / g_limit[gi] < g_left[v_tight] / g_limit[v_tight] THEN
+            v_tight := gi;
+        END IF;
+    END LOOP;
+    IF v_worst IS NOT NULL THEN
+        SELECT p.* INTO v_policy FROM quota.policy p WHERE p.policy_id = g_policy[v_worst];
+        v_out := quota.refusal(
+            CASE WHEN v_policy.subject_type = 'channel' THEN 'channel_quota_exhausted' ELSE 'token_quota_policy_exhausted' END,
+            CASE WHEN g_spent[v_worst] THEN 'The ' || quota.policy_words(v_policy) || ' is exhausted.'
+                 ELSE 'This request would exceed the ' || quota.policy_words(v_policy) || '.' END,
+            g_frees[v_worst], v_now);
+        v_out.key_id := v_key.key_id;
+        v_out.user_id := v_key.user_id;
+        v_out.channel_id := v_channel;
+        RETURN v_out;
+    END IF;
+    IF v_tight IS NOT NULL THEN
+        v_out.ratelimit_limit := g_limit[v_tight];
+        v_out.ratelimit_remaining := g_left[v_tight];
+        v_out.ratelimit_metric := g_metric[v_tight];
+        v_out.ratelimit_reset_at := g_reset[v_tight];
+    END IF;
+
+    -- Pass 2: every limit admits; roll stale windows and reserve on every counter.
+    FOR i IN 1 .. cardinality(v_policies) LOOP
         UPDATE quota.counter c SET
             used         = CASE WHEN c.window_start = v_starts[i] THEN c.used ELSE 0 END,
             exhausted_at = CASE WHEN c.window_start = v_starts[i] THEN c.exhausted_at END,
@@ -252,10 +466,12 @@ BEGIN
         WHERE c.policy_id = v_policies[i] AND c.scope_id = v_scopes[i];
     END LOOP;
 
-    INSERT INTO quota.reservation (request_id, key_id, user_id, channel_id, model, est_input_tokens,
-                                   max_output_tokens, hold_policy, hold_scope, hold_amount, created_at)
-    VALUES (admit.request_id, v_key.key_id, v_key.user_id, admit.channel_id, admit.model,
-            admit.est_input_tokens, admit.max_output_tokens, v_policies, v_scopes, v_amounts, v_now);
+    INSERT INTO quota.reservation (request_id, key_id, user_id, channel_id, model, counted_in_key_global,
+                                   counted_in_user_global, est_input_tokens, max_output_tokens,
+                                   hold_policy, hold_scope, hold_amount, hold_limit, created_at)
+    VALUES (admit.request_id, v_key.key_id, v_key.user_id, v_channel, admit.model, NOT v_iso_key,
+            NOT v_iso_user, admit.est_input_tokens, admit.max_output_tokens,
+            v_policies, v_scopes, v_amounts, v_limits, v_now);
 
     -- A suspension that has run out ends here, lazily (quota.sweep() does it too).
     IF v_key.suspended_until IS NOT NULL THEN
@@ -347,15 +563,17 @@ BEGIN
         -- Expired by the sweep while the upstream was still working: the usage is real, so it is
         -- charged now on the policies that apply now, with no hold left to release.
         v_res := ROW(settle.request_id, v_released.key_id, v_released.user_id, v_released.channel_id,
-                     v_released.model, 0, 0, '{}', '{}', '{}', v_released.released_at)::quota.reservation;
-        SELECT array_agg(p.policy_id ORDER BY p.policy_id),
-               array_agg(quota.scope_of(p, v_released.key_id, v_released.user_id) ORDER BY p.policy_id),
-               array_agg(0::numeric ORDER BY p.policy_id)
-          INTO v_res.hold_policy, v_res.hold_scope, v_res.hold_amount
-        FROM quota.policies_for(v_released.key_id, v_released.user_id) p;
-        v_res.hold_policy := coalesce(v_res.hold_policy, '{}');
-        v_res.hold_scope := coalesce(v_res.hold_scope, '{}');
-        v_res.hold_amount := coalesce(v_res.hold_amount, '{}');
+                     v_released.model, true, true, 0, 0, '{}', '{}', '{}', '{}', v_released.released_at)::quota.reservation;
+        SELECT coalesce(array_agg((f.policy).policy_id ORDER BY (f.policy).policy_id), '{}'),
+               coalesce(array_agg(f.scope_id ORDER BY (f.policy).policy_id), '{}'),
+               coalesce(array_agg(0::numeric ORDER BY (f.policy).policy_id), '{}'),
+               coalesce(array_agg(f.effective_limit ORDER BY (f.policy).policy_id), '{}'),
+               NOT coalesce(bool_or((f.policy).exclusive AND f.axis = 'key'), false),
+               NOT coalesce(bool_or((f.policy).exclusive AND f.axis = 'user'), false)
+          INTO v_res.hold_policy, v_res.hold_scope, v_res.hold_amount, v_res.hold_limit,
+               v_res.counted_in_key_global, v_res.counted_in_user_global
+        FROM quota.policies_for(v_released.key_id, v_released.user_id, v_released.model,
+                                v_released.channel_id, v_now) f;
     END IF;
 
     IF settle.input_tokens IS NULL OR settle.output_tokens IS NULL THEN
@@ -407,7 +625,7 @@ BEGIN
         v_cwindow := v_cwindow || v_ws;
         v_camount := v_camount || v_actual;
 
-        IF v_used >= v_policy.quota_limit AND v_exhausted IS NULL THEN
+        IF v_used >= v_res.hold_limit[i] AND v_exhausted IS NULL THEN
             PERFORM quota.mark_exhausted(v_policy, v_res.hold_scope[i], v_res.key_id, v_res.user_id,
                                          v_ws, v_we, v_now);
         END IF;
@@ -415,11 +633,12 @@ BEGIN
 
     INSERT INTO quota.usage_ledger (request_id, key_id, user_id, channel_id, model, input_tokens,
                                     output_tokens, cached_tokens, cost, billed, unbilled_reason,
+                                    counted_in_key_global, counted_in_user_global,
                                     counted_policy, counted_scope, counted_window, counted_amount, settled_at)
     VALUES (settle.request_id, v_res.key_id, v_res.user_id, v_res.channel_id, v_res.model,
             coalesce(settle.input_tokens, 0), coalesce(settle.output_tokens, 0),
             coalesce(settle.cached_tokens, 0), coalesce(v_cost, 0), v_reason IS NULL, v_reason,
-            v_cpolicy, v_cscope, v_cwindow, v_camount, v_now);
+            v_res.counted_in_key_global, v_res.counted_in_user_global, v_cpolicy, v_cscope, v_cwindow, v_camount, v_now);
 
     RETURN ROW(true, v_reason IS NULL, v_reason, coalesce(v_cost, 0), false)::quota.settlement;
 END
@@ -482,6 +701,11 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM quota.key_for_secret(models.api_key)) THEN
         RAISE EXCEPTION 'Incorrect API key provided.' USING ERRCODE = 'invalid_authorization_specification';
     END IF;
-    RETURN QUERY SELECT p.model, 'pg_quota'::text FROM quota.model_price p ORDER BY p.model;
+    -- priced models and the models of enabled channels
+    RETURN QUERY SELECT m.model, 'pg_quota'::text
+    FROM (SELECT p.model FROM quota.model_price p
+          UNION SELECT cm.model FROM quota.channel_model cm
+                JOIN quota.channel c ON c.channel_id = cm.channel_id AND c.status = 'enabled') m
+    ORDER BY m.model;
 END
 $$;

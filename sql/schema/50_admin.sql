@@ -26,30 +26,76 @@ END
 $$;
 
 -- One row per policy that applies to the key, as of quota.clock(): a window that has rolled
--- shows its new, empty state even if no request has touched it yet.
-CREATE FUNCTION quota.status(key_id bigint)
-RETURNS TABLE (policy_id bigint, subject_type text, metric text, period text, window_mode text,
-               quota_limit numeric, used numeric, reserved numeric, remaining numeric,
-               window_start timestamptz, next_reset timestamptz, state text)
+-- shows its new, empty state even if no request has touched it yet. With a model, only the
+-- policies a request for that model counts on (model groups and billing isolation applied);
+-- without, every policy the key is subject to: its own, its user's, its user's groups'.
+-- effective_limit is what the request is judged against (several sources merged by MAX, plus
+-- active boosts); limit_key groups the policies that form one limit.
+CREATE FUNCTION quota.status(key_id bigint, model text DEFAULT NULL)
+RETURNS TABLE (policy_id bigint, subject_type text, subject_id bigint, model_group text, metric text,
+               period text, window_mode text, quota_limit numeric, boost numeric, effective_limit numeric,
+               used numeric, reserved numeric, remaining numeric, window_start timestamptz,
+               next_reset timestamptz, state text, exclusive boolean, limit_key text)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     WITH k AS (SELECT * FROM quota.api_key k WHERE k.key_id = status.key_id),
     now_ts AS (SELECT quota.clock() AS t)
-    SELECT p.policy_id, p.subject_type, p.metric, p.period, p.window_mode, p.quota_limit,
+    SELECT (f.policy).policy_id, (f.policy).subject_type, (f.policy).subject_id,
+           (SELECT g.name FROM quota.model_group g WHERE g.model_group_id = (f.policy).model_group),
+           (f.policy).metric, (f.policy).period, (f.policy).window_mode, (f.policy).quota_limit,
+           trim_scale(f.effective_limit - max((f.policy).quota_limit) OVER (PARTITION BY f.limit_key)),
+           trim_scale(f.effective_limit),
            trim_scale(u.used), trim_scale(coalesce(c.reserved, 0)),
-           trim_scale(greatest(p.quota_limit - u.used - coalesce(c.reserved, 0), 0)),
+           trim_scale(greatest(f.effective_limit - u.used - coalesce(c.reserved, 0), 0)),
            w.window_start,
-           CASE WHEN p.window_mode = 'fixed' THEN w.window_end
-                WHEN u.used > 0 THEN quota.window_frees_at(p, c.scope_id, w.window_start, w.window_end, n.t) END,
-           CASE WHEN k.suspended_by = p.policy_id AND k.suspended_until > n.t THEN 'suspended'
-                WHEN u.used >= p.quota_limit THEN 'exhausted'
-                ELSE 'ok' END
+           CASE WHEN (f.policy).window_mode = 'fixed' THEN w.window_end
+                WHEN u.used > 0 THEN quota.window_frees_at(f.policy, f.scope_id, w.window_start, w.window_end, n.t) END,
+           CASE WHEN k.suspended_by = (f.policy).policy_id AND k.suspended_until > n.t THEN 'suspended'
+                WHEN u.used >= f.effective_limit THEN 'exhausted'
+                ELSE 'ok' END,
+           (f.policy).exclusive, f.limit_key
     FROM k CROSS JOIN now_ts n
-    CROSS JOIN LATERAL quota.policies_for(k.key_id, k.user_id) p
-    CROSS JOIN LATERAL quota.policy_window(p, n.t) w
-    LEFT JOIN quota.counter c ON c.policy_id = p.policy_id
-         AND c.scope_id = quota.scope_of(p, k.key_id, k.user_id)
-    CROSS JOIN LATERAL (SELECT quota.window_used(p, c, w.window_start) AS used) u
-    ORDER BY p.policy_id
+    CROSS JOIN LATERAL quota.policies_for(k.key_id, k.user_id, status.model, NULL, n.t) f
+    CROSS JOIN LATERAL quota.policy_window(f.policy, n.t) w
+    LEFT JOIN quota.counter c ON c.policy_id = (f.policy).policy_id AND c.scope_id = f.scope_id
+    CROSS JOIN LATERAL (SELECT quota.window_used(f.policy, c, w.window_start) AS used) u
+    ORDER BY (f.policy).policy_id
+$$;
+
+-- Every channel with its caps as of quota.clock(): one row per channel policy (one row with NULL
+-- policy columns for a channel without caps). state: ok; capped (this cap is spent: routing
+-- skips the channel until next_reset); disabled.
+CREATE FUNCTION quota.channel_status()
+RETURNS TABLE (channel_id bigint, name text, status text, priority integer, weight integer,
+               models text[], policy_id bigint, metric text, period text, quota_limit numeric,
+               used numeric, reserved numeric, remaining numeric, window_start timestamptz,
+               next_reset timestamptz, state text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH now_ts AS (SELECT quota.clock() AS t),
+    caps AS (
+        SELECT ch.channel_id, f.policy, f.effective_limit, u.used, coalesce(c.reserved, 0) AS reserved,
+               w.window_start,
+               CASE WHEN (f.policy).window_mode = 'fixed' THEN w.window_end
+                    WHEN u.used > 0 THEN quota.window_frees_at(f.policy, f.scope_id, w.window_start, w.window_end, n.t)
+               END AS next_reset
+        FROM quota.channel ch CROSS JOIN now_ts n
+        CROSS JOIN LATERAL quota.policies_for(NULL, NULL, NULL, ch.channel_id, n.t) f
+        CROSS JOIN LATERAL quota.policy_window(f.policy, n.t) w
+        LEFT JOIN quota.counter c ON c.policy_id = (f.policy).policy_id AND c.scope_id = f.scope_id
+        CROSS JOIN LATERAL (SELECT quota.window_used(f.policy, c, w.window_start) AS used) u
+    )
+    SELECT ch.channel_id, ch.name, ch.status, ch.priority, ch.weight,
+           (SELECT coalesce(array_agg(cm.model ORDER BY cm.model), '{}') FROM quota.channel_model cm
+             WHERE cm.channel_id = ch.channel_id),
+           (k.policy).policy_id, (k.policy).metric, (k.policy).period, k.effective_limit,
+           trim_scale(k.used), trim_scale(k.reserved),
+           CASE WHEN k.channel_id IS NOT NULL THEN trim_scale(greatest(k.effective_limit - k.used - k.reserved, 0)) END,
+           k.window_start, k.next_reset,
+           CASE WHEN ch.status <> 'enabled' THEN 'disabled'
+                WHEN k.used >= k.effective_limit THEN 'capped'
+                ELSE 'ok' END
+    FROM quota.channel ch
+    LEFT JOIN caps k ON k.channel_id = ch.channel_id
+    ORDER BY ch.priority DESC, ch.channel_id, (k.policy).policy_id
 $$;
 
 -- Releases reservations older than pg_quota.reservation_ttl (a crashed relay's), resumes keys

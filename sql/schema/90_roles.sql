@@ -25,7 +25,12 @@ GRANT EXECUTE ON FUNCTION
     quota.clock()          -- so the relay turns reset instants into seconds on the engine's clock
 TO quota_relay;
 
-GRANT SELECT, INSERT, UPDATE, DELETE ON quota.policy, quota.model_price, quota.app_user TO quota_admin;
+GRANT SELECT, INSERT, UPDATE, DELETE ON quota.policy, quota.model_price, quota.app_user, quota.user_group,
+    quota.user_group_member, quota.model_group, quota.model_group_member, quota.channel_model,
+    quota.boost TO quota_admin;
+-- Channels: admins write the upstream api_key but never read it back; only quota.admit does.
+GRANT INSERT, UPDATE, DELETE ON quota.channel TO quota_admin;
+GRANT SELECT (channel_id, name, base_url, priority, weight, status, created_at) ON quota.channel TO quota_admin;
 GRANT SELECT, DELETE, UPDATE (name, enabled, expires_at, suspended_until, suspended_by) ON quota.api_key
     TO quota_admin;
 GRANT SELECT ON quota.counter, quota.rolling_usage, quota.reservation, quota.released,
@@ -34,14 +39,17 @@ GRANT EXECUTE ON FUNCTION
     quota.create_user(text),
     quota.create_key(bigint, text, timestamptz),
     quota.reset(bigint),
-    quota.status(bigint),
+    quota.status(bigint, text),
+    quota.channel_status(),
+    quota.create_model_group(text, text[]),
     quota.sweep(),
     quota.drift(),
     quota.clock(),
     quota.approx_duration(bigint),
     quota.window_bounds(text, integer, text, timestamptz, text, integer, integer, timestamptz),
     quota.policy_window(quota.policy, timestamptz),
-    quota.policies_for(bigint, bigint),
+    quota.policies_for(bigint, bigint, text, bigint, timestamptz),
     quota.policy_window_problem(text, integer, text, text, integer, integer),
-    quota.policy_refuse(text, text)
+    quota.refuse_row(text, text, text),
+    quota.subject_exists(text, bigint)
 TO quota_admin;

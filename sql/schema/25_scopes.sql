@@ -1,0 +1,99 @@
+-- Scopes beyond keys and users: user groups, model groups, boosts, channels. Their tables are in
+-- 10_tables.sql; here are the rules that keep them consistent.
+
+-- A model belongs to at most one model group. The primary key enforces it; this trigger says
+-- which group already holds the model, so the admin knows what to change.
+CREATE FUNCTION quota.model_group_member_check() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_group text;
+BEGIN
+    SELECT g.name INTO v_group FROM quota.model_group_member m
+    JOIN quota.model_group g ON g.model_group_id = m.model_group_id
+    WHERE m.model = NEW.model AND (TG_OP = 'INSERT' OR m.model <> OLD.model);
+    IF FOUND THEN
+        RAISE EXCEPTION 'model % already belongs to model group %', quote_literal(NEW.model), quote_literal(v_group)
+            USING ERRCODE = 'unique_violation', TABLE = 'model_group_member', SCHEMA = 'quota',
+                  COLUMN = 'model', HINT = 'Remove it from that group first; a model belongs to one group.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER model_group_member_check BEFORE INSERT OR UPDATE OF model ON quota.model_group_member
+    FOR EACH ROW EXECUTE FUNCTION quota.model_group_member_check();
+
+-- A model group and its models in one step: all or nothing (a conflict leaves no empty group).
+CREATE FUNCTION quota.create_model_group(name text, models text[]) RETURNS bigint
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    INSERT INTO quota.model_group (name) VALUES (create_model_group.name) RETURNING model_group_id INTO v_id;
+    INSERT INTO quota.model_group_member (model, model_group_id)
+    SELECT DISTINCT m, v_id FROM unnest(coalesce(create_model_group.models, '{}')) m;
+    RETURN v_id;
+END
+$$;
+
+-- Boosts: refused when they would grant nothing or could never match a policy.
+CREATE FUNCTION quota.boost_validate() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    problem text[];
+BEGIN
+    IF NEW.subject_type IS NULL OR NEW.subject_type NOT IN ('key', 'user', 'user_group') THEN
+        PERFORM quota.refuse_row('boost', 'subject_type', format(
+            'invalid boost: subject_type: %L is not one of key, user, user_group', NEW.subject_type));
+    END IF;
+    IF NOT quota.subject_exists(NEW.subject_type, NEW.subject_id) THEN
+        PERFORM quota.refuse_row('boost', 'subject_id', format('invalid boost: subject_id: no %s with id %s',
+            replace(NEW.subject_type, '_', ' '), coalesce(NEW.subject_id::text, 'NULL')));
+    END IF;
+    IF NEW.metric IS NULL OR NEW.metric NOT IN ('cost', 'tokens', 'requests') THEN
+        PERFORM quota.refuse_row('boost', 'metric', format(
+            'invalid boost: metric: %L is not one of cost, tokens, requests', NEW.metric));
+    END IF;
+    IF NEW.amount IS NULL OR NEW.amount <= 0 THEN
+        PERFORM quota.refuse_row('boost', 'amount', format(
+            'invalid boost: amount: must be greater than zero, got %s', coalesce(NEW.amount::text, 'NULL')));
+    END IF;
+    IF NEW.starts_at IS NULL OR NEW.expires_at IS NULL OR NEW.expires_at <= NEW.starts_at THEN
+        PERFORM quota.refuse_row('boost', 'expires_at',
+            'invalid boost: expires_at: must be after starts_at');
+    END IF;
+    problem := quota.policy_window_problem(NEW.period, NEW.period_minutes, 'fixed', 'UTC', 1, 0);
+    IF problem IS NOT NULL THEN
+        PERFORM quota.refuse_row('boost', problem[1], replace(problem[2], 'invalid policy', 'invalid boost'));
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER boost_validate BEFORE INSERT OR UPDATE ON quota.boost
+    FOR EACH ROW EXECUTE FUNCTION quota.boost_validate();
+
+CREATE TRIGGER boost_log_change AFTER INSERT OR UPDATE OR DELETE ON quota.boost
+    FOR EACH ROW EXECUTE FUNCTION quota.log_change();
+
+-- Subjects are polymorphic, so no foreign key removes their policies and boosts: this trigger
+-- does, when a key, user, user group or channel is deleted (each policy deletion is logged).
+CREATE FUNCTION quota.forget_subject() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id bigint := (to_jsonb(OLD) ->> TG_ARGV[1])::bigint;
+BEGIN
+    DELETE FROM quota.policy p WHERE p.subject_type = TG_ARGV[0] AND p.subject_id = v_id;
+    DELETE FROM quota.boost b WHERE b.subject_type = TG_ARGV[0] AND b.subject_id = v_id;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER forget_subject AFTER DELETE ON quota.api_key
+    FOR EACH ROW EXECUTE FUNCTION quota.forget_subject('key', 'key_id');
+CREATE TRIGGER forget_subject AFTER DELETE ON quota.app_user
+    FOR EACH ROW EXECUTE FUNCTION quota.forget_subject('user', 'user_id');
+CREATE TRIGGER forget_subject AFTER DELETE ON quota.user_group
+    FOR EACH ROW EXECUTE FUNCTION quota.forget_subject('user_group', 'group_id');
+CREATE TRIGGER forget_subject AFTER DELETE ON quota.channel
+    FOR EACH ROW EXECUTE FUNCTION quota.forget_subject('channel', 'channel_id');
