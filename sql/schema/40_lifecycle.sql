@@ -1,6 +1,11 @@
 -- The request lifecycle: admit before forwarding, settle or refund after. Each call is one
--- transaction. Lock order everywhere: reservation row, then counters in policy_id order, then
--- the api_key row, so concurrent calls cannot deadlock.
+-- transaction. Lock order everywhere: reservation row, then counters (channel counters first,
+-- then the rest in policy_id order: the order of quota.policies_for and of a reservation's
+-- holds), then the api_key row, so concurrent calls cannot deadlock.
+--
+-- The entry points also force generic plans: their statements' parameters never change the best
+-- plan (every lookup is by key), and custom plans would re-plan every statement of every call
+-- (measured: admit 0.86 ms -> 0.35 ms a call).
 --
 -- Only the SECURITY DEFINER entry points pin search_path. The helpers below them do not: they
 -- schema-qualify every object and run under their caller's pinned path, and a SET clause on
@@ -40,7 +45,7 @@ LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- The one place that decides which policies a request counts on (admit, a late settle, status),
--- in lock order (policy_id), with for each:
+-- in lock order (the channel's policies first, then by policy_id), with for each:
 --   scope_id         whose counter it is: the key, the user (also for group policies: each
 --                    member has its own counter and the full amount), or the channel;
 --   limit_key        policies of one axis with the same model group, metric, period and window
@@ -93,7 +98,7 @@ LANGUAGE sql STABLE AS $$
                                                     AND b.subject_id IN (SELECT g.group_id FROM groups g))
                                   ELSE false END), 0)
     FROM kept k
-    ORDER BY (k.policy).policy_id
+    ORDER BY k.axis <> 'channel', (k.policy).policy_id
 $$;
 
 -- Whether a policy's window refuses a request of `amount`: exhausted, or (strict) the request
@@ -174,11 +179,15 @@ $$;
 
 -- When a channel can take a request again: NULL when it can take it now (under every cap), else
 -- the instant all its refusing windows have freed up ('infinity' when a total window refuses).
--- Reads counters without locking them; admit re-checks the chosen channel under lock.
+-- Locks the channel's counters, so the verdict holds until commit: admit routes around a
+-- channel that a concurrent request just filled instead of refusing. Routing visits channels
+-- before any key or user counter is locked, and in one order (priority) for everyone, except
+-- that channels of equal priority are visited in weighted-random order; a deadlock there needs
+-- two requests to both find their first pick full at once, and PostgreSQL breaks it (40P01).
 CREATE FUNCTION quota.channel_blocked_until(channel_id bigint, cost numeric, input_tokens bigint,
                                             output_tokens bigint, now_ts timestamptz)
 RETURNS timestamptz
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     r         record;
     v_counter quota.counter;
@@ -187,12 +196,23 @@ DECLARE
     v_amount  numeric;
     v_until   timestamptz;
 BEGIN
-    FOR r IN SELECT * FROM quota.policies_for(NULL, NULL, NULL, channel_blocked_until.channel_id, now_ts) LOOP
+    FOR r IN
+        SELECT f.*, w.window_start AS ws, w.window_end AS we
+        FROM quota.policies_for(NULL, NULL, NULL, channel_blocked_until.channel_id, now_ts) f
+        CROSS JOIN LATERAL quota.policy_window(f.policy, now_ts) w
+    LOOP
         v_amount := quota.metric_amount((r.policy).metric, cost, input_tokens, output_tokens);
         CONTINUE WHEN v_amount IS NULL;
-        SELECT w.window_start, w.window_end INTO v_ws, v_we FROM quota.policy_window(r.policy, now_ts) w;
-        SELECT c.* INTO v_counter FROM quota.counter c
-        WHERE c.policy_id = (r.policy).policy_id AND c.scope_id = r.scope_id;
+        v_ws := r.ws;
+        v_we := r.we;
+        LOOP
+            SELECT c.* INTO v_counter FROM quota.counter c
+            WHERE c.policy_id = (r.policy).policy_id AND c.scope_id = r.scope_id FOR UPDATE;
+            EXIT WHEN FOUND;
+            -- (a first request creates the row, so that racing first requests queue on it too)
+            INSERT INTO quota.counter (policy_id, scope_id, window_start)
+            VALUES ((r.policy).policy_id, r.scope_id, v_ws) ON CONFLICT DO NOTHING;
+        END LOOP;
         IF quota.refuses((r.policy).boundary, r.effective_limit, quota.window_used(r.policy, v_counter, v_ws),
                          coalesce(v_counter.reserved, 0), v_amount) THEN
             v_until := greatest(v_until, coalesce(quota.window_frees_at(r.policy, r.scope_id, v_ws, v_we, now_ts),
@@ -225,7 +245,8 @@ $$;
 CREATE FUNCTION quota.admit(api_key text, request_id text, model text, est_input_tokens bigint,
                             max_output_tokens bigint, channel_id bigint DEFAULT NULL)
 RETURNS quota.admission
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_now      timestamptz := quota.clock();
     v_found    record;
@@ -249,11 +270,11 @@ DECLARE
     v_frees    timestamptz;
     v_iso_key  boolean := false;
     v_iso_user boolean := false;
+    v_res      quota.reservation;
     -- holds, one per policy, in lock order
     v_policies bigint[] := '{}';
     v_scopes   bigint[] := '{}';
     v_amounts  numeric[] := '{}';
-    v_starts   timestamptz[] := '{}';
     v_limits   numeric[] := '{}';
     -- limits (see quota.policies_for), in order of first appearance
     g_key      text[] := '{}';
@@ -280,7 +301,10 @@ BEGIN
     v_out.allowed := false;
     v_out.channel_id := admit.channel_id;
 
-    SELECT k AS key, u.enabled AS user_ok INTO v_found
+    SELECT k AS key, u.enabled AS user_ok,
+           EXISTS (SELECT 1 FROM quota.usage_ledger l WHERE l.request_id = admit.request_id)
+           OR EXISTS (SELECT 1 FROM quota.released r WHERE r.request_id = admit.request_id) AS reused
+    INTO v_found
     FROM quota.key_for_secret(admit.api_key) k JOIN quota.app_user u ON u.user_id = k.user_id;
     IF NOT FOUND THEN
         v_out.http_status := 401; v_out.error_code := 'invalid_api_key';
@@ -315,8 +339,7 @@ BEGIN
         RETURN v_out;
     END IF;
 
-    IF EXISTS (SELECT 1 FROM quota.usage_ledger l WHERE l.request_id = admit.request_id
-               UNION ALL SELECT 1 FROM quota.released r WHERE r.request_id = admit.request_id) THEN
+    IF v_found.reused THEN
         RAISE EXCEPTION 'admit: request_id % was already used', admit.request_id USING ERRCODE = 'PQ409';
     END IF;
 
@@ -371,9 +394,16 @@ BEGIN
         RETURN v_out;
     END IF;
 
-    -- Pass 1: lock every counter the request counts on, in policy_id order, and judge each
-    -- limit; nothing is written unless every limit admits the request (all-or-nothing).
-    FOR v_row IN SELECT * FROM quota.policies_for(v_key.key_id, v_key.user_id, admit.model, v_channel, v_now) LOOP
+    -- One pass over the counters the request counts on, in policy_id order (the lock order):
+    -- roll a stale window and reserve the estimate in one UPDATE, which also locks the row, then
+    -- judge each limit on the values before the hold. If any limit refuses, the holds taken so
+    -- far are given back before returning, so the request reserves all or nothing.
+    FOR v_row IN
+        SELECT f.*, w.window_start AS ws, w.window_end AS we
+        FROM quota.policies_for(v_key.key_id, v_key.user_id, admit.model, v_channel, v_now) f
+        CROSS JOIN LATERAL quota.policy_window(f.policy, v_now) w
+        ORDER BY f.axis <> 'channel', (f.policy).policy_id
+    LOOP
         v_policy := v_row.policy;
         IF v_policy.exclusive THEN
             v_iso_key := v_iso_key OR v_row.axis = 'key';
@@ -381,19 +411,29 @@ BEGIN
         END IF;
         v_amount := quota.metric_amount(v_policy.metric, v_cost, admit.est_input_tokens, admit.max_output_tokens);
         CONTINUE WHEN v_amount IS NULL;
-        SELECT w.window_start, w.window_end INTO v_ws, v_we FROM quota.policy_window(v_policy, v_now) w;
-
-        SELECT c.* INTO v_counter FROM quota.counter c
-        WHERE c.policy_id = v_policy.policy_id AND c.scope_id = v_row.scope_id FOR UPDATE;
-        IF NOT FOUND THEN
-            -- First request of this scope: create the row, then lock it like any other, so
-            -- concurrent first requests are checked one after the other.
+        v_ws := v_row.ws;
+        v_we := v_row.we;
+        LOOP
+            UPDATE quota.counter c SET
+                used         = CASE WHEN c.window_start = v_ws THEN c.used ELSE 0 END,
+                exhausted_at = CASE WHEN c.window_start = v_ws THEN c.exhausted_at END,
+                reset_at     = CASE WHEN c.window_start = v_ws THEN c.reset_at END,
+                window_start = v_ws,
+                reserved     = c.reserved + v_amount
+            WHERE c.policy_id = v_policy.policy_id AND c.scope_id = v_row.scope_id
+            RETURNING c.* INTO v_counter;
+            EXIT WHEN FOUND;
+            -- First request of this scope: create the row, then update (and lock) it like any
+            -- other, so concurrent first requests are checked one after the other.
             INSERT INTO quota.counter AS c (policy_id, scope_id, window_start)
             VALUES (v_policy.policy_id, v_row.scope_id, v_ws) ON CONFLICT DO NOTHING;
-            SELECT c.* INTO v_counter FROM quota.counter c
-            WHERE c.policy_id = v_policy.policy_id AND c.scope_id = v_row.scope_id FOR UPDATE;
-        END IF;
+        END LOOP;
+        v_counter.reserved := v_counter.reserved - v_amount;  -- as it was before this hold
         v_used := quota.window_used(v_policy, v_counter, v_ws);
+        v_policies := v_policies || v_policy.policy_id;
+        v_scopes := v_scopes || v_row.scope_id;
+        v_amounts := v_amounts || v_amount;
+        v_limits := v_limits || v_row.effective_limit;
 
         gi := array_position(g_key, v_row.limit_key);
         IF gi IS NULL THEN
@@ -417,12 +457,6 @@ BEGIN
                 g_spent[gi] := v_used >= v_row.effective_limit;
             END IF;
         END IF;
-
-        v_policies := v_policies || v_policy.policy_id;
-        v_scopes := v_scopes || v_row.scope_id;
-        v_amounts := v_amounts || v_amount;
-        v_starts := v_starts || v_ws;
-        v_limits := v_limits || v_row.effective_limit;
     END LOOP;
 
     -- A refused limit refuses the request; with several, report the one that frees up last.
@@ -437,6 +471,8 @@ BEGIN
         END IF;
     END LOOP;
     IF v_worst IS NOT NULL THEN
+        v_res.hold_policy := v_policies; v_res.hold_scope := v_scopes; v_res.hold_amount := v_amounts;
+        PERFORM quota.release_holds(v_res);
         SELECT p.* INTO v_policy FROM quota.policy p WHERE p.policy_id = g_policy[v_worst];
         v_out := quota.refusal(
             CASE WHEN v_policy.subject_type = 'channel' THEN 'channel_quota_exhausted' ELSE 'token_quota_policy_exhausted' END,
@@ -454,17 +490,6 @@ BEGIN
         v_out.ratelimit_metric := g_metric[v_tight];
         v_out.ratelimit_reset_at := g_reset[v_tight];
     END IF;
-
-    -- Pass 2: every limit admits; roll stale windows and reserve on every counter.
-    FOR i IN 1 .. cardinality(v_policies) LOOP
-        UPDATE quota.counter c SET
-            used         = CASE WHEN c.window_start = v_starts[i] THEN c.used ELSE 0 END,
-            exhausted_at = CASE WHEN c.window_start = v_starts[i] THEN c.exhausted_at END,
-            reset_at     = CASE WHEN c.window_start = v_starts[i] THEN c.reset_at END,
-            window_start = v_starts[i],
-            reserved     = c.reserved + v_amounts[i]
-        WHERE c.policy_id = v_policies[i] AND c.scope_id = v_scopes[i];
-    END LOOP;
 
     INSERT INTO quota.reservation (request_id, key_id, user_id, channel_id, model, counted_in_key_global,
                                    counted_in_user_global, est_input_tokens, max_output_tokens,
@@ -521,12 +546,14 @@ $$;
 CREATE FUNCTION quota.settle(request_id text, input_tokens bigint, output_tokens bigint,
                              cached_tokens bigint DEFAULT 0)
 RETURNS quota.settlement
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_now      timestamptz := quota.clock();
     v_res      quota.reservation;
     v_ledger   quota.usage_ledger;
     v_released quota.released;
+    v_row      record;
     v_policy   quota.policy;
     v_cost     numeric;
     v_reason   text;
@@ -564,10 +591,10 @@ BEGIN
         -- charged now on the policies that apply now, with no hold left to release.
         v_res := ROW(settle.request_id, v_released.key_id, v_released.user_id, v_released.channel_id,
                      v_released.model, true, true, 0, 0, '{}', '{}', '{}', '{}', v_released.released_at)::quota.reservation;
-        SELECT coalesce(array_agg((f.policy).policy_id ORDER BY (f.policy).policy_id), '{}'),
-               coalesce(array_agg(f.scope_id ORDER BY (f.policy).policy_id), '{}'),
-               coalesce(array_agg(0::numeric ORDER BY (f.policy).policy_id), '{}'),
-               coalesce(array_agg(f.effective_limit ORDER BY (f.policy).policy_id), '{}'),
+        SELECT coalesce(array_agg((f.policy).policy_id ORDER BY f.axis <> 'channel', (f.policy).policy_id), '{}'),
+               coalesce(array_agg(f.scope_id ORDER BY f.axis <> 'channel', (f.policy).policy_id), '{}'),
+               coalesce(array_agg(0::numeric ORDER BY f.axis <> 'channel', (f.policy).policy_id), '{}'),
+               coalesce(array_agg(f.effective_limit ORDER BY f.axis <> 'channel', (f.policy).policy_id), '{}'),
                NOT coalesce(bool_or((f.policy).exclusive AND f.axis = 'key'), false),
                NOT coalesce(bool_or((f.policy).exclusive AND f.axis = 'user'), false)
           INTO v_res.hold_policy, v_res.hold_scope, v_res.hold_amount, v_res.hold_limit,
@@ -586,12 +613,16 @@ BEGIN
         END IF;
     END IF;
 
-    FOR i IN 1 .. coalesce(array_length(v_res.hold_policy, 1), 0) LOOP
-        SELECT p.* INTO v_policy FROM quota.policy p WHERE p.policy_id = v_res.hold_policy[i];
+    FOR i IN 1 .. cardinality(v_res.hold_policy) LOOP
+        SELECT p AS policy, w.window_start AS ws, w.window_end AS we INTO v_row
+        FROM quota.policy p CROSS JOIN LATERAL quota.policy_window(p, v_now) w
+        WHERE p.policy_id = v_res.hold_policy[i];
         CONTINUE WHEN NOT FOUND;  -- the policy was deleted meanwhile; its counter went with it
+        v_policy := v_row.policy;
+        v_ws := v_row.ws;
+        v_we := v_row.we;
         v_actual := coalesce(quota.metric_amount(v_policy.metric, v_cost, settle.input_tokens,
                                                  settle.output_tokens), 0);
-        SELECT w.window_start, w.window_end INTO v_ws, v_we FROM quota.policy_window(v_policy, v_now) w;
 
         UPDATE quota.counter c SET
             used         = CASE WHEN c.window_start = v_ws THEN c.used ELSE 0 END
@@ -670,7 +701,8 @@ END
 $$;
 
 CREATE FUNCTION quota.refund(request_id text, reason text DEFAULT NULL) RETURNS boolean
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_res quota.reservation;
 BEGIN
