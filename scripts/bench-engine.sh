@@ -36,7 +36,8 @@ base_hot=$(run "baseline: UPDATE pair, one hot row" baseline_hot.sql)
 pair_hot=$(run "admit+settle, one hot key, 1 policy" pair_hot.sql)
 psql -X -q -v ON_ERROR_STOP=1 -f tests/bench/six_policies.sql >/dev/null
 pair_hot6=$(run "admit+settle, one hot key, 6 policies" pair_hot.sql)
-drift=$(psql -X -At -c "SELECT count(*) FROM quota.drift()")
+drift=$(psql -X -At -c "SELECT count(*) FROM quota.drift()") \
+  || { tail -n 30 "$WORK/cluster/server.log" >&2; fail "drift check"; }
 
 cat <<MSG
 

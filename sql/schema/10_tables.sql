@@ -179,7 +179,8 @@ CREATE TABLE quota.reservation (
     hold_limit        numeric[] NOT NULL,  -- each policy's effective limit at admit
     created_at        timestamptz NOT NULL
 );
-CREATE INDEX ON quota.reservation (created_at);
+-- No index but the primary key: the table holds only requests in flight, and every index is
+-- written twice per request (admit inserts, settle deletes); the sweep scans it whole.
 
 -- Requests whose reservation was released without a settle: refunded, or expired by the sweep.
 CREATE TABLE quota.released (
@@ -195,8 +196,8 @@ CREATE TABLE quota.released (
 
 -- Append-only: one row per settled request. counted_* say what each policy counter received.
 CREATE TABLE quota.usage_ledger (
-    ledger_id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    request_id       text NOT NULL UNIQUE,
+    ledger_id        bigint GENERATED ALWAYS AS IDENTITY,  -- insertion order; not indexed
+    request_id       text PRIMARY KEY,
     key_id           bigint NOT NULL,
     user_id          bigint NOT NULL,
     channel_id       bigint,
