@@ -5,6 +5,9 @@ set -euo pipefail
 
 PGRX_VERSION=0.18.0
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+# The official OpenAI Python SDK, for tests/sdk/ (same venv path as in lib.sh).
+SDK_VENV=${PGQ_SDK_VENV:-/var/tmp/pg_quota-sdk-venv}
+OPENAI_SDK='openai>=3,<4'
 APT_PACKAGES=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo
               libssl-dev python3-venv)
 
@@ -43,6 +46,15 @@ if grep -qs "pg15 *= *\"$PG_CONFIG\"" "$PGRX_HOME/config.toml"; then
 else
   say "cargo pgrx init --pg15 $PG_CONFIG"
   cargo pgrx init --pg15 "$PG_CONFIG" >/dev/null || fail "cargo pgrx init"
+fi
+
+if "$SDK_VENV/bin/python" -c 'import openai, sys; sys.exit(openai.__version__.split(".")[0] != "3")' 2>/dev/null; then
+  say "openai SDK present in $SDK_VENV"
+else
+  say "installing the openai SDK ($OPENAI_SDK) into $SDK_VENV"
+  rm -rf "$SDK_VENV"
+  /usr/bin/python3 -m venv "$SDK_VENV" || fail "python3 -m venv $SDK_VENV"
+  "$SDK_VENV/bin/pip" install -q "$OPENAI_SDK" >/dev/null || fail "pip install $OPENAI_SDK"
 fi
 
 say "ready"

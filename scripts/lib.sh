@@ -4,6 +4,8 @@
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 PG_CONFIG=${PG_CONFIG:-$PG_BIN/pg_config}
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# Python with the openai SDK, installed by bootstrap.sh (same venv path there).
+SDK_PYTHON=${PGQ_SDK_VENV:-/var/tmp/pg_quota-sdk-venv}/bin/python
 
 say()  { printf '[%s] %s\n' "${LOG_TAG:-pg_quota}" "$*"; }
 fail() { printf '[%s] FAILED: %s\n' "${LOG_TAG:-pg_quota}" "$*" >&2; exit 1; }

@@ -16,6 +16,8 @@ RESULTS="$WORK/results.log"
 : >"$RESULTS"
 
 cleanup() {
+  local pid
+  for pid in "${SPAWNED_PIDS[@]}"; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done
   cluster_stop "$WORK/cluster"
   rm -rf "$WORK" /var/tmp/pg_quota-pgrx-test
 }
@@ -66,9 +68,21 @@ export PGQ_TEST_DSN="host=127.0.0.1 port=$TEST_PORT user=postgres dbname=postgre
 export PGQ_RELAY_BIN="$REPO_ROOT/target/debug/pg-quota-relay"
 tier "out-of-process tests (real cluster, relay)" cargo test -p pg_quota_tests -- --test-threads=1
 
-# One closing line for the whole run: cargo's "N passed; M failed" lines plus pg_regress' and
-# the isolation tester's "All N tests passed." lines.
+say "── starting the mock upstream and a relay for the OpenAI SDK test"
+psql -q -d postgres -c 'DROP DATABASE IF EXISTS pgq_sdk' -c 'CREATE DATABASE pgq_sdk' \
+  && psql -q -d pgq_sdk -c 'CREATE EXTENSION pg_quota' || fail "creating the database pgq_sdk"
+spawn_listening "$WORK/mock.log" "$PGQ_RELAY_BIN" mock-upstream --listen 127.0.0.1:0
+mock_url=$SPAWNED_URL
+spawn_listening "$WORK/relay.log" "$PGQ_RELAY_BIN" serve --listen 127.0.0.1:0 \
+  --database-url "host=127.0.0.1 port=$TEST_PORT user=postgres dbname=pgq_sdk" --upstream-url "$mock_url/v1"
+tier "official OpenAI SDK (python)" env PGQ_RELAY_URL="$SPAWNED_URL" \
+  PGQ_SDK_DSN="host=$PGHOST port=$PGPORT user=postgres dbname=pgq_sdk" "$SDK_PYTHON" tests/sdk/test_openai_sdk.py
+
+# One closing line for the whole run: cargo's "N passed; M failed" lines, pg_regress' and
+# the isolation tester's "All N tests passed." lines, and the SDK test's "sdk: N passed, M failed".
 passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$RESULTS" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo 'passed; [0-9]+ failed' "$RESULTS" | awk '{s+=$2} END {print s+0}')
 golden=$(grep -Eo 'All [0-9]+ tests passed' "$RESULTS" | awk '{s+=$2} END {print s+0}')
-echo "total: $((passed + golden)) passed, $failed failed"
+sdk_passed=$(grep -Eo '^sdk: [0-9]+ passed' "$RESULTS" | awk '{s+=$2} END {print s+0}')
+sdk_failed=$(grep -Eo '^sdk: [0-9]+ passed, [0-9]+ failed' "$RESULTS" | awk '{s+=$4} END {print s+0}')
+echo "total: $((passed + golden + sdk_passed)) passed, $((failed + sdk_failed)) failed"

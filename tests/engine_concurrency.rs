@@ -12,34 +12,6 @@ async fn clients(dsn: &str, n: usize) -> Vec<Client> {
     futures::future::join_all((0..n).map(|_| connect(dsn))).await
 }
 
-/// A user with one key and the given policy; returns the key's secret.
-async fn key_with_policy(db: &Client, user: &str, policy_values: &str) -> String {
-    let uid: i64 = db.query_one("SELECT quota.create_user($1)", &[&user]).await.unwrap().get(0);
-    let key: String = db
-        .query_one("SELECT quota.create_key($1, 'k')", &[&uid])
-        .await
-        .unwrap()
-        .get(0);
-    db.batch_execute(&format!(
-        "INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit, boundary) \
-         VALUES ('user', {uid}, {policy_values})"
-    ))
-    .await
-    .unwrap();
-    key
-}
-
-async fn assert_no_drift(db: &Client) {
-    let drift = db.query("SELECT * FROM quota.drift()", &[]).await.unwrap();
-    assert!(drift.is_empty(), "counters drifted from the ledger: {drift:?}");
-    let negative: i64 = db
-        .query_one("SELECT count(*) FROM quota.counter WHERE used < 0 OR reserved < 0", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(negative, 0);
-}
-
 /// Each worker loops admit → settle (or refund every 5th) until `rounds` requests are done.
 async fn hammer(dsn: &str, key: &str, model: &str, rounds: usize, actual_out: i64) -> (usize, usize) {
     let admitted = Arc::new(AtomicUsize::new(0));
@@ -85,7 +57,7 @@ async fn strict_cost_limit_holds_under_32_connections() {
     let db = connect(&dsn).await;
     // 100 in + 100 out tokens cost $0.0003 at these prices; the limit allows ~33 of them.
     db.batch_execute("INSERT INTO quota.model_price VALUES ('m', 1, 2, NULL)").await.unwrap();
-    let key = key_with_policy(&db, "strict", "'cost', 'day', 0.01, 'strict'").await;
+    let key = key_with_policy(&db, "strict", "'cost', 'day', 0.01, 'strict'").await.secret;
 
     let (admitted, refused) = hammer(&dsn, &key, "m", 10, 100).await;
     assert!(refused > 0, "the limit must have been reached ({admitted} admitted)");
@@ -110,7 +82,7 @@ async fn strict_cost_limit_holds_under_32_connections() {
 async fn graceful_overshoot_is_bounded_by_requests_in_flight() {
     let dsn = fresh_database("pgq_conc_graceful").await;
     let db = connect(&dsn).await;
-    let key = key_with_policy(&db, "graceful", "'tokens', 'day', 5000, 'graceful'").await;
+    let key = key_with_policy(&db, "graceful", "'tokens', 'day', 5000, 'graceful'").await.secret;
 
     // Each settled request uses 100 + 150 tokens.
     let (_, refused) = hammer(&dsn, &key, "m", 10, 150).await;
@@ -133,7 +105,7 @@ async fn graceful_overshoot_is_bounded_by_requests_in_flight() {
 async fn first_requests_of_a_new_subject_cannot_bypass_the_limit() {
     let dsn = fresh_database("pgq_conc_first").await;
     let db = connect(&dsn).await;
-    let key = key_with_policy(&db, "first", "'requests', 'day', 5, 'strict'").await;
+    let key = key_with_policy(&db, "first", "'requests', 'day', 5, 'strict'").await.secret;
     // No counter row exists yet: 32 connections race to create it.
     let conns = clients(&dsn, CONNECTIONS).await;
     let results = futures::future::join_all(conns.iter().enumerate().map(|(i, c)| {
@@ -155,7 +127,7 @@ async fn racing_settles_and_refunds_take_effect_once() {
     let dsn = fresh_database("pgq_conc_once").await;
     let db = connect(&dsn).await;
     db.batch_execute("INSERT INTO quota.model_price VALUES ('m', 1, 2, NULL)").await.unwrap();
-    let key = key_with_policy(&db, "once", "'cost', 'day', 100, 'strict'").await;
+    let key = key_with_policy(&db, "once", "'cost', 'day', 100, 'strict'").await.secret;
     for rid in ["settle-me", "refund-me"] {
         db.query_one("SELECT allowed FROM quota.admit($1, $2, 'm', 1000, 1000)", &[&key, &rid])
             .await

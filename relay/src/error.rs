@@ -181,6 +181,13 @@ impl IntoResponse for AppError {
                 (status, axum::Json(body)).into_response()
             }
         };
+        if matches!(self, AppError::Denied { .. }) {
+            // A quota decision: retrying at once cannot change it. The official SDKs honour this
+            // header instead of retrying a 429 on their own.
+            response
+                .headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
+        }
         match self {
             AppError::Denied {
                 retry_after_s: Some(s),
@@ -226,6 +233,7 @@ mod tests {
         .await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(headers[header::RETRY_AFTER], "10800");
+        assert_eq!(headers["x-should-retry"], "false", "SDKs must not retry a quota decision");
         assert_eq!(body["error"]["type"], "rate_limit_error");
         assert_eq!(body["error"]["code"], "token_quota_policy_exhausted");
         assert_eq!(

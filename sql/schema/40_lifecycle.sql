@@ -482,6 +482,11 @@ BEGIN
         v_out.key_id := v_key.key_id;
         v_out.user_id := v_key.user_id;
         v_out.channel_id := v_channel;
+        -- the refusing limit feeds the rate-limit headers of the 429
+        v_out.ratelimit_limit := g_limit[v_worst];
+        v_out.ratelimit_remaining := 0;
+        v_out.ratelimit_metric := g_metric[v_worst];
+        v_out.ratelimit_reset_at := CASE WHEN isfinite(g_frees[v_worst]) THEN g_frees[v_worst] END;
         RETURN v_out;
     END IF;
     IF v_tight IS NOT NULL THEN

@@ -1,7 +1,8 @@
 //! Shared helpers for the out-of-process tests: a real cluster started by `scripts/test.sh`
 //! (its DSN in `PGQ_TEST_DSN`), the real relay binary (`PGQ_RELAY_BIN`), the mock upstream.
+use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_postgres::{Client, NoTls};
@@ -9,10 +10,6 @@ use tokio_postgres::{Client, NoTls};
 /// The maintenance DSN of the throwaway cluster.
 pub fn cluster_dsn() -> String {
     std::env::var("PGQ_TEST_DSN").expect("PGQ_TEST_DSN is set by scripts/test.sh")
-}
-
-pub fn dsn_for(dbname: &str) -> String {
-    format!("{} dbname={dbname}", cluster_dsn())
 }
 
 pub async fn connect(dsn: &str) -> Client {
@@ -27,20 +24,80 @@ pub async fn connect(dsn: &str) -> Client {
 
 /// A brand-new database with the extension created in it; one per test keeps tests independent.
 pub async fn fresh_database(name: &str) -> String {
-    let admin = connect(&cluster_dsn()).await;
+    fresh_database_at(&cluster_dsn(), name).await
+}
+
+/// `fresh_database` on the cluster of `maintenance_dsn` (its `dbname`, if any, is replaced).
+pub async fn fresh_database_at(maintenance_dsn: &str, name: &str) -> String {
+    let admin = connect(&format!("{maintenance_dsn} dbname=postgres")).await;
     // Two statements: CREATE DATABASE cannot run inside the implicit transaction of a batch.
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .await
         .expect("drop old test database");
     admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
-    let dsn = dsn_for(name);
+    let dsn = format!("{maintenance_dsn} dbname={name}");
     connect(&dsn)
         .await
         .batch_execute("CREATE EXTENSION pg_quota")
         .await
         .expect("CREATE EXTENSION pg_quota");
     dsn
+}
+
+/// A key as the tests need it: its id for SQL checks, its secret for requests.
+pub struct Key {
+    pub key_id: i64,
+    pub user_id: i64,
+    pub secret: String,
+}
+
+/// A user with one key and one policy on the user; `policy_values` fills
+/// `(metric, period, quota_limit, boundary)`.
+pub async fn key_with_policy(db: &Client, user: &str, policy_values: &str) -> Key {
+    let user_id: i64 = db.query_one("SELECT quota.create_user($1)", &[&user]).await.unwrap().get(0);
+    let secret: String = db
+        .query_one("SELECT quota.create_key($1, 'k')", &[&user_id])
+        .await
+        .unwrap()
+        .get(0);
+    let key_id: i64 = db
+        .query_one("SELECT key_id FROM quota.api_key WHERE user_id = $1", &[&user_id])
+        .await
+        .unwrap()
+        .get(0);
+    db.batch_execute(&format!(
+        "INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit, boundary) \
+         VALUES ('user', {user_id}, {policy_values})"
+    ))
+    .await
+    .unwrap();
+    Key { key_id, user_id, secret }
+}
+
+/// Counters equal the ledger (`quota.drift()` is empty) and none is negative.
+pub async fn assert_no_drift(db: &Client) {
+    let drift = db.query("SELECT * FROM quota.drift()", &[]).await.unwrap();
+    assert!(drift.is_empty(), "counters drifted from the ledger: {drift:?}");
+    let negative: i64 = db
+        .query_one("SELECT count(*) FROM quota.counter WHERE used < 0 OR reserved < 0", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(negative, 0);
+}
+
+/// Polls `check` every 50 ms until it holds; panics naming `what` after `within`.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A child process that printed `... listening on http://ADDR`; killed when dropped.
@@ -86,4 +143,121 @@ impl Server {
         args.extend_from_slice(extra);
         Server::spawn(&args, &[("DATABASE_URL", database_url)]).await
     }
+}
+
+/// What the mock upstream has received so far, oldest first (`GET /_mock/requests`).
+pub async fn mock_requests(mock: &Server) -> Vec<serde_json::Value> {
+    reqwest::get(format!("{}/_mock/requests", mock.url))
+        .await
+        .expect("GET /_mock/requests")
+        .json()
+        .await
+        .expect("mock request list is JSON")
+}
+
+/// A throwaway cluster of its own, for tests that must stop the database without taking the
+/// shared one away from other tests. Owned by `postgres` (initdb and postgres refuse root),
+/// trust auth on 127.0.0.1; stopped and removed when dropped.
+pub struct PrivateCluster {
+    dir: PathBuf,
+    pub port: u16,
+}
+
+impl PrivateCluster {
+    pub async fn start(name: &str) -> PrivateCluster {
+        let dir = PathBuf::from(format!("/var/tmp/pgq-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("socket")).expect("create the cluster directory");
+        let mut chown = std::process::Command::new("chown");
+        chown.args(["-R", "postgres:postgres"]).arg(&dir);
+        run(chown, "chown").await;
+        // A free port: bind port 0, note it, let it go.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let cluster = PrivateCluster { dir, port };
+        let mut initdb = as_postgres("initdb");
+        initdb
+            .arg("-D")
+            .arg(cluster.dir.join("data"))
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]);
+        run(initdb, "initdb").await;
+        cluster.start_again().await;
+        cluster
+    }
+
+    /// Maintenance DSN over TCP (what the relay is given, with its own dbname).
+    pub fn dsn(&self) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+    }
+
+    pub async fn stop(&self) {
+        let mut stop = self.pg_ctl();
+        stop.args(["-m", "fast", "-w", "stop"]);
+        run(stop, "pg_ctl stop").await;
+    }
+
+    pub async fn start_again(&self) {
+        let opts = format!(
+            "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories={}",
+            self.port,
+            self.dir.join("socket").display()
+        );
+        let mut start = self.pg_ctl();
+        start
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(["-o", &opts, "-w", "-t", "60", "start"]);
+        run(start, "pg_ctl start").await;
+    }
+
+    fn pg_ctl(&self) -> std::process::Command {
+        let mut c = as_postgres("pg_ctl");
+        c.arg("-D").arg(self.dir.join("data"));
+        c
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        if self.dir.join("data/postmaster.pid").exists() {
+            let _ = self
+                .pg_ctl()
+                .args(["-m", "immediate", "-w", "stop"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A PostgreSQL 15 server binary, run as the `postgres` OS user (through runuser unless we
+/// are that user already).
+fn as_postgres(binary: &str) -> std::process::Command {
+    let dir = std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+    let program = format!("{dir}/{binary}");
+    let me = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    if me == "postgres" {
+        std::process::Command::new(program)
+    } else {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--", &program]);
+        c
+    }
+}
+
+async fn run(cmd: std::process::Command, what: &str) {
+    let out = Command::from(cmd)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -1,0 +1,716 @@
+//! The real relay, end to end: a client talks HTTP to `pg-quota-relay serve`, which calls the
+//! engine in a real database and forwards to the mock upstream. Each test checks what a user
+//! of the relay would notice: the answer, its headers, and what the ledger and counters say.
+use futures::StreamExt;
+use pg_quota_tests::*;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+/// Settlement runs after the reply has gone out; this bounds how long a test waits for it.
+const SETTLE_WITHIN: Duration = Duration::from_secs(5);
+
+/// A database with priced models, a key, the mock upstream and a relay in front of it.
+struct Relayed {
+    db: Client,
+    key: Key,
+    mock: Server,
+    relay: Server,
+    http: reqwest::Client,
+}
+
+/// `policy_values` as in `key_with_policy`; `relay_args` are extra `serve` flags.
+async fn relayed(dbname: &str, policy_values: &str, relay_args: &[&str]) -> Relayed {
+    let dsn = fresh_database(dbname).await;
+    relayed_on(&dsn, policy_values, relay_args).await
+}
+
+async fn relayed_on(dsn: &str, policy_values: &str, relay_args: &[&str]) -> Relayed {
+    let db = connect(dsn).await;
+    db.batch_execute(
+        "INSERT INTO quota.model_price (model, input_per_mtok, output_per_mtok, cached_input_per_mtok) \
+         VALUES ('gpt-4o', 2.50, 10.00, 1.25)",
+    )
+    .await
+    .unwrap();
+    let key = key_with_policy(&db, "alice", policy_values).await;
+    let mock = Server::mock_upstream().await;
+    let relay = Server::relay(dsn, &format!("{}/v1", mock.url), relay_args).await;
+    Relayed {
+        db,
+        key,
+        mock,
+        relay,
+        http: reqwest::Client::new(),
+    }
+}
+
+impl Relayed {
+    /// `POST /v1/chat/completions` with the key; `mock` are `x-mock-*` headers for the upstream.
+    fn chat(&self, body: Value, mock: &[(&str, &str)]) -> reqwest::RequestBuilder {
+        let mut req = self
+            .http
+            .post(format!("{}/v1/chat/completions", self.relay.url))
+            .bearer_auth(&self.key.secret)
+            .json(&body);
+        for (name, value) in mock {
+            req = req.header(*name, *value);
+        }
+        req
+    }
+
+    /// Waits for the ledger row of `request_id`; returns
+    /// (input, output, cached, billed, cost as text).
+    async fn ledger_row(&self, request_id: &str) -> (i64, i64, i64, bool, String) {
+        let sql = "SELECT input_tokens, output_tokens, cached_tokens, billed, cost::text \
+                   FROM quota.usage_ledger WHERE request_id = $1";
+        eventually(
+            &format!("ledger row of {request_id}"),
+            SETTLE_WITHIN,
+            || async {
+                self.db
+                    .query_opt(sql, &[&request_id])
+                    .await
+                    .unwrap()
+                    .is_some()
+            },
+        )
+        .await;
+        let r = self.db.query_one(sql, &[&request_id]).await.unwrap();
+        (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))
+    }
+
+    async fn ledger_rows(&self) -> i64 {
+        self.db
+            .query_one("SELECT count(*) FROM quota.usage_ledger", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    async fn wait_ledger_rows(&self, n: i64) {
+        eventually(&format!("{n} ledger rows"), SETTLE_WITHIN, || async {
+            self.ledger_rows().await == n
+        })
+        .await;
+    }
+
+    async fn reservations(&self) -> i64 {
+        self.db
+            .query_one("SELECT count(*) FROM quota.reservation", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// `used` and `reserved` of each policy of the key (`quota.status`), as text, by metric.
+    async fn status(&self) -> Vec<(String, String, String)> {
+        self.db
+            .query(
+                "SELECT metric, used::text, reserved::text FROM quota.status($1) ORDER BY policy_id",
+                &[&self.key.key_id],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
+
+    /// Is `cost` (text from the ledger) exactly `expected`? Compared as NUMERIC in SQL.
+    async fn cost_is(&self, cost: &str, expected: &str) -> bool {
+        self.db
+            .query_one(
+                "SELECT $1::text::numeric = $2::text::numeric",
+                &[&cost, &expected],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+fn request_id(resp: &reqwest::Response) -> String {
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert!(id.starts_with("req_"), "{id}");
+    id
+}
+
+/// Asserts the OpenAI error shape `{"error": {"message", "type", "param", "code"}}` with this
+/// status, type and code; returns the error object.
+async fn openai_error(resp: reqwest::Response, status: u16, kind: &str, code: &str) -> Value {
+    assert_eq!(resp.status().as_u16(), status);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json"),
+        "{:?}",
+        resp.headers()
+    );
+    let body: Value = resp.json().await.unwrap();
+    let error = &body["error"];
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert_eq!(error["type"], kind, "{body}");
+    assert_eq!(error["code"], code, "{body}");
+    assert!(error.as_object().unwrap().contains_key("param"), "{body}");
+    error.clone()
+}
+
+/// The `data:` payloads of an SSE body, in order.
+fn sse_data(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter_map(|event| {
+            event
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+fn chat_body(max_tokens: i64) -> Value {
+    json!({"model": "gpt-4o", "max_tokens": max_tokens,
+           "messages": [{"role": "user", "content": "Say something."}]})
+}
+
+#[tokio::test]
+async fn non_streamed_usage_is_charged_exactly_as_the_upstream_reported_it() {
+    let r = relayed("pgq_e2e_plain", "'cost', 'day', 10, 'strict'", &[]).await;
+    r.db.batch_execute(&format!(
+        "INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit) \
+         VALUES ('user', {}, 'tokens', 'day', 1000000)",
+        r.key.user_id
+    ))
+    .await
+    .unwrap();
+
+    let resp = r
+        .chat(
+            chat_body(100),
+            &[
+                ("x-mock-input-tokens", "1000"),
+                ("x-mock-output-tokens", "50"),
+                ("x-mock-cached-tokens", "400"),
+            ],
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["usage"]["prompt_tokens"], 1000);
+    assert_eq!(body["usage"]["completion_tokens"], 50);
+
+    let (input, output, cached, billed, cost) = r.ledger_row(&id).await;
+    assert_eq!((input, output, cached, billed), (1000, 50, 400, true));
+    // 600 fresh input × $2.50/M + 400 cached × $1.25/M + 50 output × $10/M
+    assert!(
+        r.cost_is(&cost, "0.0025").await,
+        "cost {cost}, expected 0.0025"
+    );
+    let status = r.status().await;
+    assert_eq!(
+        status,
+        [
+            ("cost".into(), "0.0025".into(), "0".into()),
+            ("tokens".into(), "1050".into(), "0".into())
+        ],
+        "counters hold exactly the settled usage, nothing reserved"
+    );
+    assert_eq!(r.reservations().await, 0);
+    assert_no_drift(&r.db).await;
+}
+
+#[tokio::test]
+async fn streamed_usage_is_charged_and_the_usage_chunk_shown_only_when_asked_for() {
+    let r = relayed("pgq_e2e_stream", "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    let mut body = chat_body(100);
+    body["stream"] = json!(true);
+
+    // 20 tokens, 40 ms apart: a relay that buffered would deliver them all at once at the end.
+    let resp = r
+        .chat(
+            body.clone(),
+            &[
+                ("x-mock-input-tokens", "30"),
+                ("x-mock-output-tokens", "20"),
+                ("x-mock-chunk-delay-ms", "40"),
+            ],
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let id = request_id(&resp);
+    let mut arrivals = Vec::new();
+    let mut text = String::new();
+    let mut chunks = resp.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        arrivals.push(Instant::now());
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    let spread = *arrivals.last().unwrap() - arrivals[0];
+    assert!(
+        arrivals.len() >= 10 && spread >= Duration::from_millis(500),
+        "chunks must arrive as they are produced: {} reads over {spread:?}",
+        arrivals.len()
+    );
+    let events = sse_data(&text);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let content: Vec<&str> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .filter(|s| !s.is_empty())
+        .collect();
+    assert_eq!(content.len(), 20);
+    assert!(
+        chunks.iter().all(|c| !c["usage"].is_object()),
+        "the client did not ask for usage, so it must not see a usage chunk: {text}"
+    );
+    // ... yet the relay asked the upstream for it, and charged it.
+    let (input, output, _, billed, cost) = r.ledger_row(&id).await;
+    assert_eq!((input, output, billed), (30, 20, true));
+    assert!(r.cost_is(&cost, "0.000275").await, "cost {cost}"); // 30 × 2.50 + 20 × 10, per million
+
+    // A client that asks for usage gets exactly one usage chunk, the one that was charged.
+    body["stream_options"] = json!({"include_usage": true});
+    let resp = r
+        .chat(
+            body,
+            &[
+                ("x-mock-input-tokens", "31"),
+                ("x-mock-output-tokens", "21"),
+                ("x-mock-chunk-delay-ms", "0"),
+            ],
+        )
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&resp);
+    let events = sse_data(&resp.text().await.unwrap());
+    let usage: Vec<Value> = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter(|c| c["usage"].is_object())
+        .collect();
+    assert_eq!(usage.len(), 1, "{events:?}");
+    assert_eq!(usage[0]["choices"], json!([]));
+    assert_eq!(
+        (
+            usage[0]["usage"]["prompt_tokens"].as_i64(),
+            usage[0]["usage"]["completion_tokens"].as_i64()
+        ),
+        (Some(31), Some(21))
+    );
+    let (input, output, _, _, _) = r.ledger_row(&id).await;
+    assert_eq!((input, output), (31, 21));
+    assert_eq!(
+        r.status().await,
+        [("tokens".into(), "102".into(), "0".into())]
+    );
+    assert_no_drift(&r.db).await;
+}
+
+#[tokio::test]
+async fn spent_strict_window_answers_429_in_openai_shape_with_retry_after() {
+    let r = relayed("pgq_e2e_strict", "'tokens', 'day', 1000, 'strict'", &[]).await;
+    // Each request really uses 400 + 100 tokens; its estimate is about 10 + max_tokens.
+    let usage = [
+        ("x-mock-input-tokens", "400"),
+        ("x-mock-output-tokens", "100"),
+    ];
+    let first = r.chat(chat_body(100), &usage).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    r.wait_ledger_rows(1).await;
+
+    // 500 tokens left: strict refuses up front a request that could need more ...
+    let resp = r.chat(chat_body(600), &usage).send().await.unwrap();
+    let error = openai_error(
+        resp,
+        429,
+        "rate_limit_error",
+        "token_quota_policy_exhausted",
+    )
+    .await;
+    assert!(
+        error["message"].as_str().unwrap().contains("would exceed"),
+        "{error}"
+    );
+    // ... and still admits one that fits, which spends the window.
+    let second = r.chat(chat_body(100), &usage).send().await.unwrap();
+    assert_eq!(second.status(), 200);
+    r.wait_ledger_rows(2).await;
+
+    let resp = r.chat(chat_body(1), &usage).send().await.unwrap();
+    let retry_after: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=86_400).contains(&retry_after),
+        "retry after the day window ends: {retry_after}"
+    );
+    // The refusing window's rate-limit headers, and no SDK retry of a quota decision.
+    let header = |name: &str| resp.headers().get(name).map(|v| v.to_str().unwrap().to_string());
+    assert_eq!(header("x-ratelimit-limit-tokens").as_deref(), Some("1000"));
+    assert_eq!(header("x-ratelimit-remaining-tokens").as_deref(), Some("0"));
+    let reset: u64 = header("x-ratelimit-reset-tokens").unwrap().parse().unwrap();
+    assert!(reset.abs_diff(retry_after) <= 1, "reset {reset} vs Retry-After {retry_after}");
+    assert_eq!(header("x-should-retry").as_deref(), Some("false"));
+    let error = openai_error(
+        resp,
+        429,
+        "rate_limit_error",
+        "token_quota_policy_exhausted",
+    )
+    .await;
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("resets in"),
+        "the recovery time in words: {message}"
+    );
+    assert!(
+        !message.contains("1000") && !message.contains("500"),
+        "no used or limit amounts in the client message: {message}"
+    );
+    assert_eq!(
+        mock_requests(&r.mock).await.len(),
+        2,
+        "refused requests never reach the upstream"
+    );
+    assert_eq!(
+        r.status().await,
+        [("tokens".into(), "1000".into(), "0".into())]
+    );
+    assert_eq!(r.reservations().await, 0);
+}
+
+#[tokio::test]
+async fn graceful_window_admits_the_request_that_crosses_it_and_refuses_the_next() {
+    let r = relayed("pgq_e2e_graceful", "'tokens', 'day', 1000, 'graceful'", &[]).await;
+    let first = r
+        .chat(
+            chat_body(100),
+            &[
+                ("x-mock-input-tokens", "300"),
+                ("x-mock-output-tokens", "200"),
+            ],
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    r.wait_ledger_rows(1).await;
+
+    // 500 left; this one may need 900+ (strict would refuse it) and really uses 800.
+    let crossing = r
+        .chat(
+            chat_body(900),
+            &[
+                ("x-mock-input-tokens", "600"),
+                ("x-mock-output-tokens", "200"),
+            ],
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        crossing.status(),
+        200,
+        "graceful: admitted while the window is not exhausted"
+    );
+    let id = request_id(&crossing);
+    let (input, output, _, _, _) = r.ledger_row(&id).await;
+    assert_eq!(
+        (input, output),
+        (600, 200),
+        "charged in full, past the limit"
+    );
+
+    let next = r.chat(chat_body(1), &[]).send().await.unwrap();
+    assert!(next.headers().contains_key("retry-after"));
+    openai_error(
+        next,
+        429,
+        "rate_limit_error",
+        "token_quota_policy_exhausted",
+    )
+    .await;
+    let state: String =
+        r.db.query_one("SELECT state FROM quota.status($1)", &[&r.key.key_id])
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(state, "exhausted");
+    assert_eq!(
+        r.status().await,
+        [("tokens".into(), "1300".into(), "0".into())]
+    );
+    assert_eq!(r.reservations().await, 0);
+}
+
+#[tokio::test]
+async fn client_hanging_up_mid_stream_is_charged_for_what_was_produced() {
+    let r = relayed("pgq_e2e_hangup", "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    let mut body = chat_body(500);
+    body["stream"] = json!(true);
+    // 200 tokens 50 ms apart: the whole stream would take 10 s.
+    let resp = r
+        .chat(
+            body,
+            &[
+                ("x-mock-output-tokens", "200"),
+                ("x-mock-chunk-delay-ms", "50"),
+            ],
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    let mut chunks = resp.bytes_stream();
+    let mut text = String::new();
+    while sse_data(&text).len() < 4 {
+        text.push_str(std::str::from_utf8(&chunks.next().await.unwrap().unwrap()).unwrap());
+    }
+    drop(chunks); // the client hangs up
+
+    let (input, output, _, billed, _) = r.ledger_row(&id).await;
+    assert!(billed);
+    assert!(
+        input > 0,
+        "the prompt was processed: charged at the estimate"
+    );
+    assert!(
+        (3..200).contains(&output),
+        "charged for the output produced before the hang-up, not all 200 and not nothing: {output}"
+    );
+    assert_eq!(r.reservations().await, 0, "no reservation may remain");
+    assert_eq!(r.status().await[0].2, "0");
+    assert_no_drift(&r.db).await;
+}
+
+#[tokio::test]
+async fn upstream_500_is_a_502_and_the_reservation_is_refunded() {
+    let r = relayed(
+        "pgq_e2e_upstream500",
+        "'tokens', 'day', 1000000, 'strict'",
+        &[],
+    )
+    .await;
+    let resp = r
+        .chat(chat_body(100), &[("x-mock-fail", "500")])
+        .send()
+        .await
+        .unwrap();
+    openai_error(resp, 502, "server_error", "upstream_unavailable").await;
+    let mut body = chat_body(100);
+    body["stream"] = json!(true);
+    let resp = r
+        .chat(body, &[("x-mock-fail", "500")])
+        .send()
+        .await
+        .unwrap();
+    openai_error(resp, 502, "server_error", "upstream_unavailable").await;
+
+    let refunded = || async {
+        r.db.query_one(
+            "SELECT count(*) FROM quota.released WHERE kind = 'refunded' AND reason = 'upstream_error'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            == 2
+    };
+    eventually("both reservations refunded", SETTLE_WITHIN, refunded).await;
+    assert_eq!(r.reservations().await, 0);
+    assert_eq!(
+        r.ledger_rows().await,
+        0,
+        "nothing is charged for a failed upstream"
+    );
+    assert_eq!(
+        r.status().await,
+        [("tokens".into(), "0".into(), "0".into())]
+    );
+    assert_no_drift(&r.db).await;
+}
+
+#[tokio::test]
+async fn database_outage_answers_503_and_the_relay_recovers_without_restart() {
+    // A cluster of its own: stopping the shared one would break the other tests.
+    let cluster = PrivateCluster::start("e2e-outage").await;
+    let dsn = fresh_database_at(&cluster.dsn(), "pgq_e2e_outage").await;
+    let r = relayed_on(&dsn, "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    let healthz = || async {
+        r.http
+            .get(format!("{}/healthz", r.relay.url))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(
+        r.chat(chat_body(10), &[]).send().await.unwrap().status(),
+        200
+    );
+    r.wait_ledger_rows(1).await;
+
+    cluster.stop().await;
+    for _ in 0..3 {
+        let resp = r.chat(chat_body(10), &[]).send().await.unwrap();
+        openai_error(resp, 503, "server_error", "quota_database_unavailable").await;
+    }
+    assert_eq!(healthz().await, 503);
+    assert_eq!(
+        mock_requests(&r.mock).await.len(),
+        1,
+        "fail closed: nothing is forwarded unaccounted"
+    );
+
+    cluster.start_again().await;
+    let recovered = || async { r.chat(chat_body(10), &[]).send().await.unwrap().status() == 200 };
+    eventually(
+        "requests pass again once the database is back",
+        Duration::from_secs(20),
+        recovered,
+    )
+    .await;
+    assert_eq!(healthz().await, 200);
+    let db = connect(&dsn).await;
+    // the request before the outage and the first one after it, each settled once
+    eventually("every admitted request settled", SETTLE_WITHIN, || async {
+        db.query_one("SELECT count(*) = 0 FROM quota.reservation", &[])
+            .await
+            .unwrap()
+            .get(0)
+    })
+    .await;
+    let ledger: i64 = db
+        .query_one("SELECT count(*) FROM quota.usage_ledger", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ledger, 2);
+    drop(r); // relay and mock go before the cluster
+}
+
+#[tokio::test]
+async fn bad_requests_get_openai_errors_and_reserve_nothing() {
+    let r = relayed(
+        "pgq_e2e_bad",
+        "'tokens', 'day', 1000000, 'strict'",
+        &["--max-body-bytes", "1024"],
+    )
+    .await;
+    let post = |body: String| {
+        r.http
+            .post(format!("{}/v1/chat/completions", r.relay.url))
+            .bearer_auth(&r.key.secret)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let oversized =
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(2000)}]});
+    openai_error(
+        post(oversized.to_string()).await.unwrap(),
+        413,
+        "invalid_request_error",
+        "request_too_large",
+    )
+    .await;
+    openai_error(
+        post("{\"model\": \"gpt-4o\", ".into()).await.unwrap(),
+        400,
+        "invalid_request_error",
+        "invalid_json",
+    )
+    .await;
+    let error = openai_error(
+        post(json!({"messages": [{"role": "user", "content": "hi"}]}).to_string())
+            .await
+            .unwrap(),
+        400,
+        "invalid_request_error",
+        "missing_required_parameter",
+    )
+    .await;
+    assert_eq!(error["param"], "model");
+
+    assert!(
+        mock_requests(&r.mock).await.is_empty(),
+        "nothing reaches the upstream"
+    );
+    assert_eq!(r.reservations().await, 0);
+    assert_eq!(r.ledger_rows().await, 0);
+    assert_eq!(
+        r.status().await,
+        [("tokens".into(), "0".into(), "0".into())]
+    );
+    // The key itself is fine: a well-formed request passes.
+    assert_eq!(post(chat_body(10).to_string()).await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn relayed_responses_carry_ratelimit_headers_and_the_request_id() {
+    let r = relayed("pgq_e2e_headers", "'requests', 'day', 10, 'strict'", &[]).await;
+    let seconds_to_reset: i64 = r
+        .db
+        .query_one(
+            "SELECT ceil(extract(epoch FROM next_reset - quota.clock()))::bigint FROM quota.status($1)",
+            &[&r.key.key_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    let mut stream_body = chat_body(10);
+    stream_body["stream"] = json!(true);
+    let mut ids = Vec::new();
+    for (n, body) in [chat_body(10), stream_body].into_iter().enumerate() {
+        let resp = r.chat(body, &[]).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let h = resp.headers().clone();
+        assert_eq!(h["x-ratelimit-limit-requests"], "10");
+        assert_eq!(
+            h["x-ratelimit-remaining-requests"],
+            (9 - n).to_string().as_str(),
+            "this request counted"
+        );
+        let reset: i64 = h["x-ratelimit-reset-requests"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            (reset - seconds_to_reset).abs() <= 5,
+            "reset in {reset} s, window ends in {seconds_to_reset} s"
+        );
+        let id = request_id(&resp);
+        resp.text().await.unwrap();
+        r.ledger_row(&id).await; // the id names the charge in the ledger
+        ids.push(id);
+    }
+    assert_ne!(ids[0], ids[1]);
+    let seen: Vec<Value> = mock_requests(&r.mock).await;
+    let upstream_ids: Vec<&str> = seen
+        .iter()
+        .map(|s| s["headers"]["x-request-id"].as_str().unwrap())
+        .collect();
+    assert_eq!(upstream_ids, ids, "the upstream sees the same request id");
+}
