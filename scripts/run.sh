@@ -39,19 +39,20 @@ cluster_init "$DATA"
 cluster_start "$DATA" "$PGQ_PORT" "shared_preload_libraries=pg_quota" "pg_quota.sweep_database=pg_quota"
 say "PostgreSQL 15 on 127.0.0.1:$PGQ_PORT (data in .pgdata/, log in .pgdata/server.log)"
 PSQL=(psql -X -q -h "$DATA/socket" -p "$PGQ_PORT" -U postgres -v ON_ERROR_STOP=1)
+demo_db_exists() { "${PSQL[@]}" -d postgres -tc "SELECT 1 FROM pg_database WHERE datname = 'pg_quota'" | grep -q 1; }
 # Before a release the install script changes without a version bump, and CREATE EXTENSION IF
 # NOT EXISTS would keep the old SQL: when the installed script differs from the one this demo
 # database was made with, the demo database is made again (it holds demo data only).
 sql_sum=$(cat "$($PG_CONFIG --sharedir)"/extension/pg_quota--*.sql | sha256sum | cut -c1-64)
 if [ "$(cat "$DATA/extension.sha256" 2>/dev/null)" != "$sql_sum" ]; then
-  if "${PSQL[@]}" -d postgres -tc "SELECT 1 FROM pg_database WHERE datname = 'pg_quota'" | grep -q 1; then
+  if demo_db_exists; then
     say "the extension's SQL changed since the demo database was made: making it again"
     "${PSQL[@]}" -d postgres -c "DROP DATABASE pg_quota WITH (FORCE)" || fail "drop database pg_quota"
   fi
   rm -f "$RUNDIR/demo-key"
 fi
 echo "$sql_sum" >"$DATA/extension.sha256"
-"${PSQL[@]}" -d postgres -tc "SELECT 1 FROM pg_database WHERE datname = 'pg_quota'" | grep -q 1 \
+demo_db_exists \
   || "${PSQL[@]}" -d postgres -c "CREATE DATABASE pg_quota" || fail "create database pg_quota"
 "${PSQL[@]}" -d pg_quota -c "CREATE EXTENSION IF NOT EXISTS pg_quota; ALTER EXTENSION pg_quota UPDATE" \
   || fail "CREATE EXTENSION pg_quota"

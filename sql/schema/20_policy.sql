@@ -23,19 +23,35 @@ BEGIN
 END
 $$;
 
+-- The checks policies and boosts share: a known subject type that names an existing subject,
+-- and a known metric. Refuses naming the field, like quota.refuse_row.
+CREATE FUNCTION quota.check_subject_and_metric(tbl text, subject_types text[], subject_type text,
+                                               subject_id bigint, metric text)
+RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF subject_type IS NULL OR NOT subject_type = ANY (subject_types) THEN
+        PERFORM quota.refuse_row(tbl, 'subject_type', format('invalid %s: subject_type: %L is not one of %s',
+            tbl, subject_type, array_to_string(subject_types, ', ')));
+    END IF;
+    IF NOT quota.subject_exists(subject_type, subject_id) THEN
+        PERFORM quota.refuse_row(tbl, 'subject_id', format('invalid %s: subject_id: no %s with id %s',
+            tbl, replace(subject_type, '_', ' '), coalesce(subject_id::text, 'NULL')));
+    END IF;
+    IF metric IS NULL OR metric NOT IN ('cost', 'tokens', 'requests') THEN
+        PERFORM quota.refuse_row(tbl, 'metric', format(
+            'invalid %s: metric: %L is not one of cost, tokens, requests', tbl, metric));
+    END IF;
+END
+$$;
+
 CREATE FUNCTION quota.policy_validate() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     problem text[];
 BEGIN
-    IF NEW.subject_type IS NULL OR NEW.subject_type NOT IN ('key', 'user', 'user_group', 'channel') THEN
-        PERFORM quota.refuse_row('policy', 'subject_type', format(
-            'invalid policy: subject_type: %L is not one of key, user, user_group, channel', NEW.subject_type));
-    END IF;
-    IF NOT quota.subject_exists(NEW.subject_type, NEW.subject_id) THEN
-        PERFORM quota.refuse_row('policy', 'subject_id', format('invalid policy: subject_id: no %s with id %s',
-            replace(NEW.subject_type, '_', ' '), coalesce(NEW.subject_id::text, 'NULL')));
-    END IF;
+    PERFORM quota.check_subject_and_metric('policy', ARRAY['key', 'user', 'user_group', 'channel'],
+                                           NEW.subject_type, NEW.subject_id, NEW.metric);
     IF NEW.subject_type = 'channel' AND NEW.model_group IS NOT NULL THEN
         PERFORM quota.refuse_row('policy', 'model_group',
             'invalid policy: model_group: a channel policy caps the whole channel; leave model_group NULL');
@@ -43,10 +59,6 @@ BEGIN
     IF NEW.exclusive AND NEW.model_group IS NULL THEN
         PERFORM quota.refuse_row('policy', 'exclusive',
             'invalid policy: exclusive: only a model-group policy can isolate its spend from the global policies; set model_group or exclusive = false');
-    END IF;
-    IF NEW.metric NOT IN ('cost', 'tokens', 'requests') THEN
-        PERFORM quota.refuse_row('policy', 'metric', format(
-            'invalid policy: metric: %L is not one of cost, tokens, requests', NEW.metric));
     END IF;
     -- A policy without a limit would enforce nothing (and could shadow others): refused. A zero
     -- or negative limit would read as "unlimited" to some and "blocked" to others: refused too.

@@ -42,18 +42,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     problem text[];
 BEGIN
-    IF NEW.subject_type IS NULL OR NEW.subject_type NOT IN ('key', 'user', 'user_group') THEN
-        PERFORM quota.refuse_row('boost', 'subject_type', format(
-            'invalid boost: subject_type: %L is not one of key, user, user_group', NEW.subject_type));
-    END IF;
-    IF NOT quota.subject_exists(NEW.subject_type, NEW.subject_id) THEN
-        PERFORM quota.refuse_row('boost', 'subject_id', format('invalid boost: subject_id: no %s with id %s',
-            replace(NEW.subject_type, '_', ' '), coalesce(NEW.subject_id::text, 'NULL')));
-    END IF;
-    IF NEW.metric IS NULL OR NEW.metric NOT IN ('cost', 'tokens', 'requests') THEN
-        PERFORM quota.refuse_row('boost', 'metric', format(
-            'invalid boost: metric: %L is not one of cost, tokens, requests', NEW.metric));
-    END IF;
+    PERFORM quota.check_subject_and_metric('boost', ARRAY['key', 'user', 'user_group'],
+                                           NEW.subject_type, NEW.subject_id, NEW.metric);
     IF NEW.amount IS NULL OR NEW.amount <= 0 THEN
         PERFORM quota.refuse_row('boost', 'amount', format(
             'invalid boost: amount: must be greater than zero, got %s', coalesce(NEW.amount::text, 'NULL')));

@@ -25,8 +25,24 @@ BEGIN
 END
 $$;
 
--- One row per policy that applies to the key, as of quota.clock(): a window that has rolled
--- shows its new, empty state even if no request has touched it yet. With a model, only the
+-- A policy's counter for one scope as of `at`, expiry-aware (a window that has rolled shows its
+-- new, empty state even if no request has touched it yet): what quota.status and
+-- quota.channel_status show for each policy.
+CREATE FUNCTION quota.window_state(p quota.policy, scope_id bigint, effective_limit numeric, at timestamptz)
+RETURNS TABLE (used numeric, reserved numeric, remaining numeric, window_start timestamptz,
+               next_reset timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT trim_scale(u.used), trim_scale(coalesce(c.reserved, 0)),
+           trim_scale(greatest(effective_limit - u.used - coalesce(c.reserved, 0), 0)),
+           w.window_start,
+           CASE WHEN p.window_mode = 'fixed' THEN w.window_end
+                WHEN u.used > 0 THEN quota.window_frees_at(p, window_state.scope_id, w.window_start, w.window_end, at) END
+    FROM quota.policy_window(p, at) w
+    LEFT JOIN quota.counter c ON c.policy_id = p.policy_id AND c.scope_id = window_state.scope_id
+    CROSS JOIN LATERAL (SELECT quota.window_used(p, c, w.window_start) AS used) u
+$$;
+
+-- One row per policy that applies to the key, as of quota.clock(). With a model, only the
 -- policies a request for that model counts on (model groups and billing isolation applied);
 -- without, every policy the key is subject to: its own, its user's, its user's groups'.
 -- effective_limit is what the request is judged against (several sources merged by MAX, plus
@@ -44,20 +60,14 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
            (f.policy).metric, (f.policy).period, (f.policy).window_mode, (f.policy).quota_limit,
            trim_scale(f.effective_limit - max((f.policy).quota_limit) OVER (PARTITION BY f.limit_key)),
            trim_scale(f.effective_limit),
-           trim_scale(u.used), trim_scale(coalesce(c.reserved, 0)),
-           trim_scale(greatest(f.effective_limit - u.used - coalesce(c.reserved, 0), 0)),
-           w.window_start,
-           CASE WHEN (f.policy).window_mode = 'fixed' THEN w.window_end
-                WHEN u.used > 0 THEN quota.window_frees_at(f.policy, f.scope_id, w.window_start, w.window_end, n.t) END,
+           s.used, s.reserved, s.remaining, s.window_start, s.next_reset,
            CASE WHEN k.suspended_by = (f.policy).policy_id AND k.suspended_until > n.t THEN 'suspended'
-                WHEN u.used >= f.effective_limit THEN 'exhausted'
+                WHEN s.used >= f.effective_limit THEN 'exhausted'
                 ELSE 'ok' END,
            (f.policy).exclusive, f.limit_key
     FROM k CROSS JOIN now_ts n
     CROSS JOIN LATERAL quota.policies_for(k.key_id, k.user_id, status.model, NULL, n.t) f
-    CROSS JOIN LATERAL quota.policy_window(f.policy, n.t) w
-    LEFT JOIN quota.counter c ON c.policy_id = (f.policy).policy_id AND c.scope_id = f.scope_id
-    CROSS JOIN LATERAL (SELECT quota.window_used(f.policy, c, w.window_start) AS used) u
+    CROSS JOIN LATERAL quota.window_state(f.policy, f.scope_id, f.effective_limit, n.t) s
     ORDER BY (f.policy).policy_id
 $$;
 
@@ -72,24 +82,16 @@ RETURNS TABLE (channel_id bigint, name text, status text, priority integer, weig
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     WITH now_ts AS (SELECT quota.clock() AS t),
     caps AS (
-        SELECT ch.channel_id, f.policy, f.effective_limit, u.used, coalesce(c.reserved, 0) AS reserved,
-               w.window_start,
-               CASE WHEN (f.policy).window_mode = 'fixed' THEN w.window_end
-                    WHEN u.used > 0 THEN quota.window_frees_at(f.policy, f.scope_id, w.window_start, w.window_end, n.t)
-               END AS next_reset
+        SELECT ch.channel_id, f.policy, f.effective_limit, s.*
         FROM quota.channel ch CROSS JOIN now_ts n
         CROSS JOIN LATERAL quota.policies_for(NULL, NULL, NULL, ch.channel_id, n.t) f
-        CROSS JOIN LATERAL quota.policy_window(f.policy, n.t) w
-        LEFT JOIN quota.counter c ON c.policy_id = (f.policy).policy_id AND c.scope_id = f.scope_id
-        CROSS JOIN LATERAL (SELECT quota.window_used(f.policy, c, w.window_start) AS used) u
+        CROSS JOIN LATERAL quota.window_state(f.policy, f.scope_id, f.effective_limit, n.t) s
     )
     SELECT ch.channel_id, ch.name, ch.status, ch.priority, ch.weight,
            (SELECT coalesce(array_agg(cm.model ORDER BY cm.model), '{}') FROM quota.channel_model cm
              WHERE cm.channel_id = ch.channel_id),
            (k.policy).policy_id, (k.policy).metric, (k.policy).period, k.effective_limit,
-           trim_scale(k.used), trim_scale(k.reserved),
-           CASE WHEN k.channel_id IS NOT NULL THEN trim_scale(greatest(k.effective_limit - k.used - k.reserved, 0)) END,
-           k.window_start, k.next_reset,
+           k.used, k.reserved, k.remaining, k.window_start, k.next_reset,
            CASE WHEN ch.status <> 'enabled' THEN 'disabled'
                 WHEN k.used >= k.effective_limit THEN 'capped'
                 ELSE 'ok' END

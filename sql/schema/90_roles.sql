@@ -51,5 +51,6 @@ GRANT EXECUTE ON FUNCTION
     quota.policies_for(bigint, bigint, text, bigint, timestamptz),
     quota.policy_window_problem(text, integer, text, text, integer, integer),
     quota.refuse_row(text, text, text),
-    quota.subject_exists(text, bigint)
+    quota.subject_exists(text, bigint),
+    quota.check_subject_and_metric(text, text[], text, bigint, text)
 TO quota_admin;
