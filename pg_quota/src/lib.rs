@@ -8,6 +8,7 @@ use pgrx::prelude::*;
 
 mod clock;
 mod gucs;
+mod lifecycle;
 mod sweeper;
 mod window;
 
@@ -23,7 +24,13 @@ extension_sql_file!("../../sql/schema/30_keys.sql", name = "keys", requires = ["
 extension_sql_file!(
     "../../sql/schema/40_lifecycle.sql",
     name = "lifecycle",
-    requires = ["keys", window::window_bounds, window::approx_duration]
+    requires = [
+        "keys",
+        window::window_bounds,
+        window::approx_duration,
+        lifecycle::refuses,
+        lifecycle::metric_amount
+    ]
 );
 extension_sql_file!("../../sql/schema/50_admin.sql", name = "admin", requires = ["lifecycle"]);
 extension_sql_file!("../../sql/schema/60_rollups.sql", name = "rollups", requires = ["tables"]);

@@ -6,7 +6,7 @@ use pgrx::prelude::*;
 /// Microseconds between the Unix epoch and the PostgreSQL epoch (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
-fn to_utc(ts: TimestampWithTimeZone) -> DateTime<Utc> {
+pub(crate) fn to_utc(ts: TimestampWithTimeZone) -> DateTime<Utc> {
     if !ts.is_finite() {
         error!("pg_quota: window math needs finite timestamps, got {ts}");
     }
@@ -14,7 +14,7 @@ fn to_utc(ts: TimestampWithTimeZone) -> DateTime<Utc> {
         .unwrap_or_else(|| error!("pg_quota: timestamp {ts} is out of range"))
 }
 
-fn to_pg(ts: DateTime<Utc>) -> TimestampWithTimeZone {
+pub(crate) fn to_pg(ts: DateTime<Utc>) -> TimestampWithTimeZone {
     TimestampWithTimeZone::try_from(ts.timestamp_micros() - PG_EPOCH_OFFSET_US)
         .unwrap_or_else(|_| error!("pg_quota: timestamp {ts} is out of range"))
 }

@@ -87,3 +87,29 @@ CREATE TRIGGER forget_subject AFTER DELETE ON quota.user_group
     FOR EACH ROW EXECUTE FUNCTION quota.forget_subject('user_group', 'group_id');
 CREATE TRIGGER forget_subject AFTER DELETE ON quota.channel
     FOR EACH ROW EXECUTE FUNCTION quota.forget_subject('channel', 'channel_id');
+
+-- The lifecycle keeps policy rows and policy selections per backend (src/lifecycle/cache.rs)
+-- while this value stays the same. Every change to what quota.policies_for reads (policies,
+-- boosts, group memberships) sets a new value in the same transaction, drawn from a sequence so
+-- that no value is ever used twice, not even after a rollback or a reinstall.
+CREATE SEQUENCE quota.policy_generation_seq;
+SELECT setval('quota.policy_generation_seq', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint);
+CREATE TABLE quota.policy_generation (generation bigint NOT NULL);
+INSERT INTO quota.policy_generation VALUES (nextval('quota.policy_generation_seq'));
+
+CREATE FUNCTION quota.policy_generation_bump() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE quota.policy_generation SET generation = nextval('quota.policy_generation_seq');
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER policy_generation_bump AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.policy
+    FOR EACH STATEMENT EXECUTE FUNCTION quota.policy_generation_bump();
+CREATE TRIGGER policy_generation_bump AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.boost
+    FOR EACH STATEMENT EXECUTE FUNCTION quota.policy_generation_bump();
+CREATE TRIGGER policy_generation_bump AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.user_group_member
+    FOR EACH STATEMENT EXECUTE FUNCTION quota.policy_generation_bump();
+CREATE TRIGGER policy_generation_bump AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.model_group_member
+    FOR EACH STATEMENT EXECUTE FUNCTION quota.policy_generation_bump();

@@ -39,20 +39,30 @@ LANGUAGE sql STABLE AS $$
       AND k.secret_hash = sha256(convert_to(substr(api_key, 21), 'UTF8'))
 $$;
 
--- Cost of a usage in money, exactly; NULL when the model has no price. PL/pgSQL rather than SQL:
--- its plan is cached for the session instead of being re-planned on every call.
+-- Cost of a usage in money, exactly, at a model's prices; NULL when p is NULL (no price). The
+-- one pricing rule: an inlinable expression, so the lifecycle's statements price in place.
+CREATE FUNCTION quota.cost_of(p quota.model_price, input_tokens bigint, output_tokens bigint,
+                              cached_tokens bigint)
+RETURNS numeric
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT trim_scale(((input_tokens - least(cached_tokens, input_tokens)) * p.input_per_mtok
+            + least(cached_tokens, input_tokens) * coalesce(p.cached_input_per_mtok, p.input_per_mtok)
+            + output_tokens * p.output_per_mtok) / 1000000)
+$$;
+
+-- Cost of a usage of a model by name; NULL when the model has no price.
 CREATE FUNCTION quota.price_of(model text, input_tokens bigint, output_tokens bigint, cached_tokens bigint)
 RETURNS numeric
-LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    p quota.model_price;
+LANGUAGE sql STABLE AS $$
+    SELECT (SELECT quota.cost_of(mp, input_tokens, output_tokens, cached_tokens)
+            FROM quota.model_price mp WHERE mp.model = price_of.model)
+$$;
+
+-- Raises an error with one of the engine's own SQLSTATEs (PQ400 bad input, PQ404 unknown,
+-- PQ409 conflict), which the relay maps to HTTP statuses.
+CREATE FUNCTION quota.fail(sqlstate text, message text) RETURNS void
+LANGUAGE plpgsql AS $$
 BEGIN
-    SELECT mp.* INTO p FROM quota.model_price mp WHERE mp.model = price_of.model;
-    IF NOT FOUND THEN
-        RETURN NULL;
-    END IF;
-    RETURN trim_scale(((input_tokens - least(cached_tokens, input_tokens)) * p.input_per_mtok
-            + least(cached_tokens, input_tokens) * coalesce(p.cached_input_per_mtok, p.input_per_mtok)
-            + output_tokens * p.output_per_mtok) / 1000000);
+    RAISE EXCEPTION USING ERRCODE = sqlstate, MESSAGE = message;
 END
 $$;

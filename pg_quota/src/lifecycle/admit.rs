@@ -1,0 +1,560 @@
+//! `quota.admit`: authenticate, route to a channel, then check and reserve the estimate on every
+//! policy the request counts on, all or nothing, in the caller's transaction.
+use pg_quota_core::approx_duration;
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::AnyNumeric;
+
+use super::cache::{self, Applicable};
+use super::{clock, col, fail, first, metric_amount, refuses, run, EngineError};
+
+/// The columns of `quota.admission`, in order.
+#[derive(Default)]
+struct Admission {
+    allowed: bool,
+    http_status: i32,
+    error_code: Option<&'static str>,
+    message: Option<String>,
+    retry_after_s: Option<i32>,
+    key_id: Option<i64>,
+    user_id: Option<i64>,
+    channel_id: Option<i64>,
+    upstream_base_url: Option<String>,
+    upstream_api_key: Option<String>,
+    upstream_model: Option<String>,
+    ratelimit_limit: Option<AnyNumeric>,
+    ratelimit_remaining: Option<AnyNumeric>,
+    ratelimit_metric: Option<String>,
+    ratelimit_reset_at: Option<TimestampWithTimeZone>,
+}
+
+impl Admission {
+    fn denied(http_status: i32, error_code: &'static str, message: String) -> Admission {
+        Admission {
+            http_status,
+            error_code: Some(error_code),
+            message: Some(message),
+            ..Default::default()
+        }
+    }
+
+    /// A 429 with the time until `frees` (None or infinity: never) in seconds and in words.
+    fn refusal(
+        error_code: &'static str,
+        what: String,
+        frees: Option<TimestampWithTimeZone>,
+        now: TimestampWithTimeZone,
+    ) -> Admission {
+        let retry = frees.filter(|f| f.is_finite()).map(|f| seconds_until(f, now).max(1));
+        let message = match retry {
+            Some(s) => format!("{what} It resets in {}.", approx_duration(i64::from(s))),
+            None => format!("{what} It does not reset."),
+        };
+        Admission {
+            retry_after_s: retry,
+            ..Admission::denied(429, error_code, message)
+        }
+    }
+
+    fn into_tuple(self) -> pgrx::composite_type!('static, "quota.admission") {
+        let mut t = PgHeapTuple::new_composite_type("quota.admission")
+            .unwrap_or_else(|e| error!("pg_quota: type quota.admission: {e}"));
+        t.set_by_index(1.try_into().unwrap(), self.allowed).unwrap();
+        t.set_by_index(2.try_into().unwrap(), self.http_status).unwrap();
+        t.set_by_index(3.try_into().unwrap(), self.error_code).unwrap();
+        t.set_by_index(4.try_into().unwrap(), self.message).unwrap();
+        t.set_by_index(5.try_into().unwrap(), self.retry_after_s).unwrap();
+        t.set_by_index(6.try_into().unwrap(), self.key_id).unwrap();
+        t.set_by_index(7.try_into().unwrap(), self.user_id).unwrap();
+        t.set_by_index(8.try_into().unwrap(), self.channel_id).unwrap();
+        t.set_by_index(9.try_into().unwrap(), self.upstream_base_url).unwrap();
+        t.set_by_index(10.try_into().unwrap(), self.upstream_api_key).unwrap();
+        t.set_by_index(11.try_into().unwrap(), self.upstream_model).unwrap();
+        t.set_by_index(12.try_into().unwrap(), self.ratelimit_limit).unwrap();
+        t.set_by_index(13.try_into().unwrap(), self.ratelimit_remaining)
+            .unwrap();
+        t.set_by_index(14.try_into().unwrap(), self.ratelimit_metric).unwrap();
+        t.set_by_index(15.try_into().unwrap(), self.ratelimit_reset_at).unwrap();
+        t
+    }
+}
+
+/// Whole seconds from `now` to `until`, rounded up.
+fn seconds_until(until: TimestampWithTimeZone, now: TimestampWithTimeZone) -> i32 {
+    let us = until.into_inner() - now.into_inner();
+    i32::try_from(us.div_euclid(1_000_000) + i64::from(us.rem_euclid(1_000_000) > 0)).unwrap_or(i32::MAX)
+}
+
+/// One limit: the policies of one axis with the same model group, metric, period and window
+/// kind (see quota.policies_for). It admits a request when any of its policies does.
+struct Limit {
+    key: String,
+    ok: bool,
+    effective_limit: AnyNumeric,
+    metric: String,
+    /// the roomiest admitting policy: what is left after this request, and its window's end
+    left: Option<AnyNumeric>,
+    reset: Option<TimestampWithTimeZone>,
+    /// the refusing policy that frees up first: when; its id, whether it is spent, whether it
+    /// is a channel's
+    frees: Option<TimestampWithTimeZone>,
+    refusing_policy: Option<(i64, bool, bool)>,
+}
+
+const KEY: &str = "\
+SELECT k.key_id, k.user_id, k.enabled, u.enabled, k.expires_at, k.suspended_until,
+       EXISTS (SELECT 1 FROM quota.usage_ledger l WHERE l.request_id = $2)
+       OR EXISTS (SELECT 1 FROM quota.released r WHERE r.request_id = $2),
+       quota.cost_of(mp, $4, $5, 0), (SELECT g.generation FROM quota.policy_generation g)
+FROM quota.key_for_secret($1) k JOIN quota.app_user u ON u.user_id = k.user_id
+LEFT JOIN quota.model_price mp ON mp.model = $3";
+
+// Routing: the pinned channel, or among enabled channels under all their caps the highest
+// priority, then at random by weight (smallest -ln(u)/weight wins).
+const CHANNELS: &str = "\
+SELECT c.channel_id, c.status = 'enabled', c.base_url, c.api_key, cm.upstream_model
+FROM quota.channel_model cm JOIN quota.channel c ON c.channel_id = cm.channel_id
+WHERE cm.model = $1 AND ($2::bigint IS NULL OR c.channel_id = $2)
+ORDER BY c.status = 'enabled' DESC, c.priority DESC, -ln(1 - random()) / c.weight";
+
+const CHANNEL_BLOCKED_UNTIL: &str = "SELECT quota.channel_blocked_until($1, $2, $3, $4, $5)";
+
+// Rolls a stale window and reserves in one statement that also locks the row; a first request
+// of a scope creates the row, so concurrent first requests queue on it like any other.
+// Returns the window's settled usage and the reservations before this one.
+const RESERVE: &str = "\
+INSERT INTO quota.counter AS c (policy_id, scope_id, window_start, reserved) VALUES ($1, $2, $3, $4)
+ON CONFLICT (policy_id, scope_id) DO UPDATE SET
+    used         = CASE WHEN c.window_start = $3 THEN c.used ELSE 0 END,
+    exhausted_at = CASE WHEN c.window_start = $3 THEN c.exhausted_at END,
+    reset_at     = CASE WHEN c.window_start = $3 THEN c.reset_at END,
+    window_start = $3,
+    reserved     = c.reserved + $4
+RETURNING c.used, c.reserved - $4";
+
+pub(super) const ROLLING_USED: &str = "\
+SELECT coalesce(sum(r.used), 0) FROM quota.rolling_usage r
+WHERE r.policy_id = $1 AND r.scope_id = $2 AND r.bucket >= $3";
+
+const RELEASE: &str =
+    "UPDATE quota.counter c SET reserved = c.reserved - $3 WHERE c.policy_id = $1 AND c.scope_id = $2";
+
+const FREES_AT: &str = "SELECT quota.window_frees_at(p, $2, $3, $4, $5) FROM quota.policy p WHERE p.policy_id = $1";
+
+const WORDS: &str = "SELECT quota.policy_words(p) FROM quota.policy p WHERE p.policy_id = $1";
+
+const RESERVATION: &str = "\
+INSERT INTO quota.reservation (request_id, key_id, user_id, channel_id, model, counted_in_key_global,
+                               counted_in_user_global, est_input_tokens, max_output_tokens,
+                               hold_policy, hold_scope, hold_amount, hold_limit, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
+
+const RESUME_KEY: &str = "SELECT quota.resume_key($1, $2)";
+
+#[pg_extern(sql = false)] // declared in sql/schema/40_lifecycle.sql
+fn admit(
+    api_key: Option<&str>,
+    request_id: Option<&str>,
+    model: Option<&str>,
+    est_input_tokens: Option<i64>,
+    max_output_tokens: Option<i64>,
+    channel_id: Option<i64>,
+) -> pgrx::composite_type!('static, "quota.admission") {
+    let decision = Spi::connect_mut(|client| {
+        let (request_id, model, est, max_out) = match (request_id, model, est_input_tokens, max_output_tokens) {
+            (Some(r), Some(m), Some(e), Some(o)) if !r.is_empty() && !m.is_empty() && e >= 0 && o >= 0 => (r, m, e, o),
+            _ => {
+                return fail(
+                    b"PQ400",
+                    "admit: request_id and model are required and token estimates must be >= 0".into(),
+                )
+            }
+        };
+        decide(
+            client,
+            api_key.unwrap_or(""),
+            request_id,
+            model,
+            est,
+            max_out,
+            channel_id,
+        )
+    });
+    match decision {
+        Ok(decision) => decision.into_tuple(),
+        Err(e) => e.raise(),
+    }
+}
+
+fn decide(
+    client: &mut SpiClient<'_>,
+    api_key: &str,
+    request_id: &str,
+    model: &str,
+    est: i64,
+    max_out: i64,
+    pinned: Option<i64>,
+) -> Result<Admission, EngineError> {
+    let (now, now_utc) = clock();
+
+    let args: [DatumWithOid; 5] = [
+        api_key.into(),
+        request_id.into(),
+        model.into(),
+        est.into(),
+        max_out.into(),
+    ];
+    let Some(key) = first(client, KEY, &args) else {
+        return Ok(Admission::denied(
+            401,
+            "invalid_api_key",
+            "Incorrect API key provided.".into(),
+        ));
+    };
+    let key_id: i64 = col(&key, 1).unwrap();
+    let user_id: i64 = col(&key, 2).unwrap();
+    let key_enabled: bool = col(&key, 3).unwrap();
+    let user_enabled: bool = col(&key, 4).unwrap();
+    let expires_at: Option<TimestampWithTimeZone> = col(&key, 5);
+    let suspended_until: Option<TimestampWithTimeZone> = col(&key, 6);
+    let reused: bool = col(&key, 7).unwrap();
+    // NULL when the model has no price: cost policies cannot judge such a request; it passes
+    // them and is recorded as unbilled at settle.
+    let cost: Option<AnyNumeric> = col(&key, 8);
+    cache::sync(col(&key, 9).expect("generation is NOT NULL"));
+    let with_key = |a: Admission| Admission {
+        key_id: Some(key_id),
+        user_id: Some(user_id),
+        ..a
+    };
+
+    if !key_enabled {
+        return Ok(with_key(Admission::denied(
+            403,
+            "key_disabled",
+            "This API key has been disabled.".into(),
+        )));
+    } else if !user_enabled {
+        return Ok(with_key(Admission::denied(
+            403,
+            "user_disabled",
+            "The user that owns this API key has been disabled.".into(),
+        )));
+    } else if expires_at.is_some_and(|e| e.into_inner() <= now.into_inner()) {
+        return Ok(with_key(Admission::denied(
+            403,
+            "key_expired",
+            "This API key has expired.".into(),
+        )));
+    } else if let Some(until) = suspended_until.filter(|u| u.into_inner() > now.into_inner()) {
+        let retry = until.is_finite().then(|| seconds_until(until, now));
+        let message = match retry {
+            Some(s) => format!(
+                "This API key is suspended because a quota was exhausted. It resumes in {}.",
+                approx_duration(i64::from(s))
+            ),
+            None => "This API key is suspended because a quota was exhausted. \
+                     It does not resume by itself; ask an administrator."
+                .into(),
+        };
+        let denied = Admission::denied(429, "token_quota_policy_exhausted", message);
+        return Ok(with_key(Admission {
+            retry_after_s: retry,
+            channel_id: pinned,
+            ..denied
+        }));
+    }
+    if reused {
+        return fail(b"PQ409", format!("admit: request_id {request_id} was already used"));
+    }
+
+    let mut out = with_key(Admission {
+        channel_id: pinned,
+        ..Default::default()
+    });
+    let channel = match route(client, &mut out, model, pinned, &cost, est, max_out, now) {
+        Ok(channel) => channel,
+        Err(refused) => {
+            return Ok(with_key(Admission {
+                channel_id: pinned,
+                ..refused
+            }))
+        }
+    };
+
+    // One pass over the counters the request counts on, in lock order: roll and reserve in one
+    // statement, then judge each limit on the values before the hold. If any limit refuses,
+    // the holds taken are given back before returning: all or nothing.
+    let applicable = cache::policies_for(
+        client,
+        (Some(key_id), Some(user_id), Some(model.to_string()), channel),
+        now,
+    );
+
+    let (mut iso_key, mut iso_user) = (false, false);
+    let mut holds: Vec<(i64, i64, AnyNumeric, AnyNumeric)> = Vec::with_capacity(applicable.len());
+    let mut limits: Vec<Limit> = Vec::new();
+    for Applicable {
+        policy,
+        scope_id,
+        axis,
+        limit_key,
+        effective_limit,
+    } in applicable
+    {
+        if policy.exclusive {
+            iso_key |= axis == "key";
+            iso_user |= axis == "user";
+        }
+        let Some(amount) = metric_amount(&policy.metric, cost.clone(), Some(est), Some(max_out)) else {
+            continue;
+        };
+        let (ws, we) = policy.window(now_utc);
+        let counter = first(
+            client,
+            RESERVE,
+            &[
+                policy.policy_id.into(),
+                scope_id.into(),
+                ws.into(),
+                amount.clone().into(),
+            ],
+        )
+        .expect("an upsert returns its row");
+        let mut used: AnyNumeric = col(&counter, 1).unwrap();
+        let reserved: AnyNumeric = col(&counter, 2).unwrap();
+        if policy.rolling() {
+            let sum = first(
+                client,
+                ROLLING_USED,
+                &[policy.policy_id.into(), scope_id.into(), ws.into()],
+            );
+            used = sum.and_then(|r| col(&r, 1)).unwrap_or_else(|| AnyNumeric::from(0));
+        }
+        holds.push((policy.policy_id, scope_id, amount.clone(), effective_limit.clone()));
+
+        let gi = match limits.iter().position(|l| l.key == limit_key) {
+            Some(gi) => gi,
+            None => {
+                limits.push(Limit {
+                    key: limit_key,
+                    ok: false,
+                    effective_limit: effective_limit.clone(),
+                    metric: policy.metric.clone(),
+                    left: None,
+                    reset: None,
+                    frees: None,
+                    refusing_policy: None,
+                });
+                limits.len() - 1
+            }
+        };
+        let limit = &mut limits[gi];
+        if !refuses(
+            &policy.boundary,
+            effective_limit.clone(),
+            used.clone(),
+            reserved.clone(),
+            amount.clone(),
+        ) {
+            // A limit admits when any of its policies does; its headers follow its roomiest one.
+            let mut left = effective_limit - used - reserved - amount;
+            if left < AnyNumeric::from(0) {
+                left = AnyNumeric::from(0);
+            }
+            limit.ok = true;
+            if limit.left.as_ref().is_none_or(|l| left > *l) {
+                limit.left = Some(left);
+                limit.reset = we;
+            }
+        } else {
+            let frees: Option<TimestampWithTimeZone> = first(
+                client,
+                FREES_AT,
+                &[
+                    policy.policy_id.into(),
+                    scope_id.into(),
+                    ws.into(),
+                    we.into(),
+                    now.into(),
+                ],
+            )
+            .and_then(|r| col(&r, 1));
+            let frees = frees.unwrap_or_else(TimestampWithTimeZone::positive_infinity);
+            if limit.frees.is_none_or(|f| frees.into_inner() < f.into_inner()) {
+                limit.frees = Some(frees);
+                limit.refusing_policy = Some((
+                    policy.policy_id,
+                    used >= effective_limit,
+                    policy.subject_type == "channel",
+                ));
+            }
+        }
+    }
+
+    // A refused limit refuses the request; with several, report the one that frees up last.
+    // The tightest admitted limit (least share left) feeds the rate-limit headers.
+    // (max_by_key keeps the last of equals, so search from the end to keep the first)
+    let worst = limits
+        .iter()
+        .rev()
+        .filter(|l| !l.ok)
+        .max_by_key(|l| l.frees.map(|f| f.into_inner()));
+    if let Some(worst) = worst {
+        for (policy_id, scope_id, amount, _) in &holds {
+            run(
+                client,
+                RELEASE,
+                &[(*policy_id).into(), (*scope_id).into(), amount.clone().into()],
+            );
+        }
+        let (policy_id, spent, channel_policy) = worst.refusing_policy.expect("a refused limit has a refusing policy");
+        let words = first(client, WORDS, &[policy_id.into()])
+            .and_then(|r| col::<String>(&r, 1))
+            .unwrap_or_default();
+        let what = if spent {
+            format!("The {words} is exhausted.")
+        } else {
+            format!("This request would exceed the {words}.")
+        };
+        let code = if channel_policy {
+            "channel_quota_exhausted"
+        } else {
+            "token_quota_policy_exhausted"
+        };
+        let frees = worst.frees;
+        let mut refused = with_key(Admission {
+            channel_id: channel,
+            ..Admission::refusal(code, what, frees, now)
+        });
+        // the refusing limit feeds the rate-limit headers of the 429
+        refused.ratelimit_limit = Some(worst.effective_limit.clone());
+        refused.ratelimit_remaining = Some(AnyNumeric::from(0));
+        refused.ratelimit_metric = Some(worst.metric.clone());
+        refused.ratelimit_reset_at = frees.filter(|f| f.is_finite());
+        return Ok(refused);
+    }
+    let tight = limits.iter().filter(|l| l.ok).min_by(|a, b| {
+        let share = |l: &Limit| l.left.clone().unwrap_or_else(|| AnyNumeric::from(0)) / l.effective_limit.clone();
+        share(a).partial_cmp(&share(b)).unwrap_or(std::cmp::Ordering::Equal)
+    });
+    if let Some(tight) = tight {
+        out.ratelimit_limit = Some(tight.effective_limit.clone());
+        out.ratelimit_remaining = tight.left.clone();
+        out.ratelimit_metric = Some(tight.metric.clone());
+        out.ratelimit_reset_at = tight.reset;
+    }
+
+    let (mut policies, mut scopes, mut amounts, mut limits_at_admit) = (vec![], vec![], vec![], vec![]);
+    for (policy_id, scope_id, amount, limit) in holds {
+        policies.push(policy_id);
+        scopes.push(scope_id);
+        amounts.push(amount);
+        limits_at_admit.push(limit);
+    }
+    run(
+        client,
+        RESERVATION,
+        &[
+            request_id.into(),
+            key_id.into(),
+            user_id.into(),
+            channel.into(),
+            model.into(),
+            (!iso_key).into(),
+            (!iso_user).into(),
+            est.into(),
+            max_out.into(),
+            policies.into(),
+            scopes.into(),
+            amounts.into(),
+            limits_at_admit.into(),
+            now.into(),
+        ],
+    );
+
+    // A suspension that has run out ends here, lazily (quota.sweep() does it too).
+    if suspended_until.is_some() {
+        run(client, RESUME_KEY, &[key_id.into(), now.into()]);
+    }
+
+    out.allowed = true;
+    out.http_status = 200;
+    Ok(out)
+}
+
+/// Chooses the channel (see CHANNELS) and fills the upstream fields of `out`. Ok(None): no
+/// channel serves the model, the relay's default upstream takes it. Err: the decision to return.
+#[allow(clippy::too_many_arguments)]
+fn route(
+    client: &mut SpiClient<'_>,
+    out: &mut Admission,
+    model: &str,
+    pinned: Option<i64>,
+    cost: &Option<AnyNumeric>,
+    est: i64,
+    max_out: i64,
+    now: TimestampWithTimeZone,
+) -> Result<Option<i64>, Admission> {
+    type Candidate = (i64, bool, Option<String>, Option<String>, Option<String>);
+    let candidates: Vec<Candidate> = run(client, CHANNELS, &[model.into(), pinned.into()])
+        .map(|r| {
+            (
+                col(&r, 1).unwrap(),
+                col(&r, 2).unwrap(),
+                col(&r, 3),
+                col(&r, 4),
+                col(&r, 5),
+            )
+        })
+        .collect();
+    let mut soonest: Option<TimestampWithTimeZone> = None;
+    for (id, enabled, base_url, upstream_key, upstream_model) in candidates.iter().cloned() {
+        if !enabled {
+            break;
+        }
+        let args = [id.into(), cost.clone().into(), est.into(), max_out.into(), now.into()];
+        let blocked: Option<TimestampWithTimeZone> =
+            first(client, CHANNEL_BLOCKED_UNTIL, &args).and_then(|r| col(&r, 1));
+        match blocked {
+            None => {
+                out.channel_id = Some(id);
+                out.upstream_base_url = base_url;
+                out.upstream_api_key = upstream_key;
+                out.upstream_model = upstream_model;
+                return Ok(Some(id));
+            }
+            Some(until) if soonest.is_none_or(|s| until.into_inner() < s.into_inner()) => soonest = Some(until),
+            Some(_) => {}
+        }
+    }
+    if candidates.is_empty() && pinned.is_none() {
+        return Ok(None);
+    }
+    Err(match (pinned, soonest) {
+        (Some(p), _) if candidates.is_empty() => Admission::denied(
+            400,
+            "invalid_channel",
+            format!("Channel {p} does not exist or does not serve model {model}."),
+        ),
+        (None, None) => Admission::denied(
+            503,
+            "no_channel_available",
+            format!("No upstream channel for model {model} is enabled."),
+        ),
+        (Some(p), None) => Admission::denied(503, "channel_unavailable", format!("Channel {p} is disabled.")),
+        (None, Some(_)) => Admission::refusal(
+            "all_channels_exhausted",
+            format!("Every upstream channel for model {model} has reached its quota."),
+            soonest,
+            now,
+        ),
+        (Some(p), Some(_)) => Admission::refusal(
+            "channel_quota_exhausted",
+            format!("Channel {p} has reached its quota."),
+            soonest,
+            now,
+        ),
+    })
+}

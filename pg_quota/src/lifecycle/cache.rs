@@ -1,0 +1,172 @@
+//! Policy rows and policy selections, kept per backend between lifecycle calls.
+//!
+//! Both are valid while `quota.policy_generation` holds the value they were read under: every
+//! change to what `quota.policies_for` reads (policies, boosts, group memberships) sets a new,
+//! never reused value in the same transaction, and each lifecycle call reads the value in its
+//! first statement. A selection also depends on time through boosts, so it is kept only for
+//! the span between the boost boundaries around the instant it was made.
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::AnyNumeric;
+
+use super::{col, first, run, Policy};
+
+/// One policy a request counts on (a row of quota.policies_for).
+#[derive(Clone)]
+pub(crate) struct Applicable {
+    pub policy: Policy,
+    pub scope_id: i64,
+    pub axis: String,
+    pub limit_key: String,
+    pub effective_limit: AnyNumeric,
+}
+
+/// Who asks for which model through which channel: what a selection depends on, besides time.
+pub(crate) type Subject = (Option<i64>, Option<i64>, Option<String>, Option<i64>);
+
+struct Selection {
+    /// valid for instants in [from, until); None: unbounded
+    from: Option<i64>,
+    until: Option<i64>,
+    rows: Vec<Applicable>,
+}
+
+#[derive(Default)]
+struct Cache {
+    generation: i64,
+    policies: HashMap<i64, Option<Policy>>,
+    selections: HashMap<Subject, Selection>,
+}
+
+/// Beyond this many entries a map starts over: a backend serves a bounded working set.
+const MAX_ENTRIES: usize = 10_000;
+
+thread_local! {
+    static CACHE: RefCell<Cache> = RefCell::new(Cache::default());
+}
+
+const GENERATION: &str = "SELECT g.generation FROM quota.policy_generation g";
+
+/// Reads the generation and forgets what was read under another (for a call whose first
+/// statement does not read it).
+pub(crate) fn refresh(client: &mut SpiClient<'_>) {
+    let row = first(client, GENERATION, &[]).expect("quota.policy_generation has its row");
+    sync(col(&row, 1).expect("generation is NOT NULL"));
+}
+
+/// Forgets everything read under another generation.
+pub(crate) fn sync(generation: i64) {
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.generation != generation {
+            *c = Cache {
+                generation,
+                ..Cache::default()
+            };
+        }
+    });
+}
+
+const POLICIES: &str = concat!(
+    "SELECT ",
+    policy_columns!(),
+    ", f.scope_id, f.axis, f.limit_key, f.effective_limit
+FROM quota.policies_for($1, $2, $3, $4, $5) f, LATERAL (SELECT (f.policy).*) p
+ORDER BY f.axis <> 'channel', p.policy_id"
+);
+
+// The boost boundaries around $1: the selection made at $1 holds between them.
+const BOOST_SPAN: &str = "\
+SELECT max(b.t) FILTER (WHERE b.t <= $1), min(b.t) FILTER (WHERE b.t > $1)
+FROM (SELECT starts_at AS t FROM quota.boost UNION ALL SELECT expires_at FROM quota.boost) b";
+
+/// quota.policies_for(key, user, model, channel, at), in lock order.
+pub(crate) fn policies_for(client: &mut SpiClient<'_>, subject: Subject, at: TimestampWithTimeZone) -> Vec<Applicable> {
+    let now = at.into_inner();
+    let cached = CACHE.with(|c| {
+        let c = c.borrow();
+        let s = c.selections.get(&subject)?;
+        let valid = s.from.is_none_or(|f| f <= now) && s.until.is_none_or(|u| now < u);
+        valid.then(|| s.rows.clone())
+    });
+    if let Some(rows) = cached {
+        return rows;
+    }
+    let (key_id, user_id, model, channel_id) = subject.clone();
+    let rows: Vec<Applicable> = run(
+        client,
+        POLICIES,
+        &[
+            key_id.into(),
+            user_id.into(),
+            model.into(),
+            channel_id.into(),
+            at.into(),
+        ],
+    )
+    .map(|r| Applicable {
+        policy: Policy::read(&r, 1),
+        scope_id: col(&r, 13).unwrap(),
+        axis: col(&r, 14).unwrap(),
+        limit_key: col(&r, 15).unwrap(),
+        effective_limit: col(&r, 16).unwrap(),
+    })
+    .collect();
+    let span = first(client, BOOST_SPAN, &[at.into()]).expect("an aggregate returns a row");
+    let from: Option<TimestampWithTimeZone> = col(&span, 1);
+    let until: Option<TimestampWithTimeZone> = col(&span, 2);
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.selections.len() >= MAX_ENTRIES {
+            c.selections.clear();
+        }
+        for a in &rows {
+            c.policies.insert(a.policy.policy_id, Some(a.policy.clone()));
+        }
+        let selection = Selection {
+            from: from.map(|t| t.into_inner()),
+            until: until.map(|t| t.into_inner()),
+            rows: rows.clone(),
+        };
+        c.selections.insert(subject, selection);
+    });
+    rows
+}
+
+const POLICIES_BY_ID: &str = concat!(
+    "SELECT ",
+    policy_columns!(),
+    " FROM quota.policy p WHERE p.policy_id = ANY($1)"
+);
+
+/// The policies with these ids, in the order given; None for one that no longer exists.
+pub(crate) fn policies_by_id(client: &mut SpiClient<'_>, ids: &[i64]) -> Vec<Option<Policy>> {
+    let missing: Vec<i64> = CACHE.with(|c| {
+        ids.iter()
+            .copied()
+            .filter(|id| !c.borrow().policies.contains_key(id))
+            .collect()
+    });
+    if !missing.is_empty() {
+        let found: Vec<Policy> = run(client, POLICIES_BY_ID, &[missing.clone().into()])
+            .map(|r| Policy::read(&r, 1))
+            .collect();
+        CACHE.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.policies.len() >= MAX_ENTRIES {
+                c.policies.clear();
+            }
+            for id in missing {
+                let policy = found.iter().find(|p| p.policy_id == id).cloned();
+                c.policies.insert(id, policy);
+            }
+        });
+    }
+    CACHE.with(|c| {
+        let c = c.borrow();
+        ids.iter().map(|id| c.policies.get(id).cloned().flatten()).collect()
+    })
+}

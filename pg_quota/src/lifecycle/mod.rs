@@ -1,0 +1,215 @@
+//! The request lifecycle's hot path: `quota.admit` and `quota.settle`, in Rust over SPI.
+//!
+//! Each call is a handful of simple statements whose plans are prepared once per backend and
+//! kept (`SPI_keepplan`), and the logic between them is native code. PL/pgSQL re-initialises
+//! every expression it evaluates in each new transaction, and every lifecycle call is a new
+//! transaction: that, not the statements, was most of a PL/pgSQL admit's time.
+//!
+//! The rules stay in one place each: policy selection is `quota.policies_for` (SQL), the
+//! window math is `pg_quota_core` (shared with `quota.window_bounds`), and the two rules the
+//! SQL helpers also need, [`refuses`] and [`metric_amount`], are SQL functions implemented
+//! here. The SQL declarations of the entry points, with their SECURITY DEFINER and pinned
+//! search_path, live in `sql/schema/40_lifecycle.sql`.
+//!
+//! Lock order, as everywhere in the engine: the reservation row, the day's rollup row (settle
+//! only), the counters (the channel's first, then by policy_id), then the api_key row.
+/// The select list that [`Policy::read`] reads (12 columns), for a `quota.policy` row `p`.
+macro_rules! policy_columns {
+    () => {
+        "p.policy_id, p.subject_type, p.metric, p.window_mode, p.boundary, p.exclusive, \
+         p.period, p.period_minutes, p.anchor, p.time_zone, p.week_start, p.reset_hour"
+    };
+}
+
+mod admit;
+mod cache;
+mod settle;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use pg_quota_core::WindowSpec;
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiHeapTupleData, SpiTupleTable};
+use pgrx::{AnyNumeric, PgOid};
+
+use crate::window::{to_pg, to_utc};
+
+thread_local! {
+    /// Kept plans by statement text (each statement is a `'static` string, so its address is
+    /// its identity). Plans are revalidated by PostgreSQL after DDL, like any cached plan.
+    static PLANS: RefCell<HashMap<usize, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+}
+
+/// Runs one of the lifecycle's statements with its kept plan, preparing it on first use with
+/// the argument types of this call (pass typed NULLs, `DatumWithOid::null::<T>()`).
+pub(crate) fn run<'conn>(
+    client: &mut SpiClient<'conn>,
+    sql: &'static str,
+    args: &[DatumWithOid<'_>],
+) -> SpiTupleTable<'conn> {
+    let key = sql.as_ptr() as usize;
+    let missing = PLANS.with(|plans| !plans.borrow().contains_key(&key));
+    if missing {
+        let types: Vec<PgOid> = args.iter().map(|a| PgOid::from(a.oid())).collect();
+        let plan = client
+            .prepare_mut(sql, &types)
+            .unwrap_or_else(|e| spi_failed(sql, e))
+            .keep();
+        PLANS.with(|plans| plans.borrow_mut().insert(key, plan));
+    }
+    PLANS.with(|plans| {
+        let plans = plans.borrow();
+        let plan = &plans[&key];
+        client.update(plan, None, args).unwrap_or_else(|e| spi_failed(sql, e))
+    })
+}
+
+fn spi_failed(sql: &str, e: pgrx::spi::SpiError) -> ! {
+    error!("pg_quota: statement failed ({e}): {sql}")
+}
+
+/// The first row of a statement's result, if any.
+pub(crate) fn first<'conn>(
+    client: &mut SpiClient<'conn>,
+    sql: &'static str,
+    args: &[DatumWithOid<'_>],
+) -> Option<SpiHeapTupleData<'conn>> {
+    run(client, sql, args).next()
+}
+
+/// A column of a row (1-based), NULL as `None`.
+pub(crate) fn col<T: FromDatum + IntoDatum>(row: &SpiHeapTupleData<'_>, ordinal: usize) -> Option<T> {
+    row.get::<T>(ordinal)
+        .unwrap_or_else(|e| error!("pg_quota: column {ordinal}: {e}"))
+}
+
+/// A refused call with one of the engine's own SQLSTATEs (PQ400 bad input, PQ404 unknown,
+/// PQ409 conflict), which the relay maps to HTTP statuses.
+pub(crate) struct EngineError {
+    sqlstate: &'static [u8; 5],
+    message: String,
+}
+
+pub(crate) fn fail<T>(sqlstate: &'static [u8; 5], message: String) -> Result<T, EngineError> {
+    Err(EngineError { sqlstate, message })
+}
+
+impl EngineError {
+    /// Raises the error. pgrx knows only the standard SQLSTATEs, so a code of our own is raised
+    /// here, directly: call it last, from the entry point, once SPI is finished and no Rust
+    /// value of the call is left to drop (only plain frames lie between here and PostgreSQL's
+    /// error handler, which the transaction's abort then cleans up after).
+    pub(crate) fn raise(self) -> ! {
+        unsafe extern "C-unwind" {
+            fn errstart(elevel: std::ffi::c_int, domain: *const std::ffi::c_char) -> bool;
+            fn errcode(sqlerrcode: std::ffi::c_int) -> std::ffi::c_int;
+            fn errmsg(fmt: *const std::ffi::c_char, ...) -> std::ffi::c_int;
+            fn errfinish(filename: *const std::ffi::c_char, lineno: std::ffi::c_int, funcname: *const std::ffi::c_char);
+        }
+        // MAKE_SQLSTATE: six bits a character, first character lowest
+        let code = self
+            .sqlstate
+            .iter()
+            .enumerate()
+            .fold(0, |acc, (i, ch)| acc | ((i32::from(*ch) - 48) & 0x3F) << (6 * i));
+        let message = std::ffi::CString::new(self.message.replace('\0', "")).unwrap_or_default();
+        // SAFETY: the err* calls are PostgreSQL's error API, used as ereport() uses it; errmsg
+        // copies the message before `message` is dropped; errfinish does not return at ERROR.
+        unsafe {
+            if errstart(pgrx::PgLogLevel::ERROR as _, std::ptr::null()) {
+                errcode(code);
+                errmsg(c"%s".as_ptr(), message.as_ptr());
+            }
+            drop(message);
+            errfinish(c"lifecycle".as_ptr(), 0, c"pg_quota".as_ptr());
+        }
+        unreachable!("errfinish returned at ERROR")
+    }
+}
+
+/// The lifecycle's clock (`quota.clock()`), in both forms.
+pub(crate) fn clock() -> (TimestampWithTimeZone, DateTime<Utc>) {
+    let now = crate::clock::clock();
+    (now, to_utc(now))
+}
+
+/// The columns of a policy the lifecycle needs, as `policy_columns!()` lists them.
+#[derive(Clone)]
+pub(crate) struct Policy {
+    pub policy_id: i64,
+    pub subject_type: String,
+    pub metric: String,
+    pub window_mode: String,
+    pub boundary: String,
+    pub exclusive: bool,
+    pub spec: WindowSpec,
+}
+
+impl Policy {
+    /// Reads `policy_columns!()` starting at column `first`.
+    pub(crate) fn read(row: &SpiHeapTupleData<'_>, first: usize) -> Policy {
+        let text = |i: usize| col::<String>(row, first + i).unwrap_or_default();
+        let window_mode = text(3);
+        let spec = WindowSpec::from_columns(
+            &text(6),
+            col::<i32>(row, first + 7),
+            &window_mode,
+            to_utc(col(row, first + 8).expect("policy.anchor is NOT NULL")),
+            &text(9),
+            i32::from(col::<i16>(row, first + 10).unwrap_or(1)),
+            i32::from(col::<i16>(row, first + 11).unwrap_or(0)),
+        )
+        .unwrap_or_else(|e| error!("pg_quota: policy has an invalid window: {e}"));
+        Policy {
+            policy_id: col(row, first).expect("policy_id is NOT NULL"),
+            subject_type: text(1),
+            metric: text(2),
+            window_mode,
+            boundary: text(4),
+            exclusive: col(row, first + 5).unwrap_or(false),
+            spec,
+        }
+    }
+
+    pub(crate) fn rolling(&self) -> bool {
+        self.window_mode == "rolling"
+    }
+
+    /// The window containing `at`: its start and its end (NULL for `total`).
+    pub(crate) fn window(&self, at: DateTime<Utc>) -> (TimestampWithTimeZone, Option<TimestampWithTimeZone>) {
+        let w = self.spec.window_at(at);
+        (to_pg(w.start), w.end.map(to_pg))
+    }
+}
+
+/// Whether a policy's window refuses a request of `amount`: exhausted, or (strict) the
+/// request would overshoot. The one rule admit, routing and status share.
+#[pg_extern(immutable, parallel_safe, strict)]
+pub(crate) fn refuses(
+    boundary: &str,
+    effective_limit: AnyNumeric,
+    used: AnyNumeric,
+    reserved: AnyNumeric,
+    amount: AnyNumeric,
+) -> bool {
+    used >= effective_limit || (boundary == "strict" && used + reserved + amount > effective_limit)
+}
+
+/// The amount a policy counts for a usage: money (NULL when unpriced), raw tokens, or one
+/// request.
+#[pg_extern(immutable, parallel_safe)]
+pub(crate) fn metric_amount(
+    metric: &str,
+    cost: Option<AnyNumeric>,
+    input_tokens: Option<i64>,
+    output_tokens: Option<i64>,
+) -> Option<AnyNumeric> {
+    match metric {
+        "cost" => cost,
+        "tokens" => Some(AnyNumeric::from(input_tokens? + output_tokens?)),
+        _ => Some(AnyNumeric::from(1)),
+    }
+}

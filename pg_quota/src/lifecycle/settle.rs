@@ -1,0 +1,346 @@
+//! `quota.settle`: replace a reservation by the actual usage on every policy it held, write the
+//! ledger row (its trigger keeps the daily rollup), apply exhaustion. Idempotent.
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::AnyNumeric;
+
+use super::admit::ROLLING_USED;
+use super::cache;
+use super::{clock, col, fail, first, metric_amount, run, EngineError, Policy};
+
+/// The columns of `quota.settlement`, in order.
+struct Settlement {
+    billed: bool,
+    unbilled_reason: Option<String>,
+    cost: AnyNumeric,
+    replay: bool,
+}
+
+// Takes the reservation and prices the actual usage in one statement.
+const TAKE: &str = "\
+WITH r AS (DELETE FROM quota.reservation r WHERE r.request_id = $1 RETURNING r.*)
+SELECT r.key_id, r.user_id, r.channel_id, r.model, r.counted_in_key_global, r.counted_in_user_global,
+       r.hold_policy, r.hold_scope, r.hold_amount, r.hold_limit, quota.cost_of(mp, $2, $3, $4),
+       (SELECT g.generation FROM quota.policy_generation g)
+FROM r LEFT JOIN quota.model_price mp ON mp.model = r.model";
+
+const SETTLED: &str = "SELECT l.billed, l.unbilled_reason, l.cost FROM quota.usage_ledger l WHERE l.request_id = $1";
+
+const RELEASED: &str = "\
+SELECT r.kind, r.key_id, r.user_id, r.channel_id, r.model, quota.price_of(r.model, $2, $3, $4)
+FROM quota.released r WHERE r.request_id = $1";
+
+// A reservation the sweep expired while the upstream was still working: the usage is real, so it
+// is charged on the policies that apply now, with no hold left to release.
+const LATE_HOLDS: &str = "\
+SELECT (f.policy).policy_id, f.scope_id, f.effective_limit, (f.policy).exclusive AND f.axis = 'key',
+       (f.policy).exclusive AND f.axis = 'user'
+FROM quota.policies_for($1, $2, $3, $4, $5) f
+ORDER BY f.axis <> 'channel', (f.policy).policy_id";
+
+const LEDGER: &str = "\
+INSERT INTO quota.usage_ledger (request_id, key_id, user_id, channel_id, model, input_tokens,
+                                output_tokens, cached_tokens, cost, billed, unbilled_reason,
+                                counted_in_key_global, counted_in_user_global,
+                                counted_policy, counted_scope, counted_window, counted_amount, settled_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)";
+
+// Moves the hold to the window's usage (rolling windows count in rolling_usage instead), rolling
+// a stale window first; a counter deleted meanwhile (policy edited) is created again.
+const COUNT: &str = "\
+INSERT INTO quota.counter AS c (policy_id, scope_id, window_start, used) VALUES ($1, $2, $3, $4)
+ON CONFLICT (policy_id, scope_id) DO UPDATE SET
+    used         = CASE WHEN c.window_start = $3 THEN c.used ELSE 0 END + $4,
+    exhausted_at = CASE WHEN c.window_start = $3 THEN c.exhausted_at END,
+    reset_at     = CASE WHEN c.window_start = $3 THEN c.reset_at END,
+    window_start = $3,
+    reserved     = c.reserved - $5
+RETURNING c.used, c.exhausted_at IS NOT NULL";
+
+const ROLLING_ADD: &str = "\
+INSERT INTO quota.rolling_usage AS r (policy_id, scope_id, bucket, used) VALUES ($1, $2, $3, $4)
+ON CONFLICT (policy_id, scope_id, bucket) DO UPDATE SET used = r.used + EXCLUDED.used";
+
+const MARK_EXHAUSTED: &str = "\
+SELECT quota.mark_exhausted(p, $2, $3, $4, $5, $6, $7) FROM quota.policy p WHERE p.policy_id = $1";
+
+/// A reservation being settled: whose it is and what it holds, in lock order.
+struct Taken {
+    key_id: i64,
+    user_id: i64,
+    channel_id: Option<i64>,
+    model: String,
+    counted_in_key_global: bool,
+    counted_in_user_global: bool,
+    hold_policy: Vec<i64>,
+    hold_scope: Vec<i64>,
+    hold_amount: Vec<AnyNumeric>,
+    hold_limit: Vec<AnyNumeric>,
+    cost: Option<AnyNumeric>,
+}
+
+#[pg_extern(sql = false)] // declared in sql/schema/40_lifecycle.sql
+fn settle(
+    request_id: Option<&str>,
+    input_tokens: Option<i64>,
+    output_tokens: Option<i64>,
+    cached_tokens: Option<i64>,
+) -> pgrx::composite_type!('static, "quota.settlement") {
+    let settled = Spi::connect_mut(|client| {
+        if [input_tokens, output_tokens, cached_tokens]
+            .iter()
+            .any(|t| t.is_some_and(|t| t < 0))
+        {
+            return fail(b"PQ400", "settle: token counts must be >= 0".into());
+        }
+        let request_id = request_id.unwrap_or("");
+        settle_in(
+            client,
+            request_id,
+            input_tokens,
+            output_tokens,
+            cached_tokens.unwrap_or(0),
+        )
+    });
+    let s = match settled {
+        Ok(s) => s,
+        Err(e) => e.raise(),
+    };
+    let mut t = PgHeapTuple::new_composite_type("quota.settlement")
+        .unwrap_or_else(|e| error!("pg_quota: type quota.settlement: {e}"));
+    let at = |i: usize| std::num::NonZeroUsize::new(i).unwrap();
+    t.set_by_index(at(1), true).unwrap();
+    t.set_by_index(at(2), s.billed).unwrap();
+    t.set_by_index(at(3), s.unbilled_reason).unwrap();
+    t.set_by_index(at(4), s.cost).unwrap();
+    t.set_by_index(at(5), s.replay).unwrap();
+    t
+}
+
+fn settle_in(
+    client: &mut SpiClient<'_>,
+    request_id: &str,
+    input: Option<i64>,
+    output: Option<i64>,
+    cached: i64,
+) -> Result<Settlement, EngineError> {
+    let (now, now_utc) = clock();
+    let usage: [DatumWithOid; 4] = [request_id.into(), input.into(), output.into(), cached.into()];
+    let taken = match first(client, TAKE, &usage) {
+        Some(r) => {
+            cache::sync(col(&r, 12).expect("generation is NOT NULL"));
+            Taken {
+                key_id: col(&r, 1).unwrap(),
+                user_id: col(&r, 2).unwrap(),
+                channel_id: col(&r, 3),
+                model: col(&r, 4).unwrap(),
+                counted_in_key_global: col(&r, 5).unwrap(),
+                counted_in_user_global: col(&r, 6).unwrap(),
+                hold_policy: col(&r, 7).unwrap(),
+                hold_scope: col(&r, 8).unwrap(),
+                hold_amount: col(&r, 9).unwrap(),
+                hold_limit: col(&r, 10).unwrap(),
+                cost: col(&r, 11),
+            }
+        }
+        None => match not_reserved(client, request_id, &usage, now)? {
+            Ok(taken) => taken,
+            Err(replay) => return Ok(replay),
+        },
+    };
+
+    let reason = if input.is_none() || output.is_none() {
+        Some("usage_missing")
+    } else if taken.cost.is_none() {
+        Some("price_not_found")
+    } else {
+        None
+    };
+    let cost = if reason == Some("usage_missing") {
+        None
+    } else {
+        taken.cost.clone()
+    };
+
+    // The held policies still there (one deleted meanwhile took its counter with it), each with
+    // its current window and the amount it counts.
+    let held = cache::policies_by_id(client, &taken.hold_policy);
+    struct Count {
+        policy: Policy,
+        scope_id: i64,
+        hold: AnyNumeric,
+        limit: AnyNumeric,
+        ws: TimestampWithTimeZone,
+        we: Option<TimestampWithTimeZone>,
+        actual: AnyNumeric,
+    }
+    let mut counts: Vec<Count> = Vec::with_capacity(held.len());
+    for (i, policy) in held.into_iter().enumerate() {
+        let Some(policy) = policy else { continue };
+        let (ws, we) = policy.window(now_utc);
+        let actual = metric_amount(&policy.metric, cost.clone(), input, output).unwrap_or_else(|| AnyNumeric::from(0));
+        counts.push(Count {
+            policy,
+            scope_id: taken.hold_scope[i],
+            hold: taken.hold_amount[i].clone(),
+            limit: taken.hold_limit[i].clone(),
+            ws,
+            we,
+            actual,
+        });
+    }
+
+    // The ledger row first: its counters are known, and the rows every request of a key shares
+    // (the day's rollup, the counters) are then locked as late as possible, for a short time.
+    run(
+        client,
+        LEDGER,
+        &[
+            request_id.into(),
+            taken.key_id.into(),
+            taken.user_id.into(),
+            taken.channel_id.into(),
+            taken.model.as_str().into(),
+            input.unwrap_or(0).into(),
+            output.unwrap_or(0).into(),
+            cached.into(),
+            cost.clone().unwrap_or_else(|| AnyNumeric::from(0)).into(),
+            reason.is_none().into(),
+            reason.into(),
+            taken.counted_in_key_global.into(),
+            taken.counted_in_user_global.into(),
+            counts.iter().map(|c| c.policy.policy_id).collect::<Vec<_>>().into(),
+            counts.iter().map(|c| c.scope_id).collect::<Vec<_>>().into(),
+            counts.iter().map(|c| c.ws).collect::<Vec<_>>().into(),
+            counts.iter().map(|c| c.actual.clone()).collect::<Vec<_>>().into(),
+            now.into(),
+        ],
+    );
+
+    let zero = AnyNumeric::from(0);
+    for c in counts {
+        let fixed_amount = if c.policy.rolling() {
+            zero.clone()
+        } else {
+            c.actual.clone()
+        };
+        let row = first(
+            client,
+            COUNT,
+            &[
+                c.policy.policy_id.into(),
+                c.scope_id.into(),
+                c.ws.into(),
+                fixed_amount.into(),
+                c.hold.into(),
+            ],
+        )
+        .expect("an upsert returns its row");
+        let mut used: AnyNumeric = col(&row, 1).unwrap();
+        let already_exhausted: bool = col(&row, 2).unwrap();
+        if c.policy.rolling() {
+            if c.actual > zero {
+                let bucket = crate::window::to_pg(pg_quota_core::WindowSpec::bucket_of(now_utc));
+                run(
+                    client,
+                    ROLLING_ADD,
+                    &[
+                        c.policy.policy_id.into(),
+                        c.scope_id.into(),
+                        bucket.into(),
+                        c.actual.clone().into(),
+                    ],
+                );
+            }
+            let sum = first(
+                client,
+                ROLLING_USED,
+                &[c.policy.policy_id.into(), c.scope_id.into(), c.ws.into()],
+            );
+            used = sum.and_then(|r| col(&r, 1)).unwrap_or_else(|| zero.clone());
+        }
+        if used >= c.limit && !already_exhausted {
+            run(
+                client,
+                MARK_EXHAUSTED,
+                &[
+                    c.policy.policy_id.into(),
+                    c.scope_id.into(),
+                    taken.key_id.into(),
+                    taken.user_id.into(),
+                    c.ws.into(),
+                    c.we.into(),
+                    now.into(),
+                ],
+            );
+        }
+    }
+
+    Ok(Settlement {
+        billed: reason.is_none(),
+        unbilled_reason: reason.map(String::from),
+        cost: cost.unwrap_or_else(|| AnyNumeric::from(0)),
+        replay: false,
+    })
+}
+
+/// No reservation for `request_id`: the earlier answer (inner Err) when it was settled, an error
+/// when it is unknown or refunded, and the policies that apply now when the sweep expired it.
+fn not_reserved(
+    client: &mut SpiClient<'_>,
+    request_id: &str,
+    usage: &[DatumWithOid],
+    now: TimestampWithTimeZone,
+) -> Result<Result<Taken, Settlement>, EngineError> {
+    // Settled before (or by a concurrent call that committed first): the same answer again.
+    if let Some(l) = first(client, SETTLED, &[request_id.into()]) {
+        let reason: Option<String> = col(&l, 2);
+        return Ok(Err(Settlement {
+            billed: col(&l, 1).unwrap(),
+            unbilled_reason: reason,
+            cost: col(&l, 3).unwrap(),
+            replay: true,
+        }));
+    }
+    let Some(r) = first(client, RELEASED, usage) else {
+        return fail(b"PQ404", format!("settle: unknown request_id {request_id}"));
+    };
+    let kind: String = col(&r, 1).unwrap();
+    if kind == "refunded" {
+        return fail(
+            b"PQ409",
+            format!("settle: request_id {request_id} was refunded and cannot be settled"),
+        );
+    }
+    cache::refresh(client);
+    let mut taken = Taken {
+        key_id: col(&r, 2).unwrap(),
+        user_id: col(&r, 3).unwrap(),
+        channel_id: col(&r, 4),
+        model: col(&r, 5).unwrap(),
+        counted_in_key_global: true,
+        counted_in_user_global: true,
+        hold_policy: vec![],
+        hold_scope: vec![],
+        hold_amount: vec![],
+        hold_limit: vec![],
+        cost: col(&r, 6),
+    };
+    let args = [
+        taken.key_id.into(),
+        taken.user_id.into(),
+        taken.model.as_str().into(),
+        taken.channel_id.into(),
+        now.into(),
+    ];
+    for h in run(client, LATE_HOLDS, &args) {
+        taken.hold_policy.push(col(&h, 1).unwrap());
+        taken.hold_scope.push(col(&h, 2).unwrap());
+        taken.hold_amount.push(AnyNumeric::from(0));
+        taken.hold_limit.push(col(&h, 3).unwrap());
+        taken.counted_in_key_global &= !col::<bool>(&h, 4).unwrap();
+        taken.counted_in_user_global &= !col::<bool>(&h, 5).unwrap();
+    }
+    Ok(Ok(taken))
+}
