@@ -88,9 +88,10 @@ CREATE TRIGGER forget_subject AFTER DELETE ON quota.user_group
 CREATE TRIGGER forget_subject AFTER DELETE ON quota.channel
     FOR EACH ROW EXECUTE FUNCTION quota.forget_subject('channel', 'channel_id');
 
--- The lifecycle keeps policy rows and policy selections per backend (src/lifecycle/cache.rs)
--- while this value stays the same. Every change to what quota.policies_for reads (policies,
--- boosts, group memberships) sets a new value in the same transaction, drawn from a sequence so
+-- The lifecycle keeps policy rows, policy selections and which models channels serve per backend
+-- (src/lifecycle/cache.rs) while this value stays the same. Every change to what
+-- quota.policies_for reads (policies, boosts, group memberships) or to the models of channels
+-- sets a new value in the same transaction, drawn from a sequence so
 -- that no value is ever used twice, not even after a rollback or a reinstall.
 CREATE SEQUENCE quota.policy_generation_seq;
 SELECT setval('quota.policy_generation_seq', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint);
@@ -112,4 +113,6 @@ CREATE TRIGGER policy_generation_bump AFTER INSERT OR UPDATE OR DELETE OR TRUNCA
 CREATE TRIGGER policy_generation_bump AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.user_group_member
     FOR EACH STATEMENT EXECUTE FUNCTION quota.policy_generation_bump();
 CREATE TRIGGER policy_generation_bump AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.model_group_member
+    FOR EACH STATEMENT EXECUTE FUNCTION quota.policy_generation_bump();
+CREATE TRIGGER policy_generation_bump AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.channel_model
     FOR EACH STATEMENT EXECUTE FUNCTION quota.policy_generation_bump();

@@ -6,8 +6,8 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::AnyNumeric;
 
-use super::cache::{self, Applicable};
-use super::{clock, col, fail, first, metric_amount, refuses, run, EngineError};
+use super::cache;
+use super::{clock, col, fail, first, metric_amount, refuses, run, EngineError, Policy};
 
 /// The columns of `quota.admission`, in order.
 #[derive(Default)]
@@ -120,18 +120,31 @@ ORDER BY c.status = 'enabled' DESC, c.priority DESC, -ln(1 - random()) / c.weigh
 
 const CHANNEL_BLOCKED_UNTIL: &str = "SELECT quota.channel_blocked_until($1, $2, $3, $4, $5)";
 
-// Rolls a stale window and reserves in one statement that also locks the row; a first request
-// of a scope creates the row, so concurrent first requests queue on it like any other.
-// Returns the window's settled usage and the reservations before this one.
+// Takes the holds and files the reservation in one statement. Rolls each stale window and
+// reserves, which also locks the counter rows, in the order given (the lock order); a first
+// request of a scope creates its row, so concurrent first requests queue on it like any other.
+// Returns each counter's settled usage in the window and its reservations, this one included.
 const RESERVE: &str = "\
-INSERT INTO quota.counter AS c (policy_id, scope_id, window_start, reserved) VALUES ($1, $2, $3, $4)
-ON CONFLICT (policy_id, scope_id) DO UPDATE SET
-    used         = CASE WHEN c.window_start = $3 THEN c.used ELSE 0 END,
-    exhausted_at = CASE WHEN c.window_start = $3 THEN c.exhausted_at END,
-    reset_at     = CASE WHEN c.window_start = $3 THEN c.reset_at END,
-    window_start = $3,
-    reserved     = c.reserved + $4
-RETURNING c.used, c.reserved - $4";
+WITH held AS (
+    INSERT INTO quota.counter AS c (policy_id, scope_id, window_start, reserved)
+    SELECT * FROM unnest($10::bigint[], $11::bigint[], $15::timestamptz[], $12::numeric[])
+    ON CONFLICT (policy_id, scope_id) DO UPDATE SET
+        used         = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.used ELSE 0 END,
+        exhausted_at = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.exhausted_at END,
+        reset_at     = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.reset_at END,
+        window_start = EXCLUDED.window_start,
+        reserved     = c.reserved + EXCLUDED.reserved
+    RETURNING c.policy_id, c.used, c.reserved
+), filed AS (
+    INSERT INTO quota.reservation (request_id, key_id, user_id, channel_id, model, counted_in_key_global,
+                                   counted_in_user_global, est_input_tokens, max_output_tokens,
+                                   hold_policy, hold_scope, hold_amount, hold_limit, created_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+)
+SELECT held.policy_id, held.used, held.reserved FROM held";
+
+// A refused request gives its holds back and leaves no reservation.
+const UNFILE: &str = "DELETE FROM quota.reservation r WHERE r.request_id = $1";
 
 pub(super) const ROLLING_USED: &str = "\
 SELECT coalesce(sum(r.used), 0) FROM quota.rolling_usage r
@@ -143,12 +156,6 @@ const RELEASE: &str =
 const FREES_AT: &str = "SELECT quota.window_frees_at(p, $2, $3, $4, $5) FROM quota.policy p WHERE p.policy_id = $1";
 
 const WORDS: &str = "SELECT quota.policy_words(p) FROM quota.policy p WHERE p.policy_id = $1";
-
-const RESERVATION: &str = "\
-INSERT INTO quota.reservation (request_id, key_id, user_id, channel_id, model, counted_in_key_global,
-                               counted_in_user_global, est_input_tokens, max_output_tokens,
-                               hold_policy, hold_scope, hold_amount, hold_limit, created_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
 
 const RESUME_KEY: &str = "SELECT quota.resume_key($1, $2)";
 
@@ -292,53 +299,99 @@ fn decide(
         now,
     );
 
+    struct Hold {
+        policy: Policy,
+        scope_id: i64,
+        limit_key: String,
+        effective_limit: AnyNumeric,
+        amount: AnyNumeric,
+        ws: TimestampWithTimeZone,
+        we: Option<TimestampWithTimeZone>,
+    }
     let (mut iso_key, mut iso_user) = (false, false);
-    let mut holds: Vec<(i64, i64, AnyNumeric, AnyNumeric)> = Vec::with_capacity(applicable.len());
-    let mut limits: Vec<Limit> = Vec::new();
-    for Applicable {
-        policy,
-        scope_id,
-        axis,
-        limit_key,
-        effective_limit,
-    } in applicable
-    {
-        if policy.exclusive {
-            iso_key |= axis == "key";
-            iso_user |= axis == "user";
+    let mut holds: Vec<Hold> = Vec::with_capacity(applicable.len());
+    for a in applicable {
+        if a.policy.exclusive {
+            iso_key |= a.axis == "key";
+            iso_user |= a.axis == "user";
         }
-        let Some(amount) = metric_amount(&policy.metric, cost.clone(), Some(est), Some(max_out)) else {
+        let Some(amount) = metric_amount(&a.policy.metric, cost.clone(), Some(est), Some(max_out)) else {
             continue;
         };
-        let (ws, we) = policy.window(now_utc);
-        let counter = first(
-            client,
-            RESERVE,
-            &[
-                policy.policy_id.into(),
-                scope_id.into(),
-                ws.into(),
-                amount.clone().into(),
-            ],
-        )
-        .expect("an upsert returns its row");
-        let mut used: AnyNumeric = col(&counter, 1).unwrap();
-        let reserved: AnyNumeric = col(&counter, 2).unwrap();
-        if policy.rolling() {
+        let (ws, we) = a.policy.window(now_utc);
+        let (policy, scope_id, limit_key, effective_limit) = (a.policy, a.scope_id, a.limit_key, a.effective_limit);
+        holds.push(Hold {
+            policy,
+            scope_id,
+            limit_key,
+            effective_limit,
+            amount,
+            ws,
+            we,
+        });
+    }
+
+    let counters: Vec<(i64, AnyNumeric, AnyNumeric)> = run(
+        client,
+        RESERVE,
+        &[
+            request_id.into(),
+            key_id.into(),
+            user_id.into(),
+            channel.into(),
+            model.into(),
+            (!iso_key).into(),
+            (!iso_user).into(),
+            est.into(),
+            max_out.into(),
+            holds.iter().map(|h| h.policy.policy_id).collect::<Vec<_>>().into(),
+            holds.iter().map(|h| h.scope_id).collect::<Vec<_>>().into(),
+            holds.iter().map(|h| h.amount.clone()).collect::<Vec<_>>().into(),
+            holds
+                .iter()
+                .map(|h| h.effective_limit.clone())
+                .collect::<Vec<_>>()
+                .into(),
+            now.into(),
+            holds.iter().map(|h| h.ws).collect::<Vec<_>>().into(),
+        ],
+    )
+    .map(|r| (col(&r, 1).unwrap(), col(&r, 2).unwrap(), col(&r, 3).unwrap()))
+    .collect();
+    assert_eq!(counters.len(), holds.len(), "pg_quota: one counter row per hold");
+
+    let mut limits: Vec<Limit> = Vec::new();
+    for (h, (counter_policy, counter_used, reserved_now)) in holds.iter().zip(counters) {
+        assert_eq!(
+            counter_policy, h.policy.policy_id,
+            "pg_quota: counters come back in hold order"
+        );
+        let Hold {
+            policy,
+            scope_id,
+            amount,
+            ws,
+            we,
+            ..
+        } = h;
+        let effective_limit = h.effective_limit.clone();
+        let reserved = reserved_now - amount.clone(); // as it was before this hold
+        let used = if policy.rolling() {
             let sum = first(
                 client,
                 ROLLING_USED,
-                &[policy.policy_id.into(), scope_id.into(), ws.into()],
+                &[policy.policy_id.into(), (*scope_id).into(), (*ws).into()],
             );
-            used = sum.and_then(|r| col(&r, 1)).unwrap_or_else(|| AnyNumeric::from(0));
-        }
-        holds.push((policy.policy_id, scope_id, amount.clone(), effective_limit.clone()));
+            sum.and_then(|r| col(&r, 1)).unwrap_or_else(|| AnyNumeric::from(0))
+        } else {
+            counter_used
+        };
 
-        let gi = match limits.iter().position(|l| l.key == limit_key) {
+        let gi = match limits.iter().position(|l| l.key == h.limit_key) {
             Some(gi) => gi,
             None => {
                 limits.push(Limit {
-                    key: limit_key,
+                    key: h.limit_key.clone(),
                     ok: false,
                     effective_limit: effective_limit.clone(),
                     metric: policy.metric.clone(),
@@ -359,36 +412,29 @@ fn decide(
             amount.clone(),
         ) {
             // A limit admits when any of its policies does; its headers follow its roomiest one.
-            let mut left = effective_limit - used - reserved - amount;
+            let mut left = effective_limit - used - reserved - amount.clone();
             if left < AnyNumeric::from(0) {
                 left = AnyNumeric::from(0);
             }
             limit.ok = true;
             if limit.left.as_ref().is_none_or(|l| left > *l) {
                 limit.left = Some(left);
-                limit.reset = we;
+                limit.reset = *we;
             }
         } else {
-            let frees: Option<TimestampWithTimeZone> = first(
-                client,
-                FREES_AT,
-                &[
-                    policy.policy_id.into(),
-                    scope_id.into(),
-                    ws.into(),
-                    we.into(),
-                    now.into(),
-                ],
-            )
-            .and_then(|r| col(&r, 1));
+            let args = [
+                policy.policy_id.into(),
+                (*scope_id).into(),
+                (*ws).into(),
+                (*we).into(),
+                now.into(),
+            ];
+            let frees: Option<TimestampWithTimeZone> = first(client, FREES_AT, &args).and_then(|r| col(&r, 1));
             let frees = frees.unwrap_or_else(TimestampWithTimeZone::positive_infinity);
             if limit.frees.is_none_or(|f| frees.into_inner() < f.into_inner()) {
                 limit.frees = Some(frees);
-                limit.refusing_policy = Some((
-                    policy.policy_id,
-                    used >= effective_limit,
-                    policy.subject_type == "channel",
-                ));
+                let spent = used >= effective_limit;
+                limit.refusing_policy = Some((policy.policy_id, spent, policy.subject_type == "channel"));
             }
         }
     }
@@ -402,13 +448,11 @@ fn decide(
         .filter(|l| !l.ok)
         .max_by_key(|l| l.frees.map(|f| f.into_inner()));
     if let Some(worst) = worst {
-        for (policy_id, scope_id, amount, _) in &holds {
-            run(
-                client,
-                RELEASE,
-                &[(*policy_id).into(), (*scope_id).into(), amount.clone().into()],
-            );
+        for h in &holds {
+            let args = [h.policy.policy_id.into(), h.scope_id.into(), h.amount.clone().into()];
+            run(client, RELEASE, &args);
         }
+        run(client, UNFILE, &[request_id.into()]);
         let (policy_id, spent, channel_policy) = worst.refusing_policy.expect("a refused limit has a refusing policy");
         let words = first(client, WORDS, &[policy_id.into()])
             .and_then(|r| col::<String>(&r, 1))
@@ -446,34 +490,6 @@ fn decide(
         out.ratelimit_reset_at = tight.reset;
     }
 
-    let (mut policies, mut scopes, mut amounts, mut limits_at_admit) = (vec![], vec![], vec![], vec![]);
-    for (policy_id, scope_id, amount, limit) in holds {
-        policies.push(policy_id);
-        scopes.push(scope_id);
-        amounts.push(amount);
-        limits_at_admit.push(limit);
-    }
-    run(
-        client,
-        RESERVATION,
-        &[
-            request_id.into(),
-            key_id.into(),
-            user_id.into(),
-            channel.into(),
-            model.into(),
-            (!iso_key).into(),
-            (!iso_user).into(),
-            est.into(),
-            max_out.into(),
-            policies.into(),
-            scopes.into(),
-            amounts.into(),
-            limits_at_admit.into(),
-            now.into(),
-        ],
-    );
-
     // A suspension that has run out ends here, lazily (quota.sweep() does it too).
     if suspended_until.is_some() {
         run(client, RESUME_KEY, &[key_id.into(), now.into()]);
@@ -497,6 +513,9 @@ fn route(
     max_out: i64,
     now: TimestampWithTimeZone,
 ) -> Result<Option<i64>, Admission> {
+    if pinned.is_none() && !cache::served(client, model) {
+        return Ok(None);
+    }
     type Candidate = (i64, bool, Option<String>, Option<String>, Option<String>);
     let candidates: Vec<Candidate> = run(client, CHANNELS, &[model.into(), pinned.into()])
         .map(|r| {

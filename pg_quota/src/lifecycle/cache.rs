@@ -1,7 +1,9 @@
-//! Policy rows and policy selections, kept per backend between lifecycle calls.
+//! Policy rows, policy selections and which models channels serve, kept per backend between
+//! lifecycle calls.
 //!
-//! Both are valid while `quota.policy_generation` holds the value they were read under: every
-//! change to what `quota.policies_for` reads (policies, boosts, group memberships) sets a new,
+//! All are valid while `quota.policy_generation` holds the value they were read under: every
+//! change to what `quota.policies_for` reads (policies, boosts, group memberships) or to the
+//! models of channels sets a new,
 //! never reused value in the same transaction, and each lifecycle call reads the value in its
 //! first statement. A selection also depends on time through boosts, so it is kept only for
 //! the span between the boost boundaries around the instant it was made.
@@ -39,6 +41,7 @@ struct Cache {
     generation: i64,
     policies: HashMap<i64, Option<Policy>>,
     selections: HashMap<Subject, Selection>,
+    served: HashMap<String, bool>,
 }
 
 /// Beyond this many entries a map starts over: a backend serves a bounded working set.
@@ -169,4 +172,24 @@ pub(crate) fn policies_by_id(client: &mut SpiClient<'_>, ids: &[i64]) -> Vec<Opt
         let c = c.borrow();
         ids.iter().map(|id| c.policies.get(id).cloned().flatten()).collect()
     })
+}
+
+const SERVED: &str = "SELECT EXISTS (SELECT 1 FROM quota.channel_model cm WHERE cm.model = $1)";
+
+/// Whether any channel, enabled or not, serves `model` (else admit need not route).
+pub(crate) fn served(client: &mut SpiClient<'_>, model: &str) -> bool {
+    if let Some(known) = CACHE.with(|c| c.borrow().served.get(model).copied()) {
+        return known;
+    }
+    let served = first(client, SERVED, &[model.into()])
+        .and_then(|r| col(&r, 1))
+        .unwrap_or(false);
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.served.len() >= MAX_ENTRIES {
+            c.served.clear();
+        }
+        c.served.insert(model.to_string(), served);
+    });
+    served
 }

@@ -39,24 +39,28 @@ SELECT (f.policy).policy_id, f.scope_id, f.effective_limit, (f.policy).exclusive
 FROM quota.policies_for($1, $2, $3, $4, $5) f
 ORDER BY f.axis <> 'channel', (f.policy).policy_id";
 
-const LEDGER: &str = "\
-INSERT INTO quota.usage_ledger (request_id, key_id, user_id, channel_id, model, input_tokens,
-                                output_tokens, cached_tokens, cost, billed, unbilled_reason,
-                                counted_in_key_global, counted_in_user_global,
-                                counted_policy, counted_scope, counted_window, counted_amount, settled_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)";
-
-// Moves the hold to the window's usage (rolling windows count in rolling_usage instead), rolling
-// a stale window first; a counter deleted meanwhile (policy edited) is created again.
+// Writes the ledger row (its trigger adds it to the day's rollup) and moves each hold to its
+// window's usage, rolling a stale window first, in the order given (the lock order). Rolling
+// windows count in rolling_usage instead ($19 holds 0 for them). A counter deleted meanwhile
+// (policy edited) is created again, with nothing reserved. A request counts on a policy at
+// most once, so a policy id finds its hold.
 const COUNT: &str = "\
-INSERT INTO quota.counter AS c (policy_id, scope_id, window_start, used) VALUES ($1, $2, $3, $4)
+WITH ledger AS (
+    INSERT INTO quota.usage_ledger (request_id, key_id, user_id, channel_id, model, input_tokens,
+                                    output_tokens, cached_tokens, cost, billed, unbilled_reason,
+                                    counted_in_key_global, counted_in_user_global,
+                                    counted_policy, counted_scope, counted_window, counted_amount, settled_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
+)
+INSERT INTO quota.counter AS c (policy_id, scope_id, window_start, used)
+SELECT * FROM unnest($14::bigint[], $15::bigint[], $16::timestamptz[], $19::numeric[])
 ON CONFLICT (policy_id, scope_id) DO UPDATE SET
-    used         = CASE WHEN c.window_start = $3 THEN c.used ELSE 0 END + $4,
-    exhausted_at = CASE WHEN c.window_start = $3 THEN c.exhausted_at END,
-    reset_at     = CASE WHEN c.window_start = $3 THEN c.reset_at END,
-    window_start = $3,
-    reserved     = c.reserved - $5
-RETURNING c.used, c.exhausted_at IS NOT NULL";
+    used         = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.used ELSE 0 END + EXCLUDED.used,
+    exhausted_at = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.exhausted_at END,
+    reset_at     = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.reset_at END,
+    window_start = EXCLUDED.window_start,
+    reserved     = c.reserved - ($20::numeric[])[array_position($14::bigint[], c.policy_id)]
+RETURNING c.policy_id, c.used, c.exhausted_at IS NOT NULL";
 
 const ROLLING_ADD: &str = "\
 INSERT INTO quota.rolling_usage AS r (policy_id, scope_id, bucket, used) VALUES ($1, $2, $3, $4)
@@ -191,11 +195,10 @@ fn settle_in(
         });
     }
 
-    // The ledger row first: its counters are known, and the rows every request of a key shares
-    // (the day's rollup, the counters) are then locked as late as possible, for a short time.
-    run(
+    let zero = AnyNumeric::from(0);
+    let rows: Vec<(i64, AnyNumeric, bool)> = run(
         client,
-        LEDGER,
+        COUNT,
         &[
             request_id.into(),
             taken.key_id.into(),
@@ -205,7 +208,7 @@ fn settle_in(
             input.unwrap_or(0).into(),
             output.unwrap_or(0).into(),
             cached.into(),
-            cost.clone().unwrap_or_else(|| AnyNumeric::from(0)).into(),
+            cost.clone().unwrap_or_else(|| zero.clone()).into(),
             reason.is_none().into(),
             reason.into(),
             taken.counted_in_key_global.into(),
@@ -215,43 +218,40 @@ fn settle_in(
             counts.iter().map(|c| c.ws).collect::<Vec<_>>().into(),
             counts.iter().map(|c| c.actual.clone()).collect::<Vec<_>>().into(),
             now.into(),
+            counts
+                .iter()
+                .map(|c| {
+                    if c.policy.rolling() {
+                        zero.clone()
+                    } else {
+                        c.actual.clone()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .into(),
+            counts.iter().map(|c| c.hold.clone()).collect::<Vec<_>>().into(),
         ],
-    );
+    )
+    .map(|r| (col(&r, 1).unwrap(), col(&r, 2).unwrap(), col(&r, 3).unwrap()))
+    .collect();
+    assert_eq!(rows.len(), counts.len(), "pg_quota: one counter row per hold");
 
-    let zero = AnyNumeric::from(0);
-    for c in counts {
-        let fixed_amount = if c.policy.rolling() {
-            zero.clone()
-        } else {
-            c.actual.clone()
-        };
-        let row = first(
-            client,
-            COUNT,
-            &[
-                c.policy.policy_id.into(),
-                c.scope_id.into(),
-                c.ws.into(),
-                fixed_amount.into(),
-                c.hold.into(),
-            ],
-        )
-        .expect("an upsert returns its row");
-        let mut used: AnyNumeric = col(&row, 1).unwrap();
-        let already_exhausted: bool = col(&row, 2).unwrap();
+    for (c, (counter_policy, counter_used, already_exhausted)) in counts.into_iter().zip(rows) {
+        assert_eq!(
+            counter_policy, c.policy.policy_id,
+            "pg_quota: counters come back in hold order"
+        );
+        let mut used = counter_used;
         if c.policy.rolling() {
             if c.actual > zero {
                 let bucket = crate::window::to_pg(pg_quota_core::WindowSpec::bucket_of(now_utc));
-                run(
-                    client,
-                    ROLLING_ADD,
-                    &[
-                        c.policy.policy_id.into(),
-                        c.scope_id.into(),
-                        bucket.into(),
-                        c.actual.clone().into(),
-                    ],
-                );
+                let args = [
+                    c.policy.policy_id.into(),
+                    c.scope_id.into(),
+                    bucket.into(),
+                    c.actual.clone().into(),
+                ];
+                run(client, ROLLING_ADD, &args);
             }
             let sum = first(
                 client,
