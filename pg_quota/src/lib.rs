@@ -1,7 +1,8 @@
 //! pg_quota: API-key quotas for LLM gateways, enforced inside PostgreSQL.
 //!
-//! The Rust layer is glue: window math lives in the pgrx-free `pg_quota_core` crate,
-//! the tables and lifecycle functions in the hand-written SQL under `sql/schema/`.
+//! Window math lives in the pgrx-free `pg_quota_core` crate; the hot path of the request
+//! lifecycle (`quota.admit`, `quota.settle`) in `lifecycle/`, native code over SPI; the tables,
+//! the other lifecycle and admin functions in the hand-written SQL under `sql/schema/`.
 use pgrx::prelude::*;
 
 ::pgrx::pg_module_magic!(name, version);

@@ -7,7 +7,7 @@ use pgrx::spi::SpiClient;
 use pgrx::AnyNumeric;
 
 use super::cache;
-use super::{clock, col, fail, first, metric_amount, refuses, run, EngineError, Policy};
+use super::{clock, col, fail, first, metric_amount, refuses, row, run, EngineError, Policy};
 
 /// The columns of `quota.admission`, in order.
 #[derive(Default)]
@@ -58,25 +58,26 @@ impl Admission {
     }
 
     fn into_tuple(self) -> pgrx::composite_type!('static, "quota.admission") {
-        let mut t = PgHeapTuple::new_composite_type("quota.admission")
-            .unwrap_or_else(|e| error!("pg_quota: type quota.admission: {e}"));
-        t.set_by_index(1.try_into().unwrap(), self.allowed).unwrap();
-        t.set_by_index(2.try_into().unwrap(), self.http_status).unwrap();
-        t.set_by_index(3.try_into().unwrap(), self.error_code).unwrap();
-        t.set_by_index(4.try_into().unwrap(), self.message).unwrap();
-        t.set_by_index(5.try_into().unwrap(), self.retry_after_s).unwrap();
-        t.set_by_index(6.try_into().unwrap(), self.key_id).unwrap();
-        t.set_by_index(7.try_into().unwrap(), self.user_id).unwrap();
-        t.set_by_index(8.try_into().unwrap(), self.channel_id).unwrap();
-        t.set_by_index(9.try_into().unwrap(), self.upstream_base_url).unwrap();
-        t.set_by_index(10.try_into().unwrap(), self.upstream_api_key).unwrap();
-        t.set_by_index(11.try_into().unwrap(), self.upstream_model).unwrap();
-        t.set_by_index(12.try_into().unwrap(), self.ratelimit_limit).unwrap();
-        t.set_by_index(13.try_into().unwrap(), self.ratelimit_remaining)
-            .unwrap();
-        t.set_by_index(14.try_into().unwrap(), self.ratelimit_metric).unwrap();
-        t.set_by_index(15.try_into().unwrap(), self.ratelimit_reset_at).unwrap();
-        t
+        row(
+            c"admission",
+            [
+                self.allowed.into_datum(),
+                self.http_status.into_datum(),
+                self.error_code.into_datum(),
+                self.message.into_datum(),
+                self.retry_after_s.into_datum(),
+                self.key_id.into_datum(),
+                self.user_id.into_datum(),
+                self.channel_id.into_datum(),
+                self.upstream_base_url.into_datum(),
+                self.upstream_api_key.into_datum(),
+                self.upstream_model.into_datum(),
+                self.ratelimit_limit.into_datum(),
+                self.ratelimit_remaining.into_datum(),
+                self.ratelimit_metric.into_datum(),
+                self.ratelimit_reset_at.into_datum(),
+            ],
+        )
     }
 }
 

@@ -7,7 +7,7 @@ use pgrx::AnyNumeric;
 
 use super::admit::ROLLING_USED;
 use super::cache;
-use super::{clock, col, fail, first, metric_amount, run, EngineError, Policy};
+use super::{clock, col, fail, first, metric_amount, row, run, EngineError, Policy};
 
 /// The columns of `quota.settlement`, in order.
 struct Settlement {
@@ -111,15 +111,16 @@ fn settle(
         Ok(s) => s,
         Err(e) => e.raise(),
     };
-    let mut t = PgHeapTuple::new_composite_type("quota.settlement")
-        .unwrap_or_else(|e| error!("pg_quota: type quota.settlement: {e}"));
-    let at = |i: usize| std::num::NonZeroUsize::new(i).unwrap();
-    t.set_by_index(at(1), true).unwrap();
-    t.set_by_index(at(2), s.billed).unwrap();
-    t.set_by_index(at(3), s.unbilled_reason).unwrap();
-    t.set_by_index(at(4), s.cost).unwrap();
-    t.set_by_index(at(5), s.replay).unwrap();
-    t
+    row(
+        c"settlement",
+        [
+            true.into_datum(),
+            s.billed.into_datum(),
+            s.unbilled_reason.into_datum(),
+            s.cost.into_datum(),
+            s.replay.into_datum(),
+        ],
+    )
 }
 
 fn settle_in(
