@@ -116,3 +116,9 @@ CREATE TRIGGER policy_generation_bump AFTER INSERT OR UPDATE OR DELETE OR TRUNCA
     FOR EACH STATEMENT EXECUTE FUNCTION quota.policy_generation_bump();
 CREATE TRIGGER policy_generation_bump AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.channel_model
     FOR EACH STATEMENT EXECUTE FUNCTION quota.policy_generation_bump();
+-- ALWAYS: also when rows arrive by logical replication (session_replication_role = replica).
+ALTER TABLE quota.policy ENABLE ALWAYS TRIGGER policy_generation_bump;
+ALTER TABLE quota.boost ENABLE ALWAYS TRIGGER policy_generation_bump;
+ALTER TABLE quota.user_group_member ENABLE ALWAYS TRIGGER policy_generation_bump;
+ALTER TABLE quota.model_group_member ENABLE ALWAYS TRIGGER policy_generation_bump;
+ALTER TABLE quota.channel_model ENABLE ALWAYS TRIGGER policy_generation_bump;
