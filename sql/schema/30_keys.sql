@@ -49,20 +49,3 @@ LANGUAGE sql IMMUTABLE AS $$
             + least(cached_tokens, input_tokens) * coalesce(p.cached_input_per_mtok, p.input_per_mtok)
             + output_tokens * p.output_per_mtok) / 1000000)
 $$;
-
--- Cost of a usage of a model by name; NULL when the model has no price.
-CREATE FUNCTION quota.price_of(model text, input_tokens bigint, output_tokens bigint, cached_tokens bigint)
-RETURNS numeric
-LANGUAGE sql STABLE AS $$
-    SELECT (SELECT quota.cost_of(mp, input_tokens, output_tokens, cached_tokens)
-            FROM quota.model_price mp WHERE mp.model = price_of.model)
-$$;
-
--- Raises an error with one of the engine's own SQLSTATEs (PQ400 bad input, PQ404 unknown,
--- PQ409 conflict), which the relay maps to HTTP statuses.
-CREATE FUNCTION quota.fail(sqlstate text, message text) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION USING ERRCODE = sqlstate, MESSAGE = message;
-END
-$$;

@@ -28,8 +28,8 @@ FROM r LEFT JOIN quota.model_price mp ON mp.model = r.model";
 const SETTLED: &str = "SELECT l.billed, l.unbilled_reason, l.cost FROM quota.usage_ledger l WHERE l.request_id = $1";
 
 const RELEASED: &str = "\
-SELECT r.kind, r.key_id, r.user_id, r.channel_id, r.model, quota.price_of(r.model, $2, $3, $4)
-FROM quota.released r WHERE r.request_id = $1";
+SELECT r.kind, r.key_id, r.user_id, r.channel_id, r.model, quota.cost_of(mp, $2, $3, $4)
+FROM quota.released r LEFT JOIN quota.model_price mp ON mp.model = r.model WHERE r.request_id = $1";
 
 // A reservation the sweep expired while the upstream was still working: the usage is real, so it
 // is charged on the policies that apply now, with no hold left to release.
