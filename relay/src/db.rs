@@ -59,6 +59,11 @@ pub enum DbError {
 }
 
 impl DbError {
+    /// A transaction PostgreSQL rolled back to resolve a conflict (deadlock, serialization).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, DbError::Sql { code, .. } if code.starts_with("40"))
+    }
+
     /// Worth trying again: connection trouble or a transaction conflict.
     pub fn is_transient(&self) -> bool {
         match self {
@@ -226,7 +231,34 @@ pub struct AdmitArgs<'a> {
     pub channel_id: Option<i64>,
 }
 
+/// An admit that PostgreSQL rolled back as a deadlock victim or a serialization failure (SQLSTATE
+/// class 40) left nothing behind, so it is run again, up to this many times in all. (Routing
+/// visits channels of equal priority in random order, so two admits can deadlock there.)
+const ADMIT_ATTEMPTS: u32 = 3;
+
 pub async fn admit(pool: &Pool, a: &AdmitArgs<'_>) -> Result<Admission, DbError> {
+    again_after_conflicts(ADMIT_ATTEMPTS, || admit_once(pool, a)).await
+}
+
+/// Runs `call` until it ends in anything but a transaction conflict, at most `attempts` times.
+async fn again_after_conflicts<T, F, Fut>(attempts: u32, mut call: F) -> Result<T, DbError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, DbError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Err(e) if e.is_conflict() && attempt < attempts => {
+                tracing::warn!(attempt, error = %e, "admit rolled back by a conflict; running it again");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn admit_once(pool: &Pool, a: &AdmitArgs<'_>) -> Result<Admission, DbError> {
     bounded(async {
         let client = pool.get().await?;
         let stmt = client.prepare_cached(ADMIT_SQL).await?;
@@ -342,6 +374,46 @@ pub async fn models(pool: &Pool, api_key: &str) -> Result<Vec<ModelEntry>, DbErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sql(code: &str) -> DbError {
+        DbError::Sql { code: code.into(), message: "m".into() }
+    }
+
+    #[tokio::test]
+    async fn a_deadlocked_admit_runs_again_and_other_errors_do_not() {
+        let calls = std::cell::Cell::new(0);
+        let deadlocked_twice = again_after_conflicts(3, || {
+            calls.set(calls.get() + 1);
+            let n = calls.get();
+            async move { if n < 3 { Err(sql("40P01")) } else { Ok(n) } }
+        })
+        .await;
+        assert_eq!(deadlocked_twice.unwrap(), 3);
+
+        calls.set(0);
+        let always = again_after_conflicts(3, || {
+            calls.set(calls.get() + 1);
+            async { Err::<(), _>(sql("40001")) }
+        })
+        .await;
+        assert!(always.unwrap_err().is_conflict());
+        assert_eq!(calls.get(), 3, "gives up after the last attempt");
+
+        for other in [sql("PQ409"), sql("23505"), DbError::Unavailable("down".into())] {
+            calls.set(0);
+            let once = again_after_conflicts(3, || {
+                calls.set(calls.get() + 1);
+                let e = match &other {
+                    DbError::Sql { code, .. } => sql(code),
+                    DbError::Unavailable(m) => DbError::Unavailable(m.clone()),
+                };
+                async move { Err::<(), _>(e) }
+            })
+            .await;
+            assert!(once.is_err());
+            assert_eq!(calls.get(), 1, "{other} is not run again");
+        }
+    }
 
     #[test]
     fn target_description_never_contains_the_password() {

@@ -166,7 +166,8 @@ $$;
 -- channel that a concurrent request just filled instead of refusing. Routing visits channels
 -- before any key or user counter is locked, and in one order (priority) for everyone, except
 -- that channels of equal priority are visited in weighted-random order; a deadlock there needs
--- two requests to both find their first pick full at once, and PostgreSQL breaks it (40P01).
+-- two requests to both find their first pick full at once; PostgreSQL breaks it (40P01) and the
+-- relay runs the admit that lost again.
 CREATE FUNCTION quota.channel_blocked_until(channel_id bigint, cost numeric, input_tokens bigint,
                                             output_tokens bigint, now_ts timestamptz)
 RETURNS timestamptz

@@ -286,7 +286,7 @@ fn decide(
         Err(refused) => {
             return Ok(with_key(Admission {
                 channel_id: pinned,
-                ..refused
+                ..*refused
             }))
         }
     };
@@ -513,7 +513,7 @@ fn route(
     est: i64,
     max_out: i64,
     now: TimestampWithTimeZone,
-) -> Result<Option<i64>, Admission> {
+) -> Result<Option<i64>, Box<Admission>> {
     if pinned.is_none() && !cache::served(client, model) {
         return Ok(None);
     }
@@ -552,7 +552,7 @@ fn route(
     if candidates.is_empty() && pinned.is_none() {
         return Ok(None);
     }
-    Err(match (pinned, soonest) {
+    Err(Box::new(match (pinned, soonest) {
         (Some(p), _) if candidates.is_empty() => Admission::denied(
             400,
             "invalid_channel",
@@ -576,5 +576,5 @@ fn route(
             soonest,
             now,
         ),
-    })
+    }))
 }
