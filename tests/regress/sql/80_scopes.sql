@@ -241,3 +241,20 @@ RESET ROLE;
 DROP ROLE regress_scope_admin;
 DROP ROLE regress_scope_relay;
 DROP ROLE regress_scope_nobody;
+
+-- Each connection keeps the policies it selected while quota.policy_generation holds still.
+-- Every change to what selection reads gives it a new value, also for rows applied by logical
+-- replication (session_replication_role = replica skips ordinary triggers), and never one used
+-- before.
+SELECT generation AS g0 FROM quota.policy_generation \gset
+SET session_replication_role = replica;
+INSERT INTO quota.boost (subject_type, subject_id, metric, period, amount, expires_at)
+SELECT 'user', user_id, 'tokens', 'day', 5, now() + interval '1 day' FROM quota.app_user LIMIT 1;
+RESET session_replication_role;
+SELECT generation > :g0 AS bumped_by_replicated_boost FROM quota.policy_generation;
+SELECT generation AS g1 FROM quota.policy_generation \gset
+BEGIN;
+DELETE FROM quota.channel_model WHERE false;
+ROLLBACK;
+UPDATE quota.user_group_member SET user_id = user_id WHERE false;
+SELECT generation > :g1 + 1 AS rolled_back_value_not_reused FROM quota.policy_generation;
