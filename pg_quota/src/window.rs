@@ -19,8 +19,9 @@ pub(crate) fn to_pg(ts: DateTime<Utc>) -> TimestampWithTimeZone {
         .unwrap_or_else(|_| error!("pg_quota: timestamp {ts} is out of range"))
 }
 
+/// A policy's window rules from its columns; an invalid column is SQLSTATE 23514.
 #[allow(clippy::too_many_arguments)]
-fn spec(
+pub(crate) fn spec(
     period: &str,
     period_minutes: Option<i32>,
     window_mode: &str,
@@ -64,8 +65,13 @@ pub(crate) fn window_bounds(
     ),
 > {
     let spec = spec(period, period_minutes, window_mode, anchor, time_zone, week_start, reset_hour);
-    let w = spec.window_at(to_utc(at));
-    TableIterator::once((to_pg(w.start), w.end.map(to_pg)))
+    TableIterator::once(bounds(&spec, to_utc(at)))
+}
+
+/// The window of `spec` containing `at`: its start and its end (None for `total`).
+pub(crate) fn bounds(spec: &WindowSpec, at: DateTime<Utc>) -> (TimestampWithTimeZone, Option<TimestampWithTimeZone>) {
+    let w = spec.window_at(at);
+    (to_pg(w.start), w.end.map(to_pg))
 }
 
 /// NULL when the window columns of a policy are valid, else {column, message}.

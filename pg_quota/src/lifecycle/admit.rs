@@ -7,7 +7,7 @@ use pgrx::spi::SpiClient;
 use pgrx::AnyNumeric;
 
 use super::cache;
-use super::{clock, col, fail, first, metric_amount, refuses, row, run, EngineError, Policy};
+use super::{clock, col, fail, first, metric_amount, refuses, rolling_used, row, run, EngineError, Policy};
 
 /// The columns of `quota.admission`, in order.
 #[derive(Default)]
@@ -146,10 +146,6 @@ SELECT held.policy_id, held.used, held.reserved FROM held";
 
 // A refused request gives its holds back and leaves no reservation.
 const UNFILE: &str = "DELETE FROM quota.reservation r WHERE r.request_id = $1";
-
-pub(super) const ROLLING_USED: &str = "\
-SELECT coalesce(sum(r.used), 0) FROM quota.rolling_usage r
-WHERE r.policy_id = $1 AND r.scope_id = $2 AND r.bucket >= $3";
 
 const RELEASE: &str =
     "UPDATE quota.counter c SET reserved = c.reserved - $3 WHERE c.policy_id = $1 AND c.scope_id = $2";
@@ -378,12 +374,7 @@ fn decide(
         let effective_limit = h.effective_limit.clone();
         let reserved = reserved_now - amount.clone(); // as it was before this hold
         let used = if policy.rolling() {
-            let sum = first(
-                client,
-                ROLLING_USED,
-                &[policy.policy_id.into(), (*scope_id).into(), (*ws).into()],
-            );
-            sum.and_then(|r| col(&r, 1)).unwrap_or_else(|| AnyNumeric::from(0))
+            rolling_used(client, policy.policy_id, *scope_id, *ws)
         } else {
             counter_used
         };

@@ -35,7 +35,7 @@ use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiHeapTupleData, SpiTupleTable};
 use pgrx::{AnyNumeric, PgOid, PgTupleDesc};
 
-use crate::window::{to_pg, to_utc};
+use crate::window::to_utc;
 
 thread_local! {
     /// Kept plans by statement text (each statement is a `'static` string, so its address is
@@ -178,16 +178,15 @@ impl Policy {
     pub(crate) fn read(row: &SpiHeapTupleData<'_>, first: usize) -> Policy {
         let text = |i: usize| col::<String>(row, first + i).unwrap_or_default();
         let window_mode = text(3);
-        let spec = WindowSpec::from_columns(
+        let spec = crate::window::spec(
             &text(6),
             col::<i32>(row, first + 7),
             &window_mode,
-            to_utc(col(row, first + 8).expect("policy.anchor is NOT NULL")),
+            col(row, first + 8).expect("policy.anchor is NOT NULL"),
             &text(9),
             i32::from(col::<i16>(row, first + 10).unwrap_or(1)),
             i32::from(col::<i16>(row, first + 11).unwrap_or(0)),
-        )
-        .unwrap_or_else(|e| error!("pg_quota: policy has an invalid window: {e}"));
+        );
         Policy {
             policy_id: col(row, first).expect("policy_id is NOT NULL"),
             subject_type: text(1),
@@ -205,9 +204,28 @@ impl Policy {
 
     /// The window containing `at`: its start and its end (NULL for `total`).
     pub(crate) fn window(&self, at: DateTime<Utc>) -> (TimestampWithTimeZone, Option<TimestampWithTimeZone>) {
-        let w = self.spec.window_at(at);
-        (to_pg(w.start), w.end.map(to_pg))
+        crate::window::bounds(&self.spec, at)
     }
+}
+
+const ROLLING_USED: &str = "\
+SELECT coalesce(sum(r.used), 0) FROM quota.rolling_usage r
+WHERE r.policy_id = $1 AND r.scope_id = $2 AND r.bucket >= $3";
+
+/// Settled usage of a rolling window starting at `window_start`: the sum of its buckets.
+pub(crate) fn rolling_used(
+    client: &mut SpiClient<'_>,
+    policy_id: i64,
+    scope_id: i64,
+    window_start: TimestampWithTimeZone,
+) -> AnyNumeric {
+    first(
+        client,
+        ROLLING_USED,
+        &[policy_id.into(), scope_id.into(), window_start.into()],
+    )
+    .and_then(|r| col(&r, 1))
+    .unwrap_or_else(|| AnyNumeric::from(0))
 }
 
 /// Whether a policy's window refuses a request of `amount`: exhausted, or (strict) the

@@ -5,9 +5,8 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::AnyNumeric;
 
-use super::admit::ROLLING_USED;
 use super::cache;
-use super::{clock, col, fail, first, metric_amount, row, run, EngineError, Policy};
+use super::{clock, col, fail, first, metric_amount, rolling_used, row, run, EngineError, Policy};
 
 /// The columns of `quota.settlement`, in order.
 struct Settlement {
@@ -254,12 +253,7 @@ fn settle_in(
                 ];
                 run(client, ROLLING_ADD, &args);
             }
-            let sum = first(
-                client,
-                ROLLING_USED,
-                &[c.policy.policy_id.into(), c.scope_id.into(), c.ws.into()],
-            );
-            used = sum.and_then(|r| col(&r, 1)).unwrap_or_else(|| zero.clone());
+            used = rolling_used(client, c.policy.policy_id, c.scope_id, c.ws);
         }
         if used >= c.limit && !already_exhausted {
             run(
