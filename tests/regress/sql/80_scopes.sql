@@ -258,3 +258,8 @@ DELETE FROM quota.channel_model WHERE false;
 ROLLBACK;
 UPDATE quota.user_group_member SET user_id = user_id WHERE false;
 SELECT generation > :g1 + 1 AS rolled_back_value_not_reused FROM quota.policy_generation;
+-- Whether any channel serves a model is kept per connection too: a model no channel served a
+-- moment ago is routed as soon as a channel takes it on.
+SELECT allowed, channel_id IS NULL AS default_upstream FROM quota.admit(:'eve2_key', 'late1', 'gpt-late', 1, 1);
+INSERT INTO quota.channel_model (channel_id, model) VALUES (:free, 'gpt-late');
+SELECT allowed, channel_id = :free AS free FROM quota.admit(:'eve2_key', 'late2', 'gpt-late', 1, 1);
