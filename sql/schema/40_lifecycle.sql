@@ -207,12 +207,18 @@ BEGIN
 END
 $$;
 
--- The entry points are native code (src/lifecycle/): see there for why.
+-- The entry points are native code (src/lifecycle/): see there for why. A connection keeps
+-- their plans for its lifetime (generic plans, made once); every statement in them is a keyed
+-- lookup, so they are planned without sequential scans: a plan made while a table was empty
+-- (a fresh install, or the reservation table right after VACUUM truncated it) would otherwise
+-- read that table in full on every call once it has grown, until the next ANALYZE. JIT is off:
+-- it never pays for statements this small, and a scan that has no index to use instead (a
+-- one-row table) carries the cost penalty that would otherwise trigger it on every call.
 CREATE FUNCTION quota.admit(api_key text, request_id text, model text, est_input_tokens bigint,
                             max_output_tokens bigint, channel_id bigint DEFAULT NULL)
 RETURNS quota.admission
 LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off
 AS 'MODULE_PATHNAME', 'admit_wrapper';
 
 -- Ends a run-out suspension of one key and logs it; safe to race (only one caller logs).
@@ -253,7 +259,7 @@ CREATE FUNCTION quota.settle(request_id text, input_tokens bigint, output_tokens
                              cached_tokens bigint DEFAULT 0)
 RETURNS quota.settlement
 LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off
 AS 'MODULE_PATHNAME', 'settle_wrapper';
 
 -- A window just reached its limit: remember it once, log it, and suspend the key when the
@@ -281,9 +287,10 @@ BEGIN
 END
 $$;
 
+-- Planned like admit and settle (see above quota.admit).
 CREATE FUNCTION quota.refund(request_id text, reason text DEFAULT NULL) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     v_res quota.reservation;
 BEGIN

@@ -1,0 +1,57 @@
+-- A connection keeps the lifecycle's plans for its lifetime. Plans made on a fresh install,
+-- whose tables were analyzed while empty, must not read those tables in full once they have
+-- grown: every lifecycle statement is a keyed lookup.
+DROP DATABASE IF EXISTS pgq_regress_plans;
+CREATE DATABASE pgq_regress_plans;
+\c pgq_regress_plans
+SET client_min_messages = warning;
+CREATE EXTENSION pg_quota;
+RESET client_min_messages;
+-- no ANALYZE behind the test's back
+ALTER TABLE quota.usage_ledger SET (autovacuum_enabled = false);
+ALTER TABLE quota.reservation SET (autovacuum_enabled = false);
+ALTER TABLE quota.released SET (autovacuum_enabled = false);
+INSERT INTO quota.model_price VALUES ('gpt-plan', 1, 2, NULL);
+SELECT quota.create_user('paula') AS paula \gset
+SELECT quota.create_key(:paula, 'plans') AS key \gset
+INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit)
+VALUES ('user', :paula, 'cost', 'day', 1000000);
+VACUUM ANALYZE;
+-- The first calls make the plans, while the ledger, reservation and released are empty.
+SELECT allowed FROM quota.admit(:'key', 'plan-0', 'gpt-plan', 1, 1);
+SELECT settled FROM quota.settle('plan-0', 1, 1);
+SELECT allowed FROM quota.admit(:'key', 'plan-r0', 'gpt-plan', 1, 1);
+SELECT quota.refund('plan-r0');
+-- Each of them grows by 5,000 rows.
+INSERT INTO quota.usage_ledger (request_id, key_id, user_id, model, input_tokens, output_tokens, cached_tokens,
+                                cost, billed, counted_policy, counted_scope, counted_window, counted_amount,
+                                settled_at)
+SELECT 'plan-bulk-' || i, k.key_id, k.user_id, 'gpt-plan', 1, 1, 0, 0, true, '{}', '{}', '{}', '{}', now()
+FROM generate_series(1, 5000) i, quota.api_key k;
+INSERT INTO quota.reservation (request_id, key_id, user_id, model, counted_in_key_global, counted_in_user_global,
+                               est_input_tokens, max_output_tokens, hold_policy, hold_scope, hold_amount,
+                               hold_limit, created_at)
+SELECT 'plan-open-' || i, k.key_id, k.user_id, 'gpt-plan', true, true, 0, 0, '{}', '{}', '{}', '{}', now()
+FROM generate_series(1, 5000) i, quota.api_key k;
+INSERT INTO quota.released (request_id, kind, key_id, user_id, model, released_at)
+SELECT 'plan-gone-' || i, 'refunded', k.key_id, k.user_id, 'gpt-plan', now()
+FROM generate_series(1, 5000) i, quota.api_key k;
+SELECT pg_stat_force_next_flush();
+-- (kept in psql variables: a temporary table would change the search path, and that alone
+-- makes every kept plan again)
+SELECT string_agg(relname || '=' || seq_scan, ',' ORDER BY relname) AS scans_before FROM pg_stat_user_tables
+WHERE relname IN ('usage_ledger', 'reservation', 'released') \gset
+SELECT allowed FROM quota.admit(:'key', 'plan-1', 'gpt-plan', 1, 1);
+SELECT settled FROM quota.settle('plan-1', 1, 1);
+SELECT allowed FROM quota.admit(:'key', 'plan-2', 'gpt-plan', 1, 1);
+SELECT settled FROM quota.settle('plan-2', 1, 1);
+SELECT quota.refund('plan-1');
+SELECT allowed FROM quota.admit(:'key', 'plan-r1', 'gpt-plan', 1, 1);
+SELECT quota.refund('plan-r1');
+SELECT pg_stat_force_next_flush();
+-- Full reads of the grown tables by those calls: none.
+SELECT s.relname, s.seq_scan - split_part(b, '=', 2)::bigint AS full_scans
+FROM pg_stat_user_tables s JOIN unnest(string_to_array(:'scans_before', ',')) b ON split_part(b, '=', 1) = s.relname
+ORDER BY 1;
+\c pgq_regress
+DROP DATABASE pgq_regress_plans;
