@@ -121,14 +121,24 @@ ORDER BY c.status = 'enabled' DESC, c.priority DESC, -ln(1 - random()) / c.weigh
 
 const CHANNEL_BLOCKED_UNTIL: &str = "SELECT quota.channel_blocked_until($1, $2, $3, $4, $5)";
 
-// Takes the holds and files the reservation in one statement. Rolls each stale window and
-// reserves, which also locks the counter rows, in the order given (the lock order); a first
-// request of a scope creates its row, so concurrent first requests queue on it like any other.
-// Returns each counter's settled usage in the window and its reservations, this one included.
+// Files the reservation and takes the holds in one statement. The reservation row goes in
+// first (the EXISTS runs it before any counter is read), so the counter rows, which a busy key
+// shares with every request, stay locked from their update to the commit and no longer. Rolls
+// each stale window and reserves, which also locks the counter rows, in the order given (the
+// lock order); a first request of a scope creates its row, so concurrent first requests queue
+// on it like any other. Returns each counter's settled usage in the window and its
+// reservations, this one included.
 const RESERVE: &str = "\
-WITH held AS (
+WITH filed AS (
+    INSERT INTO quota.reservation (request_id, key_id, user_id, channel_id, model, counted_in_key_global,
+                                   counted_in_user_global, est_input_tokens, max_output_tokens,
+                                   hold_policy, hold_scope, hold_amount, hold_limit, created_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+    RETURNING 1
+), held AS (
     INSERT INTO quota.counter AS c (policy_id, scope_id, window_start, reserved)
     SELECT * FROM unnest($10::bigint[], $11::bigint[], $15::timestamptz[], $12::numeric[])
+    WHERE EXISTS (SELECT FROM filed)
     ON CONFLICT (policy_id, scope_id) DO UPDATE SET
         used         = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.used ELSE 0 END,
         exhausted_at = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.exhausted_at END,
@@ -136,11 +146,6 @@ WITH held AS (
         window_start = EXCLUDED.window_start,
         reserved     = c.reserved + EXCLUDED.reserved
     RETURNING c.policy_id, c.used, c.reserved
-), filed AS (
-    INSERT INTO quota.reservation (request_id, key_id, user_id, channel_id, model, counted_in_key_global,
-                                   counted_in_user_global, est_input_tokens, max_output_tokens,
-                                   hold_policy, hold_scope, hold_amount, hold_limit, created_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
 )
 SELECT held.policy_id, held.used, held.reserved FROM held";
 

@@ -11,8 +11,10 @@
 //! here. The SQL declarations of the entry points, with their SECURITY DEFINER and pinned
 //! search_path, live in `sql/schema/40_lifecycle.sql`.
 //!
-//! Lock order, as everywhere in the engine: the reservation row, the day's rollup row (settle
-//! only), the counters (the channel's first, then by policy_id), then the api_key row.
+//! Lock order, as everywhere in the engine: the reservation row, the counters (the channel's
+//! first, then by policy_id), the day's rollup row (settle only), then the api_key row. Rows
+//! that no other request shares (reservation, ledger) are written before the counters, so a
+//! busy key's counter rows stay locked only from their update to the commit.
 /// The select list that [`Policy::read`] reads (12 columns), for a `quota.policy` row `p`.
 macro_rules! policy_columns {
     () => {

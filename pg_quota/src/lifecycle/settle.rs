@@ -39,10 +39,12 @@ FROM quota.policies_for($1, $2, $3, $4, $5) f
 ORDER BY f.axis <> 'channel', (f.policy).policy_id";
 
 // Writes the ledger row (its trigger adds it to the day's rollup) and moves each hold to its
-// window's usage, rolling a stale window first, in the order given (the lock order). Rolling
-// windows count in rolling_usage instead ($19 holds 0 for them). A counter deleted meanwhile
-// (policy edited) is created again, with nothing reserved. A request counts on a policy at
-// most once, so a policy id finds its hold.
+// window's usage, rolling a stale window first, in the order given (the lock order). The ledger
+// row goes in first (the EXISTS runs it before any counter is read), so the counter rows, which
+// a busy key shares with every request, stay locked from their update to the commit and no
+// longer. Rolling windows count in rolling_usage instead ($19 holds 0 for them). A counter
+// deleted meanwhile (policy edited) is created again, with nothing reserved. A request counts
+// on a policy at most once, so a policy id finds its hold.
 const COUNT: &str = "\
 WITH ledger AS (
     INSERT INTO quota.usage_ledger (request_id, key_id, user_id, channel_id, model, input_tokens,
@@ -50,9 +52,11 @@ WITH ledger AS (
                                     counted_in_key_global, counted_in_user_global,
                                     counted_policy, counted_scope, counted_window, counted_amount, settled_at)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
+    RETURNING 1
 )
 INSERT INTO quota.counter AS c (policy_id, scope_id, window_start, used)
 SELECT * FROM unnest($14::bigint[], $15::bigint[], $16::timestamptz[], $19::numeric[])
+WHERE EXISTS (SELECT FROM ledger)
 ON CONFLICT (policy_id, scope_id) DO UPDATE SET
     used         = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.used ELSE 0 END + EXCLUDED.used,
     exhausted_at = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.exhausted_at END,
