@@ -5,7 +5,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, QueueMode, RecyclingMethod, Runtime};
 use tokio_postgres::{NoTls, Row};
 
 use crate::error::{error_chain, AppError};
@@ -179,6 +179,9 @@ pub fn build_pool(mut pg: tokio_postgres::Config, size: usize) -> Result<Pool, S
     );
     Pool::builder(manager)
         .max_size(size.max(1))
+        // the connection used last, like PgBouncer's default: a few warm backends (CPU caches,
+        // the engine's per-connection policy cache) serve a moderate load, the rest stay idle
+        .queue_mode(QueueMode::Lifo)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(POOL_WAIT))
         .create_timeout(Some(CONNECT_TIMEOUT + Duration::from_secs(1)))
