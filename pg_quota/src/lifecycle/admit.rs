@@ -128,7 +128,8 @@ const CHANNEL_BLOCKED_UNTIL: &str = "SELECT quota.channel_blocked_until($1, $2, 
 // lock order); a first request of a scope creates its row, so concurrent first requests queue
 // on it like any other. Returns each counter's settled usage in the window and its
 // reservations, this one included.
-const RESERVE: &str = "\
+const RESERVE: &str = concat!(
+    "\
 WITH filed AS (
     INSERT INTO quota.reservation (request_id, key_id, user_id, channel_id, model, counted_in_key_global,
                                    counted_in_user_global, est_input_tokens, max_output_tokens,
@@ -140,14 +141,14 @@ WITH filed AS (
     SELECT * FROM unnest($10::bigint[], $11::bigint[], $15::timestamptz[], $12::numeric[])
     WHERE EXISTS (SELECT FROM filed)
     ON CONFLICT (policy_id, scope_id) DO UPDATE SET
-        used         = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.used ELSE 0 END,
-        exhausted_at = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.exhausted_at END,
-        reset_at     = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.reset_at END,
-        window_start = EXCLUDED.window_start,
+        ",
+    roll_window!(),
+    ",
         reserved     = c.reserved + EXCLUDED.reserved
     RETURNING c.policy_id, c.used, c.reserved
 )
-SELECT held.policy_id, held.used, held.reserved FROM held";
+SELECT held.policy_id, held.used, held.reserved FROM held"
+);
 
 // A refused request gives its holds back and leaves no reservation.
 const UNFILE: &str = "DELETE FROM quota.reservation r WHERE r.request_id = $1";

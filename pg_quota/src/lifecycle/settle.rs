@@ -45,7 +45,8 @@ ORDER BY f.axis <> 'channel', (f.policy).policy_id";
 // longer. Rolling windows count in rolling_usage instead ($19 holds 0 for them). A counter
 // deleted meanwhile (policy edited) is created again, with nothing reserved. A request counts
 // on a policy at most once, so a policy id finds its hold.
-const COUNT: &str = "\
+const COUNT: &str = concat!(
+    "\
 WITH ledger AS (
     INSERT INTO quota.usage_ledger (request_id, key_id, user_id, channel_id, model, input_tokens,
                                     output_tokens, cached_tokens, cost, billed, unbilled_reason,
@@ -58,12 +59,12 @@ INSERT INTO quota.counter AS c (policy_id, scope_id, window_start, used)
 SELECT * FROM unnest($14::bigint[], $15::bigint[], $16::timestamptz[], $19::numeric[])
 WHERE EXISTS (SELECT FROM ledger)
 ON CONFLICT (policy_id, scope_id) DO UPDATE SET
-    used         = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.used ELSE 0 END + EXCLUDED.used,
-    exhausted_at = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.exhausted_at END,
-    reset_at     = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.reset_at END,
-    window_start = EXCLUDED.window_start,
-    reserved     = c.reserved - ($20::numeric[])[array_position($14::bigint[], c.policy_id)]
-RETURNING c.policy_id, c.used, c.exhausted_at IS NOT NULL";
+        ",
+    roll_window!(),
+    ",
+        reserved     = c.reserved - ($20::numeric[])[array_position($14::bigint[], c.policy_id)]
+RETURNING c.policy_id, c.used, c.exhausted_at IS NOT NULL"
+);
 
 const ROLLING_ADD: &str = "\
 INSERT INTO quota.rolling_usage AS r (policy_id, scope_id, bucket, used) VALUES ($1, $2, $3, $4)
