@@ -145,17 +145,33 @@ END
 $$;
 
 -- Recomputes every live counter from the ledger and the live reservations; returns only the
--- counters that disagree (none when healthy).
+-- counters that disagree (none when healthy). One pass over the ledger and one over the
+-- reservations, each joined to the counters by hash: it stays linear in the ledger's size.
 CREATE FUNCTION quota.drift()
 RETURNS TABLE (policy_id bigint, scope_id bigint, counter_used numeric, ledger_used numeric,
                counter_reserved numeric, holds_reserved numeric)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     WITH now_ts AS (SELECT quota.clock() AS t),
-    counted AS (
-        SELECT x.policy_id, x.scope_id, x.window_start, x.amount, l.settled_at
+    live AS (  -- each counter with its policy's window mode and the current window's start
+        SELECT c.policy_id, c.scope_id, c.window_start, c.used, c.reserved, c.reset_at,
+               p.window_mode, w.window_start AS current_start
+        FROM quota.counter c
+        JOIN quota.policy p ON p.policy_id = c.policy_id
+        CROSS JOIN now_ts n
+        CROSS JOIN LATERAL quota.policy_window(p, n.t) w
+    ),
+    counted AS (  -- what the ledger rows since the counter's last reset gave its window
+        SELECT c.policy_id, c.scope_id, sum(x.amount) AS amount
         FROM quota.usage_ledger l,
              unnest(l.counted_policy, l.counted_scope, l.counted_window, l.counted_amount)
                  AS x(policy_id, scope_id, window_start, amount)
+        JOIN live c ON c.policy_id = x.policy_id AND c.scope_id = x.scope_id
+        WHERE l.settled_at >= coalesce(c.reset_at, '-infinity')
+          AND CASE c.window_mode
+                  WHEN 'fixed' THEN x.window_start = c.window_start
+                  ELSE to_timestamp(floor(extract(epoch FROM l.settled_at) / 60) * 60) >= c.current_start
+              END
+        GROUP BY 1, 2
     ),
     holds AS (
         SELECT h.policy_id, h.scope_id, sum(h.amount) AS amount
@@ -164,24 +180,16 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     ),
     expected AS (
         SELECT c.policy_id, c.scope_id,
-               CASE p.window_mode
+               CASE c.window_mode
                    WHEN 'fixed' THEN c.used
                    ELSE (SELECT coalesce(sum(r.used), 0) FROM quota.rolling_usage r
-                          WHERE r.policy_id = c.policy_id AND r.scope_id = c.scope_id AND r.bucket >= w.window_start)
+                         WHERE r.policy_id = c.policy_id AND r.scope_id = c.scope_id AND r.bucket >= c.current_start)
                END AS counter_used,
-               (SELECT coalesce(sum(k.amount), 0) FROM counted k
-                 WHERE k.policy_id = c.policy_id AND k.scope_id = c.scope_id
-                   AND k.settled_at >= coalesce(c.reset_at, '-infinity')
-                   AND CASE p.window_mode
-                           WHEN 'fixed' THEN k.window_start = c.window_start
-                           ELSE to_timestamp(floor(extract(epoch FROM k.settled_at) / 60) * 60) >= w.window_start
-                       END) AS ledger_used,
+               coalesce(k.amount, 0) AS ledger_used,
                c.reserved AS counter_reserved,
                coalesce(h.amount, 0) AS holds_reserved
-        FROM quota.counter c
-        JOIN quota.policy p ON p.policy_id = c.policy_id
-        CROSS JOIN now_ts n
-        CROSS JOIN LATERAL quota.policy_window(p, n.t) w
+        FROM live c
+        LEFT JOIN counted k ON k.policy_id = c.policy_id AND k.scope_id = c.scope_id
         LEFT JOIN holds h ON h.policy_id = c.policy_id AND h.scope_id = c.scope_id
     )
     SELECT * FROM expected e
