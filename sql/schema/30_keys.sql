@@ -32,7 +32,7 @@ $$;
 -- Shape checked by length and prefix only: a regular expression with {64} costs ~25 µs a call,
 -- and a malformed id or secret cannot match a stored public id and hash anyway.
 CREATE FUNCTION quota.key_for_secret(api_key text) RETURNS SETOF quota.api_key
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE ROWS 1 AS $$
     SELECT k.* FROM quota.api_key k
     WHERE length(api_key) = 84 AND left(api_key, 7) = 'sk-pgq-' AND substr(api_key, 20, 1) = '-'
       AND k.public_id = substr(api_key, 8, 12)
