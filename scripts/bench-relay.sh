@@ -3,7 +3,8 @@
 # before, settle after, on a throwaway cluster), both release builds, non-streaming chat
 # completions. Latency at a fixed moderate rate (hey -q, one worker per key, 4 keys);
 # throughput at max rate (wrk, a random key of 64 per request). Prints one small table and
-# the mean quota.admit round trip the relay saw; asserts nothing. BENCH_PG_EXTRA adds postgres
+# the mean quota.admit round trip the relay saw next to a committed single-row UPDATE's at
+# the same rate; asserts nothing. BENCH_PG_EXTRA adds postgres
 # settings, e.g. BENCH_PG_EXTRA=synchronous_commit=off to see the figures without WAL flushes.
 set -euo pipefail
 LOG_TAG=bench
@@ -110,6 +111,14 @@ relay=$(latency "$RELAY/v1/chat/completions")
 admit_ms=$(echo "$before $(admit_seconds)" | awk '{printf "%.2f", ($3 - $1) / ($4 - $2) * 1000}')
 read -r direct_p50 direct_p99 <<<"$direct"
 read -r relay_p50 relay_p99 <<<"$relay"
+# The floor under admit on this machine right now: one committed single-row UPDATE per
+# transaction, 4 clients at the same rate (the machine's wake-up latency moves by 1.5x between
+# runs, so the admit figure is only meaningful next to this one).
+psql -X -q -c "CREATE TABLE bench_floor (id int PRIMARY KEY, n bigint); INSERT INTO bench_floor VALUES (1, 0), (2, 0), (3, 0), (4, 0)"
+echo 'UPDATE bench_floor SET n = n + 1 WHERE id = :client_id + 1;' >"$WORK/floor.sql"
+floor_ms=$("$PG_BIN/pgbench" -n -M prepared -c 4 -j 1 -R "$RATE" -T "$DURATION" -f "$WORK/floor.sql" 2>&1 \
+           | awk '/^latency average = / {printf "%.2f", $4}')
+[ -n "$floor_ms" ] || fail "pgbench floor run"
 direct_rps=$(throughput "$MOCK/v1/chat/completions")
 relay_rps=$(throughput "$RELAY/v1/chat/completions")
 sleep 1
@@ -117,12 +126,13 @@ left=$(psql -X -At -c "SELECT count(*) FROM quota.reservation")
 drift=$(psql -X -At -c "SELECT count(*) FROM quota.drift()")
 
 awk -v dp50="$direct_p50" -v dp99="$direct_p99" -v rp50="$relay_p50" -v rp99="$relay_p99" \
-    -v drps="$direct_rps" -v rrps="$relay_rps" -v rate="$RATE" -v admit="$admit_ms" 'BEGIN {
+    -v drps="$direct_rps" -v rrps="$relay_rps" -v rate="$RATE" -v admit="$admit_ms" -v floor="$floor_ms" 'BEGIN {
   printf "\n  %-34s %8s %8s %12s\n", "", "p50 ms", "p99 ms", "max req/s"
   printf "  %-34s %8.2f %8.2f %12d\n", "mock upstream, direct", dp50, dp99, drps
   printf "  %-34s %8.2f %8.2f %12d\n", "through the relay", rp50, rp99, rrps
   printf "  %-34s %8.2f %8.2f %12.3f\n", "added by the relay / ratio", rp50 - dp50, rp99 - dp99, rrps / drps
   printf "  (latency at %d req/s; goals: added p50 < 1 ms, added p99 < 5 ms)\n", rate
   printf "  mean quota.admit round trip inside the relay during its latency run: %.2f ms\n", admit
+  printf "  mean committed single-row UPDATE round trip (pgbench, same rate):      %.2f ms\n", floor
 }'
 echo "  reservations left after the runs: $left; counters drifting from the ledger: $drift"
