@@ -329,13 +329,7 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(headers["content-type"], "text/event-stream");
         assert!(body.as_str().unwrap().ends_with("data: [DONE]\n\n"));
-        let seen: Value = reqwest::get(format!("{mock}/_mock/requests"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let seen = seen.as_array().unwrap();
+        let seen = crate::mock::requests_seen(&mock).await;
         assert_eq!(seen.len(), 2);
         assert_eq!(
             seen[0]["authorization"], "Bearer sk-upstream-test",

@@ -980,16 +980,6 @@ mod tests {
         String::from_utf8(out).unwrap()
     }
 
-    async fn last_seen(mock: &str) -> Value {
-        let seen: Value = reqwest::get(format!("{mock}/_mock/requests"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        seen.as_array().unwrap().last().unwrap().clone()
-    }
-
     #[tokio::test]
     async fn streaming_asks_for_usage_hides_it_and_captures_it() {
         let mock = crate::mock::spawn_for_tests(4).await;
@@ -1023,7 +1013,7 @@ mod tests {
             })
         );
 
-        let seen = last_seen(&mock).await;
+        let seen = crate::mock::requests_seen(&mock).await.pop().unwrap();
         assert_eq!(seen["body"]["stream_options"]["include_usage"], true);
         assert_eq!(
             seen["body"]["model"], "real-model",

@@ -389,6 +389,18 @@ pub async fn spawn_for_tests(output_tokens: u64) -> String {
     format!("http://{addr}")
 }
 
+/// The requests a mock from [`spawn_for_tests`] has received, oldest first (`/_mock/requests`).
+#[cfg(test)]
+pub async fn requests_seen(mock: &str) -> Vec<serde_json::Value> {
+    let seen: serde_json::Value = reqwest::get(format!("{mock}/_mock/requests"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    seen.as_array().unwrap().clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
