@@ -119,7 +119,14 @@ FROM quota.channel_model cm JOIN quota.channel c ON c.channel_id = cm.channel_id
 WHERE cm.model = $1 AND ($2::bigint IS NULL OR c.channel_id = $2)
 ORDER BY c.status = 'enabled' DESC, c.priority DESC, -ln(1 - random()) / c.weight";
 
-const CHANNEL_BLOCKED_UNTIL: &str = "SELECT quota.channel_blocked_until($1, $2, $3, $4, $5)";
+// A channel's counter, locked so that the routing verdict holds until commit (see
+// channel_blocked_until); a first request creates it, so racing first requests queue on it too.
+const LOCK_COUNTER: &str = "\
+SELECT c.window_start, c.used, c.reserved FROM quota.counter c WHERE c.policy_id = $1 AND c.scope_id = $2
+FOR UPDATE";
+
+const CREATE_COUNTER: &str = "\
+INSERT INTO quota.counter (policy_id, scope_id, window_start) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
 
 // Files the reservation and takes the holds in one statement. The reservation row goes in
 // first (the EXISTS runs it before any counter is read), so the counter rows, which a busy key
@@ -498,6 +505,65 @@ fn decide(
     Ok(out)
 }
 
+/// When a channel can take a request again: None when it can take it now (under every cap),
+/// else the instant all its refusing windows have freed up (infinity when a total window
+/// refuses). Locks the channel's counters, so the verdict holds until commit: admit routes
+/// around a channel that a concurrent request just filled instead of refusing. Routing visits
+/// channels before any key or user counter is locked, and in one order (priority) for everyone,
+/// except that channels of equal priority are visited in weighted-random order; a deadlock there
+/// needs two requests to both find their first pick full at once; PostgreSQL breaks it (40P01)
+/// and the relay runs the admit that lost again.
+fn channel_blocked_until(
+    client: &mut SpiClient<'_>,
+    channel_id: i64,
+    cost: &Option<AnyNumeric>,
+    est: i64,
+    max_out: i64,
+    now: TimestampWithTimeZone,
+) -> Option<TimestampWithTimeZone> {
+    let now_utc = crate::window::to_utc(now);
+    let mut until: Option<TimestampWithTimeZone> = None;
+    for a in cache::policies_for(client, (None, None, None, Some(channel_id)), now) {
+        let Some(amount) = metric_amount(&a.policy.metric, cost.clone(), Some(est), Some(max_out)) else {
+            continue;
+        };
+        let (ws, we) = a.policy.window(now_utc);
+        let key = [a.policy.policy_id.into(), a.scope_id.into()];
+        let (window_start, used, reserved): (TimestampWithTimeZone, AnyNumeric, AnyNumeric) = loop {
+            if let Some(r) = first(client, LOCK_COUNTER, &key) {
+                break (col(&r, 1).unwrap(), col(&r, 2).unwrap(), col(&r, 3).unwrap());
+            }
+            run(
+                client,
+                CREATE_COUNTER,
+                &[a.policy.policy_id.into(), a.scope_id.into(), ws.into()],
+            );
+        };
+        let used = if a.policy.rolling() {
+            rolling_used(client, a.policy.policy_id, a.scope_id, ws)
+        } else if window_start == ws {
+            used
+        } else {
+            AnyNumeric::from(0)
+        };
+        if refuses(&a.policy.boundary, a.effective_limit, used, reserved, amount) {
+            let args = [
+                a.policy.policy_id.into(),
+                a.scope_id.into(),
+                ws.into(),
+                we.into(),
+                now.into(),
+            ];
+            let frees: Option<TimestampWithTimeZone> = first(client, FREES_AT, &args).and_then(|r| col(&r, 1));
+            let frees = frees.unwrap_or_else(TimestampWithTimeZone::positive_infinity);
+            if until.is_none_or(|u| frees.into_inner() > u.into_inner()) {
+                until = Some(frees);
+            }
+        }
+    }
+    until
+}
+
 /// Chooses the channel (see CHANNELS) and fills the upstream fields of `out`. Ok(None): no
 /// channel serves the model, the relay's default upstream takes it. Err: the decision to return.
 #[allow(clippy::too_many_arguments)]
@@ -531,10 +597,7 @@ fn route(
         if !enabled {
             break;
         }
-        let args = [id.into(), cost.clone().into(), est.into(), max_out.into(), now.into()];
-        let blocked: Option<TimestampWithTimeZone> =
-            first(client, CHANNEL_BLOCKED_UNTIL, &args).and_then(|r| col(&r, 1));
-        match blocked {
+        match channel_blocked_until(client, id, cost, est, max_out, now) {
             None => {
                 out.channel_id = Some(id);
                 out.upstream_base_url = base_url;
