@@ -45,11 +45,12 @@ impl Admission {
         what: String,
         frees: Option<TimestampWithTimeZone>,
         now: TimestampWithTimeZone,
+        recovery: &Recovery,
     ) -> Admission {
         let retry = frees.filter(|f| f.is_finite()).map(|f| seconds_until(f, now).max(1));
         let message = match retry {
-            Some(s) => format!("{what} It resets in {}.", approx_duration(i64::from(s))),
-            None => format!("{what} It does not reset."),
+            Some(s) => format!("{what} {} {}.", recovery.soon, approx_duration(i64::from(s))),
+            None => format!("{what} {}", recovery.never),
         };
         Admission {
             retry_after_s: retry,
@@ -80,6 +81,24 @@ impl Admission {
         )
     }
 }
+
+/// How a 429's message ends: when what refused frees up, and when it never does.
+struct Recovery {
+    soon: &'static str,
+    never: &'static str,
+}
+
+/// A window that refused: it frees up at its reset.
+const RESETS: Recovery = Recovery {
+    soon: "It resets in",
+    never: "It does not reset.",
+};
+
+/// A key suspended by a run-out policy: it resumes when that window frees up.
+const RESUMES: Recovery = Recovery {
+    soon: "It resumes in",
+    never: "It does not resume by itself; ask an administrator.",
+};
 
 /// Whole seconds from `now` to `until`, rounded up.
 fn seconds_until(until: TimestampWithTimeZone, now: TimestampWithTimeZone) -> i32 {
@@ -265,21 +284,10 @@ fn decide(
             "This API key has expired.".into(),
         )));
     } else if let Some(until) = suspended_until.filter(|u| u.into_inner() > now.into_inner()) {
-        let retry = until.is_finite().then(|| seconds_until(until, now));
-        let message = match retry {
-            Some(s) => format!(
-                "This API key is suspended because a quota was exhausted. It resumes in {}.",
-                approx_duration(i64::from(s))
-            ),
-            None => "This API key is suspended because a quota was exhausted. \
-                     It does not resume by itself; ask an administrator."
-                .into(),
-        };
-        let denied = Admission::denied(429, "token_quota_policy_exhausted", message);
+        let what = "This API key is suspended because a quota was exhausted.".to_string();
         return Ok(with_key(Admission {
-            retry_after_s: retry,
             channel_id: pinned,
-            ..denied
+            ..Admission::refusal("token_quota_policy_exhausted", what, Some(until), now, &RESUMES)
         }));
     }
     if reused {
@@ -475,7 +483,7 @@ fn decide(
         let frees = worst.frees;
         let mut refused = with_key(Admission {
             channel_id: channel,
-            ..Admission::refusal(code, what, frees, now)
+            ..Admission::refusal(code, what, frees, now, &RESETS)
         });
         // the refusing limit feeds the rate-limit headers of the 429
         refused.ratelimit_limit = Some(worst.effective_limit.clone());
@@ -629,12 +637,14 @@ fn route(
             format!("Every upstream channel for model {model} has reached its quota."),
             soonest,
             now,
+            &RESETS,
         ),
         (Some(p), Some(_)) => Admission::refusal(
             "channel_quota_exhausted",
             format!("Channel {p} has reached its quota."),
             soonest,
             now,
+            &RESETS,
         ),
     }))
 }

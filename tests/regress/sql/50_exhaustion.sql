@@ -56,6 +56,21 @@ SELECT * FROM quota.settle('e5', 3, 4);
 SELECT used FROM quota.status(:kid);
 SELECT count(*) AS drifting_counters FROM quota.drift();
 
+-- A total window never resets: a request over it is told so (no retry time), and a key it
+-- suspended does not resume by itself.
+SELECT quota.create_user('hugo') AS hugo \gset
+SELECT quota.create_key(:hugo, 'lifetime') AS lkey \gset
+SELECT key_id AS lkid FROM quota.api_key WHERE name = 'lifetime' \gset
+INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit, boundary, on_exhausted)
+VALUES ('key', :lkid, 'requests', 'total', 2, 'strict', 'disable');
+SELECT allowed FROM quota.admit(:'lkey', 't1', 'm', 1, 1);
+SELECT allowed FROM quota.admit(:'lkey', 't2', 'm', 1, 1);
+SELECT http_status, error_code, retry_after_s, message FROM quota.admit(:'lkey', 't3', 'm', 1, 1);
+SELECT settled FROM quota.settle('t1', 1, 1);
+SELECT settled FROM quota.settle('t2', 1, 1);
+SELECT suspended_until FROM quota.api_key WHERE key_id = :lkid;
+SELECT http_status, error_code, retry_after_s, message FROM quota.admit(:'lkey', 't4', 'm', 1, 1);
+
 -- reset of an unknown policy is an error.
 \set VERBOSITY sqlstate
 SELECT quota.reset(-1);
