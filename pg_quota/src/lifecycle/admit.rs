@@ -184,6 +184,22 @@ const RELEASE: &str =
 
 const FREES_AT: &str = "SELECT quota.window_frees_at(p, $2, $3, $4, $5) FROM quota.policy p WHERE p.policy_id = $1";
 
+/// When a refusing window [ws, we) of a policy and scope frees up (quota.window_frees_at);
+/// infinity when it never does.
+fn frees_at(
+    client: &mut SpiClient<'_>,
+    policy_id: i64,
+    scope_id: i64,
+    ws: TimestampWithTimeZone,
+    we: Option<TimestampWithTimeZone>,
+    now: TimestampWithTimeZone,
+) -> TimestampWithTimeZone {
+    let args = [policy_id.into(), scope_id.into(), ws.into(), we.into(), now.into()];
+    first(client, FREES_AT, &args)
+        .and_then(|r| col(&r, 1))
+        .unwrap_or_else(TimestampWithTimeZone::positive_infinity)
+}
+
 const WORDS: &str = "SELECT quota.policy_words(p) FROM quota.policy p WHERE p.policy_id = $1";
 
 const RESUME_KEY: &str = "SELECT quota.resume_key($1, $2)";
@@ -435,15 +451,7 @@ fn decide(
                 limit.reset = *we;
             }
         } else {
-            let args = [
-                policy.policy_id.into(),
-                (*scope_id).into(),
-                (*ws).into(),
-                (*we).into(),
-                now.into(),
-            ];
-            let frees: Option<TimestampWithTimeZone> = first(client, FREES_AT, &args).and_then(|r| col(&r, 1));
-            let frees = frees.unwrap_or_else(TimestampWithTimeZone::positive_infinity);
+            let frees = frees_at(client, policy.policy_id, *scope_id, *ws, *we, now);
             if limit.frees.is_none_or(|f| frees.into_inner() < f.into_inner()) {
                 limit.frees = Some(frees);
                 let spent = used >= effective_limit;
@@ -555,15 +563,7 @@ fn channel_blocked_until(
             AnyNumeric::from(0)
         };
         if refuses(&a.policy.boundary, a.effective_limit, used, reserved, amount) {
-            let args = [
-                a.policy.policy_id.into(),
-                a.scope_id.into(),
-                ws.into(),
-                we.into(),
-                now.into(),
-            ];
-            let frees: Option<TimestampWithTimeZone> = first(client, FREES_AT, &args).and_then(|r| col(&r, 1));
-            let frees = frees.unwrap_or_else(TimestampWithTimeZone::positive_infinity);
+            let frees = frees_at(client, a.policy.policy_id, a.scope_id, ws, we, now);
             if until.is_none_or(|u| frees.into_inner() > u.into_inner()) {
                 until = Some(frees);
             }
