@@ -95,6 +95,15 @@ impl Relayed {
         .await;
     }
 
+    /// Waits until `n` reservations have been refunded for `reason`.
+    async fn wait_refunds(&self, reason: &str, n: i64) {
+        let sql = "SELECT count(*) FROM quota.released WHERE kind = 'refunded' AND reason = $1";
+        eventually(&format!("{n} refunds ({reason})"), SETTLE_WITHIN, || async {
+            self.db.query_one(sql, &[&reason]).await.unwrap().get::<_, i64>(0) == n
+        })
+        .await;
+    }
+
     async fn reservations(&self) -> i64 {
         self.db
             .query_one("SELECT count(*) FROM quota.reservation", &[])
@@ -526,17 +535,7 @@ async fn upstream_500_is_a_502_and_the_reservation_is_refunded() {
         .unwrap();
     openai_error(resp, 502, "server_error", "upstream_unavailable").await;
 
-    let refunded = || async {
-        r.db.query_one(
-            "SELECT count(*) FROM quota.released WHERE kind = 'refunded' AND reason = 'upstream_error'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-            == 2
-    };
-    eventually("both reservations refunded", SETTLE_WITHIN, refunded).await;
+    r.wait_refunds("upstream_error", 2).await;
     assert_eq!(r.reservations().await, 0);
     assert_eq!(
         r.ledger_rows().await,
@@ -769,4 +768,92 @@ async fn channels_route_with_their_key_and_model_name_and_a_full_channel_is_429(
     assert_eq!(mock_requests(&r.mock).await.len(), 1, "refused requests never reach the upstream");
     assert_eq!(r.reservations().await, 0);
     assert_no_drift(&r.db).await;
+}
+
+/// An https front for the mock upstream, as a real upstream would be: TLS with a certificate
+/// for 127.0.0.1 issued by a CA of its own, relaying the decrypted bytes to the mock. Returns
+/// the front's base URL and the CA certificate (PEM).
+async fn https_front(mock: &Server) -> (String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+    use tokio_rustls::rustls::{self, pki_types::PrivateKeyDer};
+
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "pg_quota test CA");
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    leaf.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
+    let leaf = leaf.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front = format!("https://{}", listener.local_addr().unwrap());
+    let backend = mock.url.trim_start_matches("http://").to_string();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, backend) = (acceptor.clone(), backend.clone());
+            tokio::spawn(async move {
+                // a client that rejects the certificate ends here
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut plain = tokio::net::TcpStream::connect(&backend).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    (front, ca.pem())
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_against_the_trusted_cas() {
+    let dsn = fresh_database("pgq_e2e_https").await;
+    let r = relayed_on(&dsn, "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    let (front, ca_pem) = https_front(&r.mock).await;
+    let ca_file = std::env::temp_dir().join(format!("pgq-e2e-ca-{}.pem", std::process::id()));
+    std::fs::write(&ca_file, ca_pem).unwrap();
+
+    // Trusting the CA: the request goes through TLS to the upstream and is charged.
+    let relay = Server::relay(
+        &dsn,
+        &format!("{front}/v1"),
+        &["--upstream-ca-file", ca_file.to_str().unwrap()],
+    )
+    .await;
+    let r = Relayed { relay, ..r };
+    let resp = r
+        .chat(chat_body(100), &[("x-mock-output-tokens", "7")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    let (_, output, _, billed, _) = r.ledger_row(&id).await;
+    assert_eq!((output, billed), (7, true));
+    assert_eq!(mock_requests(&r.mock).await.len(), 1);
+
+    // Not trusting it (a certificate no system or built-in root vouches for): 502, refunded,
+    // and nothing reached the upstream.
+    let relay = Server::relay(&dsn, &format!("{front}/v1"), &[]).await;
+    let r = Relayed { relay, ..r };
+    let resp = r.chat(chat_body(100), &[]).send().await.unwrap();
+    openai_error(resp, 502, "server_error", "upstream_unavailable").await;
+    r.wait_refunds("upstream_unreachable", 1).await;
+    assert_eq!(r.ledger_rows().await, 1);
+    assert_eq!(mock_requests(&r.mock).await.len(), 1);
+    assert_eq!(r.reservations().await, 0);
+    assert_no_drift(&r.db).await;
+    std::fs::remove_file(&ca_file).unwrap();
 }

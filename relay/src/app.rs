@@ -34,7 +34,13 @@ pub type AppState = Arc<Relay>;
 
 impl Relay {
     pub fn new(pool: Pool, config: RelayConfig) -> Result<AppState, reqwest::Error> {
-        let http = reqwest::Client::builder()
+        // https upstreams go through rustls, trusting the system's store, the built-in public
+        // roots and --upstream-ca-file
+        let mut http = reqwest::Client::builder();
+        for ca in &config.upstream_ca {
+            http = http.add_root_certificate(ca.clone());
+        }
+        let http = http
             .connect_timeout(Duration::from_secs(10))
             .timeout(config.upstream_timeout)
             // the relay talks to its upstreams directly; an ambient HTTP_PROXY must not
@@ -171,6 +177,7 @@ pub(crate) fn test_relay(
         RelayConfig {
             upstream_url,
             upstream_api_key: Some("sk-upstream-test".into()),
+            upstream_ca: vec![],
             max_body_bytes: 1024,
             default_max_output_tokens: 1024,
             fail_open,

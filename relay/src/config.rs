@@ -49,6 +49,11 @@ pub struct ServeArgs {
     #[arg(long, env = "PGQ_UPSTREAM_API_KEY", hide_env_values = true)]
     pub upstream_api_key: Option<String>,
 
+    /// PEM file of extra CA certificates to trust for https upstreams (an internal CA), on top
+    /// of the system's trust store and the built-in public roots.
+    #[arg(long, env = "PGQ_UPSTREAM_CA_FILE")]
+    pub upstream_ca_file: Option<std::path::PathBuf>,
+
     /// Largest request body accepted; larger bodies get 413.
     #[arg(long, env = "PGQ_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -84,6 +89,7 @@ impl std::fmt::Debug for ServeArgs {
                 "upstream_api_key",
                 &self.upstream_api_key.as_ref().map(|_| "<redacted>"),
             )
+            .field("upstream_ca_file", &self.upstream_ca_file)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("default_max_output_tokens", &self.default_max_output_tokens)
             .field("fail_open", &self.fail_open)
@@ -125,6 +131,8 @@ pub struct MockArgs {
 pub struct RelayConfig {
     pub upstream_url: Option<String>,
     pub upstream_api_key: Option<String>,
+    /// extra CA certificates trusted for https upstreams
+    pub upstream_ca: Vec<reqwest::Certificate>,
     pub max_body_bytes: usize,
     pub default_max_output_tokens: i64,
     pub fail_open: bool,
@@ -143,9 +151,27 @@ impl RelayConfig {
             reqwest::Url::parse(url)
                 .map_err(|e| format!("--upstream-url {url:?} is not a valid URL: {e}"))?;
         }
+        let upstream_ca = match &args.upstream_ca_file {
+            None => vec![],
+            Some(path) => {
+                let shown = path.display();
+                let pem = std::fs::read(path)
+                    .map_err(|e| format!("--upstream-ca-file {shown}: cannot read it: {e}"))?;
+                let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                    format!("--upstream-ca-file {shown}: not a PEM certificate bundle: {e}")
+                })?;
+                if certs.is_empty() {
+                    return Err(format!(
+                        "--upstream-ca-file {shown}: holds no PEM certificate"
+                    ));
+                }
+                certs
+            }
+        };
         Ok(Self {
             upstream_url: args.upstream_url.clone(),
             upstream_api_key: args.upstream_api_key.clone().filter(|k| !k.is_empty()),
+            upstream_ca,
             max_body_bytes: args.max_body_bytes,
             default_max_output_tokens: args.default_max_output_tokens,
             fail_open: args.fail_open,
@@ -190,6 +216,26 @@ mod tests {
             Duration::from_millis(500)
         );
         assert!(RelayConfig::from_args(&serve(&["--upstream-url", "not a url"])).is_err());
+    }
+
+    #[test]
+    fn an_unusable_ca_file_is_refused_naming_the_flag() {
+        let dir = std::env::temp_dir().join(format!("pgq-ca-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("missing.pem");
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "just some text\n").unwrap();
+        for path in [&missing, &not_pem] {
+            let err =
+                RelayConfig::from_args(&serve(&["--upstream-ca-file", path.to_str().unwrap()]))
+                    .err()
+                    .unwrap_or_else(|| panic!("{} was accepted", path.display()));
+            assert!(
+                err.starts_with("--upstream-ca-file ") && err.contains(path.to_str().unwrap()),
+                "{err}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
