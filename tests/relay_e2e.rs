@@ -770,22 +770,38 @@ async fn channels_route_with_their_key_and_model_name_and_a_full_channel_is_429(
     assert_no_drift(&r.db).await;
 }
 
-/// An https front for the mock upstream, as a real upstream would be: TLS with a certificate
-/// for 127.0.0.1 issued by a CA of its own, relaying the decrypted bytes to the mock. Returns
-/// the front's base URL and the CA certificate (PEM).
-async fn https_front(mock: &Server) -> (String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
-    use tokio_rustls::rustls::{self, pki_types::PrivateKeyDer};
+/// A CA of the test's own and a certificate it issued for 127.0.0.1 and localhost.
+struct TestPki {
+    ca_pem: String,
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
 
+fn test_pki() -> TestPki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name.push(DnType::CommonName, "pg_quota test CA");
     let ca = ca.self_signed(&ca_key).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
+    let key = KeyPair::generate().unwrap();
     let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
     leaf.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
-    let leaf = leaf.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+    let cert = leaf.signed_by(&key, &ca, &ca_key).unwrap();
+    TestPki { ca_pem: ca.pem(), cert, key }
+}
+
+/// Writes `pem` to a file of its own; returns its path.
+fn pem_file(name: &str, pem: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("pgq-e2e-{name}-{}.pem", std::process::id()));
+    std::fs::write(&path, pem).unwrap();
+    path
+}
+
+/// An https front for the mock upstream, as a real upstream would be: TLS with the
+/// certificate of `pki`, relaying the decrypted bytes to the mock. Returns its base URL.
+async fn https_front(mock: &Server, pki: &TestPki) -> String {
+    use tokio_rustls::rustls::{self, pki_types::PrivateKeyDer};
 
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -793,8 +809,8 @@ async fn https_front(mock: &Server) -> (String, String) {
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(
-            vec![leaf.der().clone()],
-            PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+            vec![pki.cert.der().clone()],
+            PrivateKeyDer::Pkcs8(pki.key.serialize_der().into()),
         )
         .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
@@ -814,16 +830,16 @@ async fn https_front(mock: &Server) -> (String, String) {
             });
         }
     });
-    (front, ca.pem())
+    front
 }
 
 #[tokio::test]
 async fn https_upstreams_are_verified_against_the_trusted_cas() {
     let dsn = fresh_database("pgq_e2e_https").await;
     let r = relayed_on(&dsn, "'tokens', 'day', 1000000, 'strict'", &[]).await;
-    let (front, ca_pem) = https_front(&r.mock).await;
-    let ca_file = std::env::temp_dir().join(format!("pgq-e2e-ca-{}.pem", std::process::id()));
-    std::fs::write(&ca_file, ca_pem).unwrap();
+    let pki = test_pki();
+    let front = https_front(&r.mock, &pki).await;
+    let ca_file = pem_file("upstream-ca", &pki.ca_pem);
 
     // Trusting the CA: the request goes through TLS to the upstream and is charged.
     let relay = Server::relay(
@@ -856,4 +872,61 @@ async fn https_upstreams_are_verified_against_the_trusted_cas() {
     assert_eq!(r.reservations().await, 0);
     assert_no_drift(&r.db).await;
     std::fs::remove_file(&ca_file).unwrap();
+}
+
+#[tokio::test]
+async fn the_database_connection_uses_tls_as_its_sslmode_and_ca_file_say() {
+    // A cluster of its own that refuses TCP connections without TLS.
+    let cluster = PrivateCluster::start("e2e-dbtls").await;
+    let pki = test_pki();
+    cluster.require_tls(&pki.cert.pem(), &pki.key.serialize_pem()).await;
+    let setup_dsn = fresh_database_at(&cluster.socket_dsn(), "pgq_e2e_dbtls").await;
+    let r = relayed_on(&setup_dsn, "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    let tcp = format!("{} dbname=pgq_e2e_dbtls", cluster.dsn());
+    let upstream = format!("{}/v1", r.mock.url);
+    let right_ca = pem_file("db-ca", &pki.ca_pem);
+    let other_ca = pem_file("db-other-ca", &test_pki().ca_pem);
+
+    // Encrypted: sslmode=require without a CA file, and the default sslmode with the CA file
+    // (verified). Either relay serves a request end to end.
+    let mut r = r;
+    for (url, extra) in [
+        (format!("{tcp} sslmode=require"), vec![]),
+        (tcp.clone(), vec!["--database-ca-file", right_ca.to_str().unwrap()]),
+    ] {
+        r.relay = Server::relay(&url, &upstream, &extra).await;
+        let resp = r.chat(chat_body(10), &[]).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{url} {extra:?}");
+        let id = request_id(&resp);
+        assert!(r.ledger_row(&id).await.3, "billed");
+    }
+    assert_no_drift(&r.db).await;
+
+    // Refused at start-up, with the cause: no TLS where the server requires it, and a server
+    // certificate that the CA file does not vouch for.
+    let cause = refused_start(&format!("{tcp} sslmode=disable"), &[]).await;
+    assert!(cause.contains("cannot reach the database") && cause.contains("no encryption"), "{cause}");
+    let cause = refused_start(&tcp, &["--database-ca-file", other_ca.to_str().unwrap()]).await;
+    assert!(cause.contains("cannot reach the database") && cause.contains("certificate"), "{cause}");
+    for file in [right_ca, other_ca] {
+        std::fs::remove_file(file).unwrap();
+    }
+}
+
+/// Runs `serve` against `database_url`, expecting it to stop at start-up with exit code 2;
+/// returns what it printed on stderr.
+async fn refused_start(database_url: &str, extra: &[&str]) -> String {
+    let bin = std::env::var("PGQ_RELAY_BIN").expect("PGQ_RELAY_BIN is set by scripts/test.sh");
+    let run = tokio::process::Command::new(bin)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .env("DATABASE_URL", database_url)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the relay gave up within 30 s")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    stderr
 }

@@ -32,6 +32,12 @@ pub struct ServeArgs {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 
+    /// PEM file of the CAs that sign the database server's certificate: TLS connections to
+    /// the database then verify it and the host name (libpq's verify-full). Without it, TLS
+    /// (per the URL's sslmode) encrypts without checking the certificate, as libpq does.
+    #[arg(long, env = "PGQ_DATABASE_CA_FILE")]
+    pub database_ca_file: Option<std::path::PathBuf>,
+
     /// Address to listen on; port 0 picks a free port (printed on stdout).
     #[arg(long, env = "PGQ_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -82,6 +88,7 @@ pub struct ServeArgs {
 impl std::fmt::Debug for ServeArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServeArgs")
+            .field("database_ca_file", &self.database_ca_file)
             .field("listen", &self.listen)
             .field("pool_size", &self.pool_size)
             .field("upstream_url", &self.upstream_url)
@@ -153,20 +160,11 @@ impl RelayConfig {
         }
         let upstream_ca = match &args.upstream_ca_file {
             None => vec![],
-            Some(path) => {
-                let shown = path.display();
-                let pem = std::fs::read(path)
-                    .map_err(|e| format!("--upstream-ca-file {shown}: cannot read it: {e}"))?;
-                let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                    format!("--upstream-ca-file {shown}: not a PEM certificate bundle: {e}")
-                })?;
-                if certs.is_empty() {
-                    return Err(format!(
-                        "--upstream-ca-file {shown}: holds no PEM certificate"
-                    ));
-                }
-                certs
-            }
+            Some(path) => read_pem_certificates("--upstream-ca-file", path)?
+                .iter()
+                .map(|der| reqwest::Certificate::from_der(der))
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("--upstream-ca-file {}: {e}", path.display()))?,
         };
         Ok(Self {
             upstream_url: args.upstream_url.clone(),
@@ -178,6 +176,24 @@ impl RelayConfig {
             upstream_timeout: Duration::from_secs_f64(args.upstream_timeout_s),
         })
     }
+}
+
+/// The certificates of a PEM file named by `flag`; an unreadable file, or one without a
+/// certificate, is an error naming the flag and the file.
+pub fn read_pem_certificates(
+    flag: &str,
+    path: &std::path::Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let shown = path.display();
+    let pem = std::fs::read(path).map_err(|e| format!("{flag} {shown}: cannot read it: {e}"))?;
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{flag} {shown}: not a PEM certificate bundle: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{flag} {shown}: holds no PEM certificate"));
+    }
+    Ok(certs)
 }
 
 #[cfg(test)]

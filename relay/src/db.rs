@@ -5,8 +5,10 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, QueueMode, RecyclingMethod, Runtime};
-use tokio_postgres::{NoTls, Row};
+use deadpool_postgres::{ManagerConfig, Pool, QueueMode, RecyclingMethod, Runtime};
+use tokio_postgres::Row;
+
+use crate::db_tls::DbTls;
 
 use crate::error::{error_chain, AppError};
 
@@ -163,21 +165,23 @@ pub fn parse_database_url(url: &str) -> Result<tokio_postgres::Config, String> {
     tokio_postgres::Config::from_str(url).map_err(|e| format!("invalid database URL: {e}"))
 }
 
-pub fn build_pool(mut pg: tokio_postgres::Config, size: usize) -> Result<Pool, String> {
+/// The pool, and how its connections are protected (see `db_tls`).
+pub fn build_pool(
+    mut pg: tokio_postgres::Config,
+    size: usize,
+    ca_file: Option<&std::path::Path>,
+) -> Result<(Pool, DbTls), String> {
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(CONNECT_TIMEOUT);
     }
     if pg.get_application_name().is_none() {
         pg.application_name("pg-quota-relay");
     }
-    let manager = Manager::from_config(
-        pg,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(manager)
+    let manager_config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let (manager, tls) = crate::db_tls::manager(pg, ca_file, manager_config)?;
+    let pool = Pool::builder(manager)
         .max_size(size.max(1))
         // the connection used last, like PgBouncer's default: a few warm backends (CPU caches,
         // the engine's per-connection policy cache) serve a moderate load, the rest stay idle
@@ -187,7 +191,8 @@ pub fn build_pool(mut pg: tokio_postgres::Config, size: usize) -> Result<Pool, S
         .create_timeout(Some(CONNECT_TIMEOUT + Duration::from_secs(1)))
         .recycle_timeout(Some(CONNECT_TIMEOUT))
         .build()
-        .map_err(|e| format!("cannot build the connection pool: {e}"))
+        .map_err(|e| format!("cannot build the connection pool: {e}"))?;
+    Ok((pool, tls))
 }
 
 pub async fn ping(pool: &Pool) -> Result<(), DbError> {
@@ -379,7 +384,10 @@ mod tests {
     use super::*;
 
     fn sql(code: &str) -> DbError {
-        DbError::Sql { code: code.into(), message: "m".into() }
+        DbError::Sql {
+            code: code.into(),
+            message: "m".into(),
+        }
     }
 
     #[tokio::test]
@@ -388,7 +396,13 @@ mod tests {
         let deadlocked_twice = again_after_conflicts(3, || {
             calls.set(calls.get() + 1);
             let n = calls.get();
-            async move { if n < 3 { Err(sql("40P01")) } else { Ok(n) } }
+            async move {
+                if n < 3 {
+                    Err(sql("40P01"))
+                } else {
+                    Ok(n)
+                }
+            }
         })
         .await;
         assert_eq!(deadlocked_twice.unwrap(), 3);
@@ -402,7 +416,11 @@ mod tests {
         assert!(always.unwrap_err().is_conflict());
         assert_eq!(calls.get(), 3, "gives up after the last attempt");
 
-        for other in [sql("PQ409"), sql("23505"), DbError::Unavailable("down".into())] {
+        for other in [
+            sql("PQ409"),
+            sql("23505"),
+            DbError::Unavailable("down".into()),
+        ] {
             calls.set(0);
             let once = again_after_conflicts(3, || {
                 calls.set(calls.get() + 1);

@@ -233,7 +233,10 @@ mod tests {
         .await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(headers[header::RETRY_AFTER], "10800");
-        assert_eq!(headers["x-should-retry"], "false", "SDKs must not retry a quota decision");
+        assert_eq!(
+            headers["x-should-retry"], "false",
+            "SDKs must not retry a quota decision"
+        );
         assert_eq!(body["error"]["type"], "rate_limit_error");
         assert_eq!(body["error"]["code"], "token_quota_policy_exhausted");
         assert_eq!(

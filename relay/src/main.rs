@@ -9,6 +9,7 @@
 mod app;
 mod config;
 mod db;
+mod db_tls;
 mod error;
 mod estimate;
 mod metrics;
@@ -96,7 +97,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Err(e) => return fail(e),
     };
     let target = db::describe_target(&pg);
-    let pool = match db::build_pool(pg, args.pool_size) {
+    let (pool, db_tls) = match db::build_pool(pg, args.pool_size, args.database_ca_file.as_deref())
+    {
         Ok(p) => p,
         Err(e) => return fail(e),
     };
@@ -140,7 +142,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let addr = listener.local_addr().expect("bound socket has an address");
-    tracing::info!(%addr, database = %target, pool_size = args.pool_size, "relay started");
+    tracing::info!(%addr, database = %target, database_tls = %db_tls, pool_size = args.pool_size, "relay started");
     announce(&format!("pg-quota-relay listening on http://{addr}"));
 
     let served = axum::serve(listener, app::app(state.clone()))

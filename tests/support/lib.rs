@@ -189,6 +189,35 @@ impl PrivateCluster {
         format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
     }
 
+    /// Maintenance DSN over the Unix socket, which stays open to plain connections after
+    /// `require_tls`.
+    pub fn socket_dsn(&self) -> String {
+        format!("host={} port={} user=postgres dbname=postgres", self.dir.join("socket").display(), self.port)
+    }
+
+    /// Restarts the server with TLS on (`cert_pem` and `key_pem` for 127.0.0.1) and TCP
+    /// connections without it refused.
+    pub async fn require_tls(&self, cert_pem: &str, key_pem: &str) {
+        let data = self.dir.join("data");
+        std::fs::write(data.join("server.crt"), cert_pem).unwrap();
+        std::fs::write(data.join("server.key"), key_pem).unwrap();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+        )
+        .unwrap();
+        let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+        std::io::Write::write_all(&mut conf, b"\nssl = on\n").unwrap();
+        let mut chown = std::process::Command::new("chown");
+        chown.arg("postgres:postgres").arg(data.join("server.crt")).arg(data.join("server.key"));
+        run(chown, "chown").await;
+        let mut chmod = std::process::Command::new("chmod");
+        chmod.arg("600").arg(data.join("server.key"));
+        run(chmod, "chmod").await;
+        self.stop().await;
+        self.start_again().await;
+    }
+
     pub async fn stop(&self) {
         let mut stop = self.pg_ctl();
         stop.args(["-m", "fast", "-w", "stop"]);
