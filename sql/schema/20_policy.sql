@@ -56,6 +56,10 @@ BEGIN
         PERFORM quota.refuse_row('policy', 'model_group',
             'invalid policy: model_group: a channel policy caps the whole channel; leave model_group NULL');
     END IF;
+    IF NEW.subject_type = 'channel' AND NEW.on_exhausted = 'disable' THEN
+        PERFORM quota.refuse_row('policy', 'on_exhausted',
+            'invalid policy: on_exhausted: a channel cap cannot suspend the keys that use the channel; a full channel drops out of routing until its window frees up (use reject)');
+    END IF;
     IF NEW.exclusive AND NEW.model_group IS NULL THEN
         PERFORM quota.refuse_row('policy', 'exclusive',
             'invalid policy: exclusive: only a model-group policy can isolate its spend from the global policies; set model_group or exclusive = false');

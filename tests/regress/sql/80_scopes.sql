@@ -171,6 +171,14 @@ INSERT INTO quota.channel_model VALUES (:free, 'gpt-s', 'gpt-s-2026'), (:paid, '
 -- The free tier: 1000 raw tokens a day, reset at local midnight in New York.
 INSERT INTO quota.policy (subject_type, subject_id, metric, period, time_zone, quota_limit)
 VALUES ('channel', :free, 'tokens', 'day', 'America/New_York', 1000) RETURNING policy_id AS free_cap \gset
+-- A channel cap covers every model of the channel and suspends no customer's key.
+SAVEPOINT cap;
+INSERT INTO quota.policy (subject_type, subject_id, model_group, metric, period, quota_limit)
+VALUES ('channel', :free, :claude, 'tokens', 'day', 1000);
+ROLLBACK TO cap;
+INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit, on_exhausted)
+VALUES ('channel', :free, 'tokens', 'day', 1000, 'disable');
+ROLLBACK TO cap;
 SELECT quota.create_user('eve') AS eve \gset
 SELECT quota.create_key(:eve, 'eve') AS eve_key \gset
 SELECT allowed, channel_id = :free AS free, upstream_base_url, upstream_api_key, upstream_model
