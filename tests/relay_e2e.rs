@@ -609,6 +609,37 @@ async fn database_outage_answers_503_and_the_relay_recovers_without_restart() {
 }
 
 #[tokio::test]
+async fn a_request_in_flight_when_the_database_goes_away_is_charged_once_it_is_back() {
+    let cluster = PrivateCluster::start("e2e-settle-outage").await;
+    let dsn = fresh_database_at(&cluster.dsn(), "pgq_e2e_settle_outage").await;
+    let r = relayed_on(&dsn, "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    // Admitted, then the database stops while the upstream works (2 s) and stays away for 10 s.
+    let mock = [("x-mock-latency-ms", "2000"), ("x-mock-output-tokens", "9")];
+    let pending = tokio::spawn(r.chat(chat_body(100), &mock).send());
+    let forwarded = || async { mock_requests(&r.mock).await.len() == 1 };
+    eventually("the request reached the upstream", Duration::from_secs(5), forwarded).await;
+    cluster.stop().await;
+    let resp = pending.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200, "the answer does not wait for its settlement");
+    let id = request_id(&resp);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+
+    cluster.start_again().await;
+    let db = connect(&dsn).await;
+    let sql = "SELECT output_tokens, billed FROM quota.usage_ledger WHERE request_id = $1";
+    eventually("the settlement once the database is back", Duration::from_secs(20), || async {
+        db.query_opt(sql, &[&id]).await.unwrap().is_some()
+    })
+    .await;
+    let row = db.query_one(sql, &[&id]).await.unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, bool>(1)), (9, true));
+    let reservations: i64 = db.query_one("SELECT count(*) FROM quota.reservation", &[]).await.unwrap().get(0);
+    assert_eq!(reservations, 0);
+    assert_no_drift(&db).await;
+    drop(r); // relay and mock go before the cluster
+}
+
+#[tokio::test]
 async fn bad_requests_get_openai_errors_and_reserve_nothing() {
     let r = relayed(
         "pgq_e2e_bad",

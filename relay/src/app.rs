@@ -182,6 +182,7 @@ pub(crate) fn test_relay(
             default_max_output_tokens: 1024,
             fail_open,
             upstream_timeout,
+            settle_retry: Duration::from_secs(1),
         },
     )
     .unwrap()

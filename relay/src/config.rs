@@ -79,6 +79,12 @@ pub struct ServeArgs {
     #[arg(long, env = "PGQ_UPSTREAM_TIMEOUT_S", default_value_t = 600.0)]
     pub upstream_timeout_s: f64,
 
+    /// How long a settlement (or refund) is retried while the database is unreachable, from
+    /// its first attempt. Keep it above your database's failover time: a settlement given up
+    /// is a request never charged.
+    #[arg(long, env = "PGQ_SETTLE_RETRY_S", default_value_t = 600)]
+    pub settle_retry_s: u64,
+
     /// How long shutdown waits for in-flight settlements after the listener has closed.
     #[arg(long, env = "PGQ_SHUTDOWN_GRACE_S", default_value_t = 30)]
     pub shutdown_grace_s: u64,
@@ -101,6 +107,7 @@ impl std::fmt::Debug for ServeArgs {
             .field("default_max_output_tokens", &self.default_max_output_tokens)
             .field("fail_open", &self.fail_open)
             .field("upstream_timeout_s", &self.upstream_timeout_s)
+            .field("settle_retry_s", &self.settle_retry_s)
             .finish_non_exhaustive()
     }
 }
@@ -144,6 +151,8 @@ pub struct RelayConfig {
     pub default_max_output_tokens: i64,
     pub fail_open: bool,
     pub upstream_timeout: Duration,
+    /// how long a settlement is retried (see --settle-retry-s)
+    pub settle_retry: Duration,
 }
 
 impl RelayConfig {
@@ -174,6 +183,7 @@ impl RelayConfig {
             default_max_output_tokens: args.default_max_output_tokens,
             fail_open: args.fail_open,
             upstream_timeout: Duration::from_secs_f64(args.upstream_timeout_s),
+            settle_retry: Duration::from_secs(args.settle_retry_s),
         })
     }
 }
@@ -219,6 +229,7 @@ mod tests {
         assert!(!a.fail_open);
         let c = RelayConfig::from_args(&a).unwrap();
         assert_eq!(c.upstream_timeout, Duration::from_secs(600));
+        assert_eq!(c.settle_retry, Duration::from_secs(600));
         let a = serve(&[
             "--fail-open",
             "--upstream-timeout-s",

@@ -28,7 +28,8 @@ const BLOCKING_ESTIMATE_BYTES: usize = 256 * 1024;
 const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
 /// SSE events buffered between the upstream reader and a slow client.
 const STREAM_BUFFER_EVENTS: usize = 32;
-const SETTLE_ATTEMPTS: u32 = 5;
+/// Backoff between settlement attempts: from the first, times four, at most the last.
+const SETTLE_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 pub const CHANNEL_HEADER: &str = "x-pgq-channel-id";
 
 /// Everything the lifecycle task needs. Not `Debug`: it carries the client's key.
@@ -767,8 +768,10 @@ fn stream_outcome(
     })
 }
 
-/// Settle or refund, retrying transient failures with backoff. If every attempt fails the
-/// reservation stays until the engine's sweep releases it: logged at ERROR.
+/// Settle or refund, retrying transient failures (database unreachable, a conflict) with
+/// backoff for `--settle-retry-s`. A settle that arrives after the sweep released the
+/// reservation is still charged by the engine, and a repeated call changes nothing, so retrying
+/// is always safe. Given up, the request is never charged: logged at ERROR and counted.
 async fn settle_or_refund(
     state: &AppState,
     request_id: &str,
@@ -778,8 +781,11 @@ async fn settle_or_refund(
         Outcome::Settle(_) => "settle",
         Outcome::Refund(_) => "refund",
     };
-    let mut delay = Duration::from_millis(100);
-    for attempt in 1..=SETTLE_ATTEMPTS {
+    let (mut delay, max_delay) = SETTLE_BACKOFF;
+    let give_up = Instant::now() + state.config.settle_retry;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
         let started = Instant::now();
         let result = match outcome {
             Outcome::Settle(u) => db::settle(
@@ -819,10 +825,10 @@ async fn settle_or_refund(
                 }
                 return settlement;
             }
-            Err(e) if e.is_transient() && attempt < SETTLE_ATTEMPTS => {
+            Err(e) if e.is_transient() && Instant::now() + delay < give_up => {
                 tracing::warn!(call, attempt, error = %e, "settlement failed; retrying in {delay:?}");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 4).min(Duration::from_secs(5));
+                delay = (delay * 4).min(max_delay);
             }
             Err(e) => {
                 state
@@ -841,7 +847,6 @@ async fn settle_or_refund(
             }
         }
     }
-    None
 }
 
 /// `x-ratelimit-{limit,remaining,reset}-<metric>` for the tightest window.
@@ -978,6 +983,32 @@ mod tests {
             out.extend_from_slice(&b);
         }
         String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_settlement_is_retried_for_settle_retry_then_given_up_and_counted() {
+        // the test relay's database refuses connections; it retries settlements for 1 s
+        let state = test_relay(false, None, Duration::from_secs(10));
+        let started = Instant::now();
+        let usage = Usage {
+            input_tokens: 1,
+            output_tokens: 1,
+            cached_tokens: 0,
+        };
+        assert!(settle_or_refund(&state, "req_x", Outcome::Settle(usage))
+            .await
+            .is_none());
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(500) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        let failures = state
+            .metrics
+            .settlement_failures
+            .with_label_values(&["settle"])
+            .get();
+        assert_eq!(failures, 1);
     }
 
     #[tokio::test]
