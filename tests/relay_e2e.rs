@@ -640,6 +640,42 @@ async fn a_request_in_flight_when_the_database_goes_away_is_charged_once_it_is_b
 }
 
 #[tokio::test]
+async fn models_are_listed_for_a_usable_key_and_refused_like_a_request_otherwise() {
+    let r = relayed("pgq_e2e_models", "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    let models = |secret: String| {
+        r.http
+            .get(format!("{}/v1/models", r.relay.url))
+            .bearer_auth(secret)
+            .send()
+    };
+    let resp = models(r.key.secret.clone()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let list: Value = resp.json().await.unwrap();
+    assert_eq!(list["object"], "list");
+    assert_eq!(list["data"][0]["id"], "gpt-4o", "{list}");
+
+    // (the subject's table and id column, the change, its code)
+    let key = ("api_key", "key_id", r.key.key_id);
+    let user = ("app_user", "user_id", r.key.user_id);
+    for ((table, column, id), set, unset, code) in [
+        (key, "enabled = false", "enabled = true", "key_disabled"),
+        (user, "enabled = false", "enabled = true", "user_disabled"),
+        (key, "expires_at = now()", "expires_at = NULL", "key_expired"),
+    ] {
+        let update = |set: &str| format!("UPDATE quota.{table} SET {set} WHERE {column} = {id}");
+        r.db.batch_execute(&update(set)).await.unwrap();
+        let resp = models(r.key.secret.clone()).await.unwrap();
+        openai_error(resp, 403, "permission_error", code).await;
+        let resp = r.chat(chat_body(10), &[]).send().await.unwrap();
+        openai_error(resp, 403, "permission_error", code).await;
+        r.db.batch_execute(&update(unset)).await.unwrap();
+    }
+    let resp = models("sk-pgq-unknown".into()).await.unwrap();
+    openai_error(resp, 401, "invalid_request_error", "invalid_api_key").await;
+    assert_eq!(models(r.key.secret.clone()).await.unwrap().status(), 200);
+}
+
+#[tokio::test]
 async fn bad_requests_get_openai_errors_and_reserve_nothing() {
     let r = relayed(
         "pgq_e2e_bad",

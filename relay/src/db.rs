@@ -52,12 +52,16 @@ async fn bounded<T>(
         })
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DbError {
     #[error("database unavailable: {0}")]
     Unavailable(String),
     #[error("SQLSTATE {code}: {message}")]
     Sql { code: String, message: String },
+    /// The key may not be used (SQLSTATE PQ403): the engine's message, and its error code
+    /// (key_disabled, user_disabled, key_expired) from DETAIL.
+    #[error("forbidden ({code}): {message}")]
+    Forbidden { code: String, message: String },
 }
 
 impl DbError {
@@ -71,6 +75,7 @@ impl DbError {
         match self {
             DbError::Unavailable(_) => true,
             DbError::Sql { code, .. } => code.starts_with("40") || code.starts_with("08"),
+            DbError::Forbidden { .. } => false,
         }
     }
 }
@@ -83,6 +88,11 @@ impl From<tokio_postgres::Error> for DbError {
                 // connection exceptions, shutdown, too many connections: the database is away
                 if code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") {
                     DbError::Unavailable(format!("{code}: {}", db.message()))
+                } else if code == "PQ403" {
+                    DbError::Forbidden {
+                        code: db.detail().unwrap_or("permission_denied").to_string(),
+                        message: db.message().to_string(),
+                    }
                 } else {
                     DbError::Sql {
                         code,
@@ -108,6 +118,12 @@ impl From<DbError> for AppError {
     fn from(e: DbError) -> Self {
         match e {
             DbError::Unavailable(_) => AppError::DatabaseUnavailable,
+            DbError::Forbidden { code, message } => AppError::Denied {
+                status: axum::http::StatusCode::FORBIDDEN,
+                code,
+                message,
+                retry_after_s: None,
+            },
             DbError::Sql { code, message } if code.starts_with("PQ") => {
                 AppError::RejectedByEngine {
                     sqlstate: code,
@@ -420,14 +436,15 @@ mod tests {
             sql("PQ409"),
             sql("23505"),
             DbError::Unavailable("down".into()),
+            DbError::Forbidden {
+                code: "key_disabled".into(),
+                message: "x".into(),
+            },
         ] {
             calls.set(0);
             let once = again_after_conflicts(3, || {
                 calls.set(calls.get() + 1);
-                let e = match &other {
-                    DbError::Sql { code, .. } => sql(code),
-                    DbError::Unavailable(m) => DbError::Unavailable(m.clone()),
-                };
+                let e = other.clone();
                 async move { Err::<(), _>(e) }
             })
             .await;
@@ -467,6 +484,13 @@ mod tests {
         .into();
         assert_eq!(other.status_code(), 500);
         assert!(!other.to_string().contains("quota.admit"));
+        let forbidden: AppError = DbError::Forbidden {
+            code: "key_expired".into(),
+            message: "This API key has expired.".into(),
+        }
+        .into();
+        assert_eq!(forbidden.status_code(), 403);
+        assert_eq!(forbidden.code().as_deref(), Some("key_expired"));
         let down: AppError = DbError::Unavailable("connection refused".into()).into();
         assert_eq!(down.status_code(), 503);
     }

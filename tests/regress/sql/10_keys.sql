@@ -24,18 +24,35 @@ FROM quota.admit(left(:'key', -1) || CASE right(:'key', 1) WHEN 'a' THEN 'b' ELS
 SELECT allowed, http_status, key_id IS NOT NULL AS has_key_id, user_id = :alice AS owner
 FROM quota.admit(:'key', 'k4', 'm', 1, 1);
 
--- Disabled key: 403 key_disabled. Disabled user: 403 user_disabled.
+-- Disabled key: 403 key_disabled. Disabled user: 403 user_disabled. quota.models (the relay's
+-- /v1/models) refuses them alike: SQLSTATE PQ403, admit's message, its code in DETAIL.
+\set SHOW_CONTEXT never
+SELECT count(*) AS models_listed FROM quota.models(:'key');
 UPDATE quota.api_key SET enabled = false WHERE name = 'laptop';
 SELECT http_status, error_code, message FROM quota.admit(:'key', 'k5', 'm', 1, 1);
+SAVEPOINT models;
+SELECT * FROM quota.models(:'key');
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK TO models;
 UPDATE quota.api_key SET enabled = true WHERE name = 'laptop';
 UPDATE quota.app_user SET enabled = false WHERE user_id = :alice;
 SELECT http_status, error_code FROM quota.admit(:'key', 'k6', 'm', 1, 1);
+SAVEPOINT models;
+SELECT * FROM quota.models(:'key');
+ROLLBACK TO models;
 UPDATE quota.app_user SET enabled = true WHERE user_id = :alice;
 
 -- Expiry: admitted before the instant, 403 key_expired from it on.
 SELECT allowed FROM quota.admit(:'expiring', 'k7', 'm', 1, 1);
 SET LOCAL pg_quota.fake_now = '2026-05-02 00:00:00+00';
 SELECT allowed, http_status, error_code, message FROM quota.admit(:'expiring', 'k8', 'm', 1, 1);
+SAVEPOINT models;
+SELECT * FROM quota.models(:'expiring');
+ROLLBACK TO models;
+SELECT * FROM quota.models('sk-nope');
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK TO models;
+\set SHOW_CONTEXT errors
 
 -- Bad input is an error with SQLSTATE class PQ, not a silent decision.
 \set VERBOSITY sqlstate
