@@ -122,3 +122,42 @@ $$;
 
 CREATE TRIGGER policy_log_change AFTER INSERT OR UPDATE OR DELETE ON quota.policy
     FOR EACH ROW EXECUTE FUNCTION quota.log_change();
+
+-- Ends the suspensions that a policy caused, now, logging each key as resumed `by` (reset,
+-- policy_changed, policy_deleted).
+CREATE FUNCTION quota.lift_suspensions(policy_id bigint, by text, now_ts timestamptz) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    v_key record;
+BEGIN
+    FOR v_key IN
+        UPDATE quota.api_key k SET suspended_until = NULL, suspended_by = NULL
+        WHERE k.suspended_by = lift_suspensions.policy_id RETURNING k.key_id, k.user_id
+    LOOP
+        INSERT INTO quota.event (at, kind, policy_id, key_id, user_id, detail)
+        VALUES (now_ts, 'resumed', lift_suspensions.policy_id, v_key.key_id, v_key.user_id,
+                jsonb_build_object('by', by));
+    END LOOP;
+END
+$$;
+
+-- An edited policy is judged afresh, like a new one: the keys it suspended resume at once, and
+-- its counters forget that they were marked spent, so it refuses, logs and suspends again only
+-- if its window is spent under the new settings (the counters keep their usage). A deleted
+-- policy releases its keys too (its counters go with it).
+CREATE FUNCTION quota.policy_judged_afresh() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        UPDATE quota.counter c SET exhausted_at = NULL
+        WHERE c.policy_id = NEW.policy_id AND c.exhausted_at IS NOT NULL;
+    END IF;
+    PERFORM quota.lift_suspensions(OLD.policy_id,
+                                   CASE TG_OP WHEN 'UPDATE' THEN 'policy_changed' ELSE 'policy_deleted' END,
+                                   quota.clock());
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER policy_judged_afresh AFTER UPDATE OR DELETE ON quota.policy
+    FOR EACH ROW EXECUTE FUNCTION quota.policy_judged_afresh();

@@ -6,7 +6,6 @@ CREATE FUNCTION quota.reset(policy_id bigint) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_now timestamptz := quota.clock();
-    v_key record;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM quota.policy p WHERE p.policy_id = reset.policy_id) THEN
         RAISE EXCEPTION 'reset: no policy with policy_id %', reset.policy_id USING ERRCODE = 'PQ404';
@@ -15,13 +14,7 @@ BEGIN
     WHERE c.policy_id = reset.policy_id;
     DELETE FROM quota.rolling_usage r WHERE r.policy_id = reset.policy_id;
     INSERT INTO quota.event (at, kind, policy_id) VALUES (v_now, 'reset', reset.policy_id);
-    FOR v_key IN
-        UPDATE quota.api_key k SET suspended_until = NULL, suspended_by = NULL
-        WHERE k.suspended_by = reset.policy_id RETURNING k.key_id, k.user_id
-    LOOP
-        INSERT INTO quota.event (at, kind, policy_id, key_id, user_id, detail)
-        VALUES (v_now, 'resumed', reset.policy_id, v_key.key_id, v_key.user_id, '{"by": "reset"}');
-    END LOOP;
+    PERFORM quota.lift_suspensions(reset.policy_id, 'reset', v_now);
 END
 $$;
 

@@ -71,6 +71,23 @@ SELECT settled FROM quota.settle('t2', 1, 1);
 SELECT suspended_until FROM quota.api_key WHERE key_id = :lkid;
 SELECT http_status, error_code, retry_after_s, message FROM quota.admit(:'lkey', 't4', 'm', 1, 1);
 
+-- Editing the policy that suspended a key judges it afresh. The key resumes at once (logged);
+-- while the window is still spent the policy itself refuses, and once a higher limit is spent
+-- it suspends the key again. Deleting the policy frees the key for good.
+SELECT policy_id AS lpol FROM quota.policy WHERE subject_type = 'key' AND subject_id = :lkid \gset
+UPDATE quota.policy SET boundary = 'graceful' WHERE policy_id = :lpol;
+SELECT suspended_until FROM quota.api_key WHERE key_id = :lkid;
+SELECT http_status, error_code, message FROM quota.admit(:'lkey', 't5', 'm', 1, 1);
+UPDATE quota.policy SET quota_limit = 3 WHERE policy_id = :lpol;
+SELECT allowed FROM quota.admit(:'lkey', 't6', 'm', 1, 1);
+SELECT settled FROM quota.settle('t6', 1, 1);
+SELECT suspended_until FROM quota.api_key WHERE key_id = :lkid;
+DELETE FROM quota.policy WHERE policy_id = :lpol;
+SELECT suspended_until FROM quota.api_key WHERE key_id = :lkid;
+SELECT allowed FROM quota.admit(:'lkey', 't7', 'm', 1, 1);
+SELECT kind, detail ->> 'by' AS by FROM quota.event
+WHERE key_id = :lkid AND kind IN ('exhausted', 'disabled', 'resumed') ORDER BY event_id;
+
 -- reset of an unknown policy is an error.
 \set VERBOSITY sqlstate
 SELECT quota.reset(-1);
