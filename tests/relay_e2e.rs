@@ -513,6 +513,44 @@ async fn client_hanging_up_mid_stream_is_charged_for_what_was_produced() {
 }
 
 #[tokio::test]
+async fn sigterm_lets_a_stream_in_flight_finish_and_settle_then_the_relay_exits() {
+    let mut r = relayed("pgq_e2e_sigterm", "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    let mut body = chat_body(500);
+    body["stream"] = json!(true);
+    // 20 tokens 100 ms apart: about 2 s of stream.
+    let mock = [("x-mock-output-tokens", "20"), ("x-mock-chunk-delay-ms", "100")];
+    let resp = r.chat(body, &mock).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    let mut chunks = resp.bytes_stream();
+    let mut text = String::new();
+    while sse_data(&text).len() < 2 {
+        text.push_str(std::str::from_utf8(&chunks.next().await.unwrap().unwrap()).unwrap());
+    }
+
+    let pid = r.relay.child.id().expect("the relay runs").to_string();
+    let kill = tokio::process::Command::new("kill").args(["-TERM", &pid]).status();
+    assert!(kill.await.unwrap().success());
+    // New connections are refused at once...
+    eventually("the listener closed", Duration::from_secs(5), || async {
+        r.http.get(format!("{}/healthz", r.relay.url)).send().await.is_err()
+    })
+    .await;
+    // ...while the stream in flight runs to its end,
+    while let Some(chunk) = chunks.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    assert_eq!(sse_data(&text).last().map(String::as_str), Some("[DONE]"), "{text}");
+    // is settled in full, and then the relay exits cleanly.
+    let exit = tokio::time::timeout(Duration::from_secs(10), r.relay.child.wait()).await;
+    assert!(exit.expect("the relay exits after its stream").unwrap().success());
+    let (_, output, _, billed, _) = r.ledger_row(&id).await;
+    assert_eq!((output, billed), (20, true));
+    assert_eq!(r.reservations().await, 0);
+    assert_no_drift(&r.db).await;
+}
+
+#[tokio::test]
 async fn upstream_500_is_a_502_and_the_reservation_is_refunded() {
     let r = relayed(
         "pgq_e2e_upstream500",
