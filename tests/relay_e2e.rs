@@ -333,6 +333,31 @@ async fn streamed_usage_is_charged_and_the_usage_chunk_shown_only_when_asked_for
 }
 
 #[tokio::test]
+async fn an_upstream_that_reports_no_usage_is_charged_the_relays_own_count() {
+    // Otherwise such an upstream would be a way around every token quota.
+    let r = relayed("pgq_e2e_no_usage", "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    let mock = [("x-mock-omit-usage", "1"), ("x-mock-output-tokens", "12")];
+    let resp = r.chat(chat_body(100), &mock).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let plain = request_id(&resp);
+    let body: Value = resp.json().await.unwrap();
+    assert!(body.get("usage").is_none(), "the upstream sent no usage: {body}");
+    let mut streamed = chat_body(100);
+    streamed["stream"] = json!(true);
+    let resp = r.chat(streamed, &mock).send().await.unwrap();
+    let stream = request_id(&resp);
+    let text = resp.text().await.unwrap();
+    assert_eq!(sse_data(&text).last().map(String::as_str), Some("[DONE]"));
+
+    for id in [plain, stream] {
+        let (input, output, _, billed, _) = r.ledger_row(&id).await;
+        assert!(billed && input > 0, "{id}: the prompt is charged at the estimate");
+        assert_eq!(output, 12, "{id}: the output the relay counted");
+    }
+    assert_no_drift(&r.db).await;
+}
+
+#[tokio::test]
 async fn spent_strict_window_answers_429_in_openai_shape_with_retry_after() {
     let r = relayed("pgq_e2e_strict", "'tokens', 'day', 1000, 'strict'", &[]).await;
     // Each request really uses 400 + 100 tokens; its estimate is about 10 + max_tokens.

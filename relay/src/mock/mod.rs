@@ -3,7 +3,8 @@
 //! Behaviour is set by flags and, per request, by headers (headers win):
 //! `x-mock-latency-ms`, `x-mock-output-tokens`, `x-mock-input-tokens`, `x-mock-chunk-delay-ms`,
 //! `x-mock-cached-tokens`, `x-mock-fail` (`500`, `429`, any 4xx/5xx status, `timeout`,
-//! `disconnect-mid-stream`). Every request is recorded (method, path, headers without
+//! `disconnect-mid-stream`), `x-mock-omit-usage: 1` (an upstream that reports no usage: no
+//! `usage` in bodies, no usage chunk in streams). Every request is recorded (method, path, headers without
 //! `authorization`, the `authorization` value on its own, body) and listed, oldest first, at
 //! `GET /_mock/requests`; `DELETE /_mock/requests` forgets them.
 
@@ -82,6 +83,7 @@ struct Behavior {
     chunk_delay: Duration,
     cached_tokens: u64,
     fail: Option<Fail>,
+    omit_usage: bool,
 }
 
 fn parse_fail(s: &str) -> Result<Fail, String> {
@@ -128,6 +130,7 @@ impl Behavior {
             ),
             cached_tokens: num(headers, "x-mock-cached-tokens")?.unwrap_or(defaults.cached_tokens),
             fail,
+            omit_usage: num(headers, "x-mock-omit-usage")?.is_some_and(|n| n > 0),
         })
     }
 }
@@ -267,7 +270,7 @@ async fn generate(
     let disconnect = behavior.fail == Some(Fail::DisconnectMidStream);
 
     if !stream {
-        let value = match endpoint {
+        let mut value = match endpoint {
             Endpoint::ChatCompletions => {
                 wire::chat_completion(&format!("chatcmpl-mock{n}"), created, &model, counts)
             }
@@ -283,6 +286,9 @@ async fn generate(
                 Some(counts),
             ),
         };
+        if let Some(fields) = value.as_object_mut().filter(|_| behavior.omit_usage) {
+            fields.remove("usage");
+        }
         let text = value.to_string();
         if disconnect {
             // headers and half a body, then the connection breaks
@@ -304,7 +310,8 @@ async fn generate(
         return ([(header::CONTENT_TYPE, "application/json")], text).into_response();
     }
 
-    let include_usage = body.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
+    let include_usage = body.pointer("/stream_options/include_usage") == Some(&Value::Bool(true))
+        && !behavior.omit_usage;
     let id = match endpoint {
         Endpoint::Responses => format!("resp_mock{n}"),
         Endpoint::Completions => format!("cmpl-mock{n}"),
