@@ -23,10 +23,7 @@ pub fn register() {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_quota_sweeper_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = SWEEP_DATABASE
-        .get()
-        .and_then(|db| db.to_str().ok().map(str::to_owned))
-        .unwrap_or_else(|| "postgres".to_owned());
+    let database = database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     log!("pg_quota sweeper started in database {database}");
 
@@ -42,6 +39,14 @@ pub extern "C-unwind" fn pg_quota_sweeper_main(_arg: pg_sys::Datum) {
     }
 }
 
+/// pg_quota.sweep_database (default postgres).
+fn database() -> String {
+    SWEEP_DATABASE
+        .get()
+        .and_then(|db| db.to_str().ok().map(str::to_owned))
+        .unwrap_or_else(|| "postgres".to_owned())
+}
+
 fn interval() -> Duration {
     // Disabled (0) still wakes once a minute to notice a SIGHUP that re-enables it.
     Duration::from_secs(match SWEEP_INTERVAL_S.get() {
@@ -50,16 +55,27 @@ fn interval() -> Duration {
     })
 }
 
+/// Whether the last sweep found the extension missing (so that it is said once, not each time).
+static MISSING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn sweep_once() {
-    let installed = Spi::get_one::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_quota')",
-    );
-    if installed != Ok(Some(true)) {
+    use std::sync::atomic::Ordering;
+    let installed =
+        Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_quota')")
+            == Ok(Some(true));
+    if MISSING.swap(!installed, Ordering::Relaxed) == installed {
+        let database = database();
+        if installed {
+            log!("pg_quota sweeper: the extension is now installed in database {database}; sweeping");
+        } else {
+            warning!("pg_quota sweeper: the extension is not installed in database {database}, nothing to sweep; run CREATE EXTENSION pg_quota there or set pg_quota.sweep_database");
+        }
+    }
+    if !installed {
         return;
     }
-    let counts = Spi::get_three::<i32, i32, i32>(
-        "SELECT expired_reservations, resumed_keys, pruned_buckets FROM quota.sweep()",
-    );
+    let counts =
+        Spi::get_three::<i32, i32, i32>("SELECT expired_reservations, resumed_keys, pruned_buckets FROM quota.sweep()");
     if let Ok((Some(expired), Some(resumed), Some(pruned))) = counts {
         if expired + resumed > 0 {
             log!("pg_quota sweep: {expired} stale reservations released, {resumed} keys resumed, {pruned} rolling buckets pruned");
