@@ -7,7 +7,9 @@ use pgrx::spi::SpiClient;
 use pgrx::AnyNumeric;
 
 use super::cache;
-use super::{clock, col, fail, first, metric_amount, refuses, rolling_used, row, run, EngineError, Policy};
+use super::{
+    clock, col, fail, first, mark_exhausted, metric_amount, refuses, rolling_used, row, run, EngineError, Policy,
+};
 
 /// The columns of `quota.admission`, in order.
 #[derive(Default)]
@@ -120,6 +122,9 @@ struct Limit {
     /// is a channel's
     frees: Option<TimestampWithTimeZone>,
     refusing_policy: Option<(i64, bool, bool)>,
+    /// holds whose window is spent but not yet marked so (no settle has seen it: the limit was
+    /// lowered, a boost ended)
+    spent_unmarked: Vec<usize>,
 }
 
 const KEY: &str = "\
@@ -152,8 +157,8 @@ INSERT INTO quota.counter (policy_id, scope_id, window_start) VALUES ($1, $2, $3
 // shares with every request, stay locked from their update to the commit and no longer. Rolls
 // each stale window and reserves, which also locks the counter rows, in the order given (the
 // lock order); a first request of a scope creates its row, so concurrent first requests queue
-// on it like any other. Returns each counter's settled usage in the window and its
-// reservations, this one included.
+// on it like any other. Returns each counter's settled usage in the window, its reservations
+// (this one included) and whether its window is marked spent already.
 const RESERVE: &str = concat!(
     "\
 WITH filed AS (
@@ -171,9 +176,9 @@ WITH filed AS (
     roll_window!(),
     ",
         reserved     = c.reserved + EXCLUDED.reserved
-    RETURNING c.policy_id, c.used, c.reserved
+    RETURNING c.policy_id, c.used, c.reserved, c.exhausted_at IS NOT NULL AS exhausted
 )
-SELECT held.policy_id, held.used, held.reserved FROM held"
+SELECT held.policy_id, held.used, held.reserved, held.exhausted FROM held"
 );
 
 // A refused request gives its holds back and leaves no reservation.
@@ -365,7 +370,7 @@ fn decide(
         });
     }
 
-    let counters: Vec<(i64, AnyNumeric, AnyNumeric)> = run(
+    let counters: Vec<(i64, AnyNumeric, AnyNumeric, bool)> = run(
         client,
         RESERVE,
         &[
@@ -390,12 +395,20 @@ fn decide(
             holds.iter().map(|h| h.ws).collect::<Vec<_>>().into(),
         ],
     )
-    .map(|r| (col(&r, 1).unwrap(), col(&r, 2).unwrap(), col(&r, 3).unwrap()))
+    .map(|r| {
+        (
+            col(&r, 1).unwrap(),
+            col(&r, 2).unwrap(),
+            col(&r, 3).unwrap(),
+            col(&r, 4).unwrap(),
+        )
+    })
     .collect();
     assert_eq!(counters.len(), holds.len(), "pg_quota: one counter row per hold");
 
     let mut limits: Vec<Limit> = Vec::new();
-    for (h, (counter_policy, counter_used, reserved_now)) in holds.iter().zip(counters) {
+    for (hi, (h, (counter_policy, counter_used, reserved_now, marked_spent))) in holds.iter().zip(counters).enumerate()
+    {
         assert_eq!(
             counter_policy, h.policy.policy_id,
             "pg_quota: counters come back in hold order"
@@ -428,6 +441,7 @@ fn decide(
                     reset: None,
                     frees: None,
                     refusing_policy: None,
+                    spent_unmarked: vec![],
                 });
                 limits.len() - 1
             }
@@ -451,10 +465,13 @@ fn decide(
                 limit.reset = *we;
             }
         } else {
+            let spent = used >= effective_limit;
+            if spent && !marked_spent {
+                limit.spent_unmarked.push(hi);
+            }
             let frees = frees_at(client, policy.policy_id, *scope_id, *ws, *we, now);
             if limit.frees.is_none_or(|f| frees.into_inner() < f.into_inner()) {
                 limit.frees = Some(frees);
-                let spent = used >= effective_limit;
                 limit.refusing_policy = Some((policy.policy_id, spent, policy.subject_type == "channel"));
             }
         }
@@ -469,6 +486,12 @@ fn decide(
         .filter(|l| !l.ok)
         .max_by_key(|l| l.frees.map(|f| f.into_inner()));
     if let Some(worst) = worst {
+        // The refused limits' spent windows are marked, logged and acted on (on_exhausted) now,
+        // as a settle would have done.
+        for hi in limits.iter().filter(|l| !l.ok).flat_map(|l| &l.spent_unmarked) {
+            let h = &holds[*hi];
+            mark_exhausted(client, &h.policy, h.scope_id, (key_id, user_id), (h.ws, h.we), now);
+        }
         for h in &holds {
             let args = [h.policy.policy_id.into(), h.scope_id.into(), h.amount.clone().into()];
             run(client, RELEASE, &args);

@@ -243,6 +243,31 @@ pub(crate) fn rolling_used(
     .unwrap_or_else(|| AnyNumeric::from(0))
 }
 
+const MARK_EXHAUSTED: &str = "\
+SELECT quota.mark_exhausted(p, $2, $3, $4, $5, $6, $7) FROM quota.policy p WHERE p.policy_id = $1";
+
+/// A policy's window [ws, we) for a scope was found spent and not yet marked so: marks it, logs
+/// it and applies the policy's on_exhausted (quota.mark_exhausted) for the request's key.
+pub(crate) fn mark_exhausted(
+    client: &mut SpiClient<'_>,
+    policy: &Policy,
+    scope_id: i64,
+    (key_id, user_id): (i64, i64),
+    (ws, we): (TimestampWithTimeZone, Option<TimestampWithTimeZone>),
+    now: TimestampWithTimeZone,
+) {
+    let args = [
+        policy.policy_id.into(),
+        scope_id.into(),
+        key_id.into(),
+        user_id.into(),
+        ws.into(),
+        we.into(),
+        now.into(),
+    ];
+    run(client, MARK_EXHAUSTED, &args);
+}
+
 /// Whether a policy's window refuses a request of `amount`: exhausted, or (strict) the
 /// request would overshoot. The one rule admit, routing and status share.
 #[pg_extern(immutable, parallel_safe, strict)]

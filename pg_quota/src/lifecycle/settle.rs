@@ -6,7 +6,7 @@ use pgrx::spi::SpiClient;
 use pgrx::AnyNumeric;
 
 use super::cache;
-use super::{clock, col, fail, first, metric_amount, rolling_used, row, run, EngineError, Policy};
+use super::{clock, col, fail, first, mark_exhausted, metric_amount, rolling_used, row, run, EngineError, Policy};
 
 /// The columns of `quota.settlement`, in order.
 struct Settlement {
@@ -69,9 +69,6 @@ RETURNING c.policy_id, c.used, c.exhausted_at IS NOT NULL"
 const ROLLING_ADD: &str = "\
 INSERT INTO quota.rolling_usage AS r (policy_id, scope_id, bucket, used) VALUES ($1, $2, $3, $4)
 ON CONFLICT (policy_id, scope_id, bucket) DO UPDATE SET used = r.used + EXCLUDED.used";
-
-const MARK_EXHAUSTED: &str = "\
-SELECT quota.mark_exhausted(p, $2, $3, $4, $5, $6, $7) FROM quota.policy p WHERE p.policy_id = $1";
 
 /// A reservation being settled: whose it is and what it holds, in lock order.
 struct Taken {
@@ -261,18 +258,13 @@ fn settle_in(
             used = rolling_used(client, c.policy.policy_id, c.scope_id, c.ws);
         }
         if used >= c.limit && !already_exhausted {
-            run(
+            mark_exhausted(
                 client,
-                MARK_EXHAUSTED,
-                &[
-                    c.policy.policy_id.into(),
-                    c.scope_id.into(),
-                    taken.key_id.into(),
-                    taken.user_id.into(),
-                    c.ws.into(),
-                    c.we.into(),
-                    now.into(),
-                ],
+                &c.policy,
+                c.scope_id,
+                (taken.key_id, taken.user_id),
+                (c.ws, c.we),
+                now,
             );
         }
     }

@@ -56,6 +56,14 @@ SELECT * FROM quota.settle('e5', 3, 4);
 SELECT used FROM quota.status(:kid);
 SELECT count(*) AS drifting_counters FROM quota.drift();
 
+-- A window found spent at admit that no settle has marked (here: its limit was lowered below
+-- what is used) is marked there: logged, and the key suspended as the policy says.
+UPDATE quota.policy SET quota_limit = 5 WHERE policy_id = :pol;
+SELECT http_status, error_code, message FROM quota.admit(:'key', 'e6', 'm', 1, 1);
+SELECT suspended_until, suspended_by = :pol AS by_policy FROM quota.api_key WHERE key_id = :kid;
+SELECT kind FROM quota.event WHERE key_id = :kid AND at = '2026-05-01 20:41:00+00' ORDER BY event_id;
+SELECT http_status, message FROM quota.admit(:'key', 'e7', 'm', 1, 1);
+
 -- A total window never resets: a request over it is told so (no retry time), and a key it
 -- suspended does not resume by itself.
 SELECT quota.create_user('hugo') AS hugo \gset
@@ -72,12 +80,13 @@ SELECT suspended_until FROM quota.api_key WHERE key_id = :lkid;
 SELECT http_status, error_code, retry_after_s, message FROM quota.admit(:'lkey', 't4', 'm', 1, 1);
 
 -- Editing the policy that suspended a key judges it afresh. The key resumes at once (logged);
--- while the window is still spent the policy itself refuses, and once a higher limit is spent
--- it suspends the key again. Deleting the policy frees the key for good.
+-- a window still spent is found so by the next request, which is refused and suspends the key
+-- again; a higher limit resumes it, until that is spent too. Deleting the policy frees the key.
 SELECT policy_id AS lpol FROM quota.policy WHERE subject_type = 'key' AND subject_id = :lkid \gset
 UPDATE quota.policy SET boundary = 'graceful' WHERE policy_id = :lpol;
 SELECT suspended_until FROM quota.api_key WHERE key_id = :lkid;
 SELECT http_status, error_code, message FROM quota.admit(:'lkey', 't5', 'm', 1, 1);
+SELECT suspended_until FROM quota.api_key WHERE key_id = :lkid;
 UPDATE quota.policy SET quota_limit = 3 WHERE policy_id = :lpol;
 SELECT allowed FROM quota.admit(:'lkey', 't6', 'm', 1, 1);
 SELECT settled FROM quota.settle('t6', 1, 1);
