@@ -30,7 +30,8 @@ extension_sql_file!(
         window::window_bounds,
         window::approx_duration,
         lifecycle::refuses,
-        lifecycle::metric_amount
+        lifecycle::metric_amount,
+        lifecycle::key_refusal
     ]
 );
 extension_sql_file!("../../sql/schema/50_admin.sql", name = "admin", requires = ["lifecycle"]);

@@ -273,26 +273,22 @@ BEGIN
 END
 $$;
 
--- The models a key may call, for GET /v1/models. An unknown key is SQLSTATE 28000.
--- The models a key may use. A key that admit would refuse with 401 or 403 is refused the same
--- way: 28000 for an unknown key; PQ403 for a disabled key or user or an expired key, with
--- admit's message and its error code in DETAIL. A suspended key (a 429) may still list.
+-- The models a key may use, for GET /v1/models. A key that admit would refuse with 401 or 403
+-- is refused the same way: 28000 for an unknown key; PQ403 with admit's message and its error
+-- code in DETAIL for a disabled or expired key or a disabled user (quota.key_refusal, the rule
+-- admit applies). A suspended key (a 429) may still list.
 CREATE FUNCTION quota.models(api_key text) RETURNS TABLE (model text, owned_by text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v record;
 BEGIN
-    SELECT k.enabled AS key_enabled, u.enabled AS user_enabled, k.expires_at INTO v
-    FROM quota.key_for_secret(models.api_key) k JOIN quota.app_user u ON u.user_id = k.user_id;
+    SELECT r.error_code, r.message INTO v
+    FROM quota.key_for_secret(models.api_key) k JOIN quota.app_user u ON u.user_id = k.user_id
+    LEFT JOIN quota.key_refusal(k.enabled, u.enabled, k.expires_at, quota.clock()) r ON true;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'Incorrect API key provided.' USING ERRCODE = 'invalid_authorization_specification';
-    ELSIF NOT v.key_enabled THEN
-        RAISE EXCEPTION 'This API key has been disabled.' USING ERRCODE = 'PQ403', DETAIL = 'key_disabled';
-    ELSIF NOT v.user_enabled THEN
-        RAISE EXCEPTION 'The user that owns this API key has been disabled.'
-            USING ERRCODE = 'PQ403', DETAIL = 'user_disabled';
-    ELSIF v.expires_at <= quota.clock() THEN
-        RAISE EXCEPTION 'This API key has expired.' USING ERRCODE = 'PQ403', DETAIL = 'key_expired';
+    ELSIF v.error_code IS NOT NULL THEN
+        RAISE EXCEPTION '%', v.message USING ERRCODE = 'PQ403', DETAIL = v.error_code;
     END IF;
     -- priced models and the models of enabled channels
     RETURN QUERY SELECT m.model, 'pg_quota'::text

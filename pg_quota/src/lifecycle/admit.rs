@@ -8,7 +8,8 @@ use pgrx::AnyNumeric;
 
 use super::cache;
 use super::{
-    clock, col, fail, first, mark_exhausted, metric_amount, refuses, rolling_used, row, run, EngineError, Policy,
+    clock, col, fail, first, key_refused, mark_exhausted, metric_amount, refuses, rolling_used, row, run, EngineError,
+    Policy,
 };
 
 /// The columns of `quota.admission`, in order.
@@ -286,24 +287,8 @@ fn decide(
         ..a
     };
 
-    if !key_enabled {
-        return Ok(with_key(Admission::denied(
-            403,
-            "key_disabled",
-            "This API key has been disabled.".into(),
-        )));
-    } else if !user_enabled {
-        return Ok(with_key(Admission::denied(
-            403,
-            "user_disabled",
-            "The user that owns this API key has been disabled.".into(),
-        )));
-    } else if expires_at.is_some_and(|e| e.into_inner() <= now.into_inner()) {
-        return Ok(with_key(Admission::denied(
-            403,
-            "key_expired",
-            "This API key has expired.".into(),
-        )));
+    if let Some((code, message)) = key_refused(key_enabled, user_enabled, expires_at, now) {
+        return Ok(with_key(Admission::denied(403, code, message.into())));
     } else if let Some(until) = suspended_until.filter(|u| u.into_inner() > now.into_inner()) {
         let what = "This API key is suspended because a quota was exhausted.".to_string();
         return Ok(with_key(Admission {

@@ -6,10 +6,10 @@
 //! transaction: that, not the statements, was most of a PL/pgSQL admit's time.
 //!
 //! The rules stay in one place each: policy selection is `quota.policies_for` (SQL), the
-//! window math is `pg_quota_core` (shared with `quota.window_bounds`), and the two rules the
-//! SQL helpers also need, [`refuses`] and [`metric_amount`], are SQL functions implemented
-//! here. The SQL declarations of the entry points, with their SECURITY DEFINER and pinned
-//! search_path, live in `sql/schema/40_lifecycle.sql`.
+//! window math is `pg_quota_core` (shared with `quota.window_bounds`), and the rules the SQL
+//! helpers also need, [`refuses`], [`metric_amount`] and [`key_refusal`], are SQL functions
+//! implemented here. The SQL declarations of the entry points, with their SECURITY DEFINER and
+//! pinned search_path, live in `sql/schema/40_lifecycle.sql`.
 //!
 //! Lock order, as everywhere in the engine: the reservation row, the counters (the channel's
 //! first, then by policy_id), the day's rollup row (settle only), then the api_key row. Rows
@@ -266,6 +266,36 @@ pub(crate) fn mark_exhausted(
         now.into(),
     ];
     run(client, MARK_EXHAUSTED, &args);
+}
+
+/// Why a key may not be used now (a 403): its error code and message; None when it may. The one
+/// rule admit and quota.models share.
+pub(crate) fn key_refused(
+    key_enabled: bool,
+    user_enabled: bool,
+    expires_at: Option<TimestampWithTimeZone>,
+    now: TimestampWithTimeZone,
+) -> Option<(&'static str, &'static str)> {
+    if !key_enabled {
+        Some(("key_disabled", "This API key has been disabled."))
+    } else if !user_enabled {
+        Some(("user_disabled", "The user that owns this API key has been disabled."))
+    } else if expires_at.is_some_and(|e| e.into_inner() <= now.into_inner()) {
+        Some(("key_expired", "This API key has expired."))
+    } else {
+        None
+    }
+}
+
+/// [`key_refused`] for SQL: no row when the key may be used.
+#[pg_extern(immutable, parallel_safe)]
+pub(crate) fn key_refusal(
+    key_enabled: bool,
+    user_enabled: bool,
+    expires_at: Option<TimestampWithTimeZone>,
+    now_ts: TimestampWithTimeZone,
+) -> TableIterator<'static, (name!(error_code, &'static str), name!(message, &'static str))> {
+    TableIterator::new(key_refused(key_enabled, user_enabled, expires_at, now_ts))
 }
 
 /// Whether a policy's window refuses a request of `amount`: exhausted, or (strict) the
