@@ -181,6 +181,22 @@ fn sse_data(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Appends what a response stream delivers to `text` until it holds `events` SSE data events,
+/// or (None) until the stream ends.
+async fn read_sse<B: AsRef<[u8]>>(
+    chunks: &mut (impl futures::Stream<Item = reqwest::Result<B>> + Unpin),
+    text: &mut String,
+    events: Option<usize>,
+) {
+    while events.is_none_or(|n| sse_data(text).len() < n) {
+        let Some(chunk) = chunks.next().await else {
+            assert!(events.is_none(), "the stream ended before {events:?} events: {text}");
+            return;
+        };
+        text.push_str(std::str::from_utf8(chunk.unwrap().as_ref()).unwrap());
+    }
+}
+
 fn chat_body(max_tokens: i64) -> Value {
     json!({"model": "gpt-4o", "max_tokens": max_tokens,
            "messages": [{"role": "user", "content": "Say something."}]})
@@ -516,10 +532,7 @@ async fn client_hanging_up_mid_stream_is_charged_for_what_was_produced() {
     assert_eq!(resp.status(), 200);
     let id = request_id(&resp);
     let mut chunks = resp.bytes_stream();
-    let mut text = String::new();
-    while sse_data(&text).len() < 4 {
-        text.push_str(std::str::from_utf8(&chunks.next().await.unwrap().unwrap()).unwrap());
-    }
+    read_sse(&mut chunks, &mut String::new(), Some(4)).await;
     drop(chunks); // the client hangs up
 
     let (input, output, _, billed, _) = r.ledger_row(&id).await;
@@ -549,9 +562,7 @@ async fn sigterm_lets_a_stream_in_flight_finish_and_settle_then_the_relay_exits(
     let id = request_id(&resp);
     let mut chunks = resp.bytes_stream();
     let mut text = String::new();
-    while sse_data(&text).len() < 2 {
-        text.push_str(std::str::from_utf8(&chunks.next().await.unwrap().unwrap()).unwrap());
-    }
+    read_sse(&mut chunks, &mut text, Some(2)).await;
 
     let pid = r.relay.child.id().expect("the relay runs").to_string();
     let kill = tokio::process::Command::new("kill").args(["-TERM", &pid]).status();
@@ -562,9 +573,7 @@ async fn sigterm_lets_a_stream_in_flight_finish_and_settle_then_the_relay_exits(
     })
     .await;
     // ...while the stream in flight runs to its end,
-    while let Some(chunk) = chunks.next().await {
-        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
-    }
+    read_sse(&mut chunks, &mut text, None).await;
     assert_eq!(sse_data(&text).last().map(String::as_str), Some("[DONE]"), "{text}");
     // is settled in full, and then the relay exits cleanly.
     let exit = tokio::time::timeout(Duration::from_secs(10), r.relay.child.wait()).await;
