@@ -141,6 +141,9 @@ CREATE INDEX ON quota.boost (subject_type, subject_id);
 -- Live counter of one policy for one scope (the key, the user, …) in its current window.
 -- used counts settled usage of the window starting at window_start; reserved counts holds of
 -- in-flight requests and survives window roll-over and manual reset (their settle releases it).
+-- exhausted_at marks the window spent (logged and acted on once); admit clears a mark whose
+-- window is no longer spent (a boost, a rolling window's usage ageing out). A rolling window's
+-- usage is in quota.rolling_usage: its counter has window_start -infinity and never rolls.
 CREATE TABLE quota.counter (
     policy_id     bigint NOT NULL REFERENCES quota.policy ON DELETE CASCADE,
     scope_id      bigint NOT NULL,

@@ -180,8 +180,10 @@ LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off
 AS 'MODULE_PATHNAME', 'admit_wrapper';
 
--- Ends a run-out suspension of one key and logs it; safe to race (only one caller logs).
-CREATE FUNCTION quota.resume_key(key_id bigint, now_ts timestamptz) RETURNS boolean
+-- Ends the suspension of one key and logs it: one that has run out by now_ts, or, given `by` (why
+-- it ends early: admit found the window that caused it no longer spent), any. Safe to race (only
+-- one caller logs).
+CREATE FUNCTION quota.resume_key(key_id bigint, now_ts timestamptz, by text DEFAULT NULL) RETURNS boolean
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     v_policy bigint;
@@ -190,13 +192,15 @@ BEGIN
     UPDATE quota.api_key k SET suspended_until = NULL, suspended_by = NULL
     FROM (SELECT k2.key_id, k2.suspended_by FROM quota.api_key k2
           WHERE k2.key_id = resume_key.key_id FOR UPDATE) old
-    WHERE k.key_id = old.key_id AND k.suspended_until <= now_ts
+    WHERE k.key_id = old.key_id AND k.suspended_until IS NOT NULL
+      AND (k.suspended_until <= now_ts OR resume_key.by IS NOT NULL)
     RETURNING old.suspended_by, k.user_id INTO v_policy, v_user;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    INSERT INTO quota.event (at, kind, policy_id, key_id, user_id)
-    VALUES (now_ts, 'resumed', v_policy, resume_key.key_id, v_user);
+    INSERT INTO quota.event (at, kind, policy_id, key_id, user_id, detail)
+    VALUES (now_ts, 'resumed', v_policy, resume_key.key_id, v_user,
+            jsonb_strip_nulls(jsonb_build_object('by', resume_key.by)));
     RETURN true;
 END
 $$;

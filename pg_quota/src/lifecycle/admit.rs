@@ -132,7 +132,7 @@ const KEY: &str = "\
 SELECT k.key_id, k.user_id, k.enabled, u.enabled, k.expires_at, k.suspended_until,
        EXISTS (SELECT 1 FROM quota.usage_ledger l WHERE l.request_id = $2)
        OR EXISTS (SELECT 1 FROM quota.released r WHERE r.request_id = $2),
-       quota.cost_of(mp, $4, $5, 0), (SELECT g.generation FROM quota.policy_generation g)
+       quota.cost_of(mp, $4, $5, 0), (SELECT g.generation FROM quota.policy_generation g), k.suspended_by
 FROM quota.key_for_secret($1) k JOIN quota.app_user u ON u.user_id = k.user_id
 LEFT JOIN quota.model_price mp ON mp.model = $3";
 
@@ -185,6 +185,8 @@ SELECT held.policy_id, held.used, held.reserved, held.exhausted FROM held"
 // A refused request gives its holds back and leaves no reservation.
 const UNFILE: &str = "DELETE FROM quota.reservation r WHERE r.request_id = $1";
 
+const UNMARK: &str = "UPDATE quota.counter c SET exhausted_at = NULL WHERE c.policy_id = $1 AND c.scope_id = $2";
+
 const RELEASE: &str =
     "UPDATE quota.counter c SET reserved = c.reserved - $3 WHERE c.policy_id = $1 AND c.scope_id = $2";
 
@@ -208,7 +210,38 @@ fn frees_at(
 
 const WORDS: &str = "SELECT quota.policy_words(p) FROM quota.policy p WHERE p.policy_id = $1";
 
-const RESUME_KEY: &str = "SELECT quota.resume_key($1, $2)";
+const RESUME_KEY: &str = "SELECT quota.resume_key($1, $2, $3)";
+
+const COUNTER_USED: &str =
+    "SELECT c.used FROM quota.counter c WHERE c.policy_id = $1 AND c.scope_id = $2 AND c.window_start = $3";
+
+/// Why a key suspended by policy `suspended_by` may be used again before its suspension runs
+/// out (the `by` of its `resumed` event), or None while that policy's window for the key is
+/// still spent. Reads only: a lifted suspension ends after the counters are locked.
+fn suspension_lifted(
+    client: &mut SpiClient<'_>,
+    key_id: i64,
+    user_id: i64,
+    suspended_by: Option<i64>,
+    now: TimestampWithTimeZone,
+) -> Option<&'static str> {
+    let policy_id = suspended_by?;
+    let Some(a) = cache::policies_for(client, (Some(key_id), Some(user_id), None, None), now)
+        .into_iter()
+        .find(|a| a.policy.policy_id == policy_id)
+    else {
+        return Some("policy_not_applicable");
+    };
+    let (ws, _) = a.policy.window(crate::window::to_utc(now));
+    let used = if a.policy.rolling() {
+        rolling_used(client, policy_id, a.scope_id, ws)
+    } else {
+        first(client, COUNTER_USED, &[policy_id.into(), a.scope_id.into(), ws.into()])
+            .and_then(|r| col(&r, 1))
+            .unwrap_or_else(|| AnyNumeric::from(0))
+    };
+    (used < a.effective_limit).then_some("window_not_spent")
+}
 
 #[pg_extern(sql = false)] // declared in sql/schema/40_lifecycle.sql
 fn admit(
@@ -281,6 +314,7 @@ fn decide(
     // them and is recorded as unbilled at settle.
     let cost: Option<AnyNumeric> = col(&key, 8);
     cache::sync(col(&key, 9).expect("generation is NOT NULL"));
+    let suspended_by: Option<i64> = col(&key, 10);
     let with_key = |a: Admission| Admission {
         key_id: Some(key_id),
         user_id: Some(user_id),
@@ -289,12 +323,19 @@ fn decide(
 
     if let Some((code, message)) = key_refused(key_enabled, user_enabled, expires_at, now) {
         return Ok(with_key(Admission::denied(403, code, message.into())));
-    } else if let Some(until) = suspended_until.filter(|u| u.into_inner() > now.into_inner()) {
-        let what = "This API key is suspended because a quota was exhausted.".to_string();
-        return Ok(with_key(Admission {
-            channel_id: pinned,
-            ..Admission::refusal("token_quota_policy_exhausted", what, Some(until), now, &RESUMES)
-        }));
+    }
+    // A suspension lasts until it runs out, or until the window that caused it is not spent any
+    // more (a boost, a policy that no longer applies): then it ends with this request.
+    let mut resume_early: Option<&str> = None;
+    if let Some(until) = suspended_until.filter(|u| u.into_inner() > now.into_inner()) {
+        resume_early = suspension_lifted(client, key_id, user_id, suspended_by, now);
+        if resume_early.is_none() {
+            let what = "This API key is suspended because a quota was exhausted.".to_string();
+            return Ok(with_key(Admission {
+                channel_id: pinned,
+                ..Admission::refusal("token_quota_policy_exhausted", what, Some(until), now, &RESUMES)
+            }));
+        }
     }
     if reused {
         return fail(b"PQ409", format!("admit: request_id {request_id} was already used"));
@@ -377,7 +418,11 @@ fn decide(
                 .collect::<Vec<_>>()
                 .into(),
             now.into(),
-            holds.iter().map(|h| h.ws).collect::<Vec<_>>().into(),
+            holds
+                .iter()
+                .map(|h| h.policy.counter_window(h.ws))
+                .collect::<Vec<_>>()
+                .into(),
         ],
     )
     .map(|r| {
@@ -392,6 +437,7 @@ fn decide(
     assert_eq!(counters.len(), holds.len(), "pg_quota: one counter row per hold");
 
     let mut limits: Vec<Limit> = Vec::new();
+    let mut stale_marks: Vec<usize> = Vec::new();
     for (hi, (h, (counter_policy, counter_used, reserved_now, marked_spent))) in holds.iter().zip(counters).enumerate()
     {
         assert_eq!(
@@ -413,6 +459,9 @@ fn decide(
         } else {
             counter_used
         };
+        if marked_spent && used < effective_limit {
+            stale_marks.push(hi);
+        }
 
         let gi = match limits.iter().position(|l| l.key == h.limit_key) {
             Some(gi) => gi,
@@ -460,6 +509,14 @@ fn decide(
                 limit.refusing_policy = Some((policy.policy_id, spent, policy.subject_type == "channel"));
             }
         }
+    }
+
+    // A window marked spent that is not spent any more (a boost, a rolling window's usage aged
+    // out) is judged afresh: unmarked, so that it is logged and acted on again when it is spent
+    // again. Its counter row is locked already.
+    for hi in stale_marks {
+        let h = &holds[hi];
+        run(client, UNMARK, &[h.policy.policy_id.into(), h.scope_id.into()]);
     }
 
     // A refused limit refuses the request; with several, report the one that frees up last.
@@ -519,9 +576,10 @@ fn decide(
         out.ratelimit_reset_at = tight.reset;
     }
 
-    // A suspension that has run out ends here, lazily (quota.sweep() does it too).
+    // A suspension that has run out ends here, lazily (quota.sweep() does it too), and one
+    // whose window is not spent any more ends early. (Here, after the counters: lock order.)
     if suspended_until.is_some() {
-        run(client, RESUME_KEY, &[key_id.into(), now.into()]);
+        run(client, RESUME_KEY, &[key_id.into(), now.into(), resume_early.into()]);
     }
 
     out.allowed = true;
@@ -560,7 +618,11 @@ fn channel_blocked_until(
             run(
                 client,
                 CREATE_COUNTER,
-                &[a.policy.policy_id.into(), a.scope_id.into(), ws.into()],
+                &[
+                    a.policy.policy_id.into(),
+                    a.scope_id.into(),
+                    a.policy.counter_window(ws).into(),
+                ],
             );
         };
         let used = if a.policy.rolling() {

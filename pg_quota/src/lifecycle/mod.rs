@@ -221,6 +221,18 @@ impl Policy {
     pub(crate) fn window(&self, at: DateTime<Utc>) -> (TimestampWithTimeZone, Option<TimestampWithTimeZone>) {
         crate::window::bounds(&self.spec, at)
     }
+
+    /// The window a counter of this policy keeps for the window starting at `window_start`
+    /// (`quota.counter.window_start`). A rolling window's start moves every minute, but its
+    /// usage lives in `quota.rolling_usage`, so its counter never rolls (-infinity): its spent
+    /// mark and its last reset stay until the window is no longer spent or is reset.
+    pub(crate) fn counter_window(&self, window_start: TimestampWithTimeZone) -> TimestampWithTimeZone {
+        if self.rolling() {
+            TimestampWithTimeZone::negative_infinity()
+        } else {
+            window_start
+        }
+    }
 }
 
 const ROLLING_USED: &str = "\

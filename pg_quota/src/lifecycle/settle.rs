@@ -42,9 +42,10 @@ ORDER BY f.axis <> 'channel', (f.policy).policy_id";
 // window's usage, rolling a stale window first, in the order given (the lock order). The ledger
 // row goes in first (the EXISTS runs it before any counter is read), so the counter rows, which
 // a busy key shares with every request, stay locked from their update to the commit and no
-// longer. Rolling windows count in rolling_usage instead ($19 holds 0 for them). A counter
-// deleted meanwhile (policy edited) is created again, with nothing reserved. A request counts
-// on a policy at most once, so a policy id finds its hold.
+// longer. Rolling windows count in rolling_usage instead ($19 holds 0 for them, and $21, the
+// counters' windows, -infinity: see Policy::counter_window). A counter deleted meanwhile
+// (policy edited) is created again, with nothing reserved. A request counts on a policy at most
+// once, so a policy id finds its hold.
 const COUNT: &str = concat!(
     "\
 WITH ledger AS (
@@ -56,7 +57,7 @@ WITH ledger AS (
     RETURNING 1
 )
 INSERT INTO quota.counter AS c (policy_id, scope_id, window_start, used)
-SELECT * FROM unnest($14::bigint[], $15::bigint[], $16::timestamptz[], $19::numeric[])
+SELECT * FROM unnest($14::bigint[], $15::bigint[], $21::timestamptz[], $19::numeric[])
 WHERE EXISTS (SELECT FROM ledger)
 ON CONFLICT (policy_id, scope_id) DO UPDATE SET
         ",
@@ -232,6 +233,11 @@ fn settle_in(
                 .collect::<Vec<_>>()
                 .into(),
             counts.iter().map(|c| c.hold.clone()).collect::<Vec<_>>().into(),
+            counts
+                .iter()
+                .map(|c| c.policy.counter_window(c.ws))
+                .collect::<Vec<_>>()
+                .into(),
         ],
     )
     .map(|r| (col(&r, 1).unwrap(), col(&r, 2).unwrap(), col(&r, 3).unwrap()))

@@ -60,4 +60,16 @@ SELECT used, next_reset, state FROM quota.status(:kid) WHERE policy_id = :rpol;
 SET LOCAL pg_quota.fake_now = '2026-05-01 15:00:00+00';
 SELECT used, state FROM quota.status(:kid) WHERE policy_id = :rpol;
 SELECT allowed FROM quota.admit(:'key', 'r5', 'm', 1, 1);
+-- Spent again: logged again. While it refused (14:30, as the window moved minute by minute) the
+-- spent window was logged once, when it was spent (12:00).
+SELECT * FROM quota.settle('r5', 1, 1) \gset
+SELECT kind, at FROM quota.event WHERE policy_id = :rpol AND kind = 'exhausted' ORDER BY event_id;
+-- A reset of a rolling window holds as the window moves on: the counters agree with the ledger.
+SET LOCAL pg_quota.fake_now = '2026-05-01 15:05:00+00';
+SELECT quota.reset(:rpol);
+SET LOCAL pg_quota.fake_now = '2026-05-01 15:10:00+00';
+SELECT allowed FROM quota.admit(:'key', 'r6', 'm', 1, 1);
+SELECT * FROM quota.settle('r6', 1, 1) \gset
+SELECT used, state FROM quota.status(:kid) WHERE policy_id = :rpol;
+SELECT count(*) AS drifting_counters FROM quota.drift();
 ROLLBACK;

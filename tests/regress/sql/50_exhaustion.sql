@@ -97,6 +97,42 @@ SELECT allowed FROM quota.admit(:'lkey', 't7', 'm', 1, 1);
 SELECT kind, detail ->> 'by' AS by FROM quota.event
 WHERE key_id = :lkid AND kind IN ('exhausted', 'disabled', 'resumed') ORDER BY event_id;
 
+-- A boost frees a key that a spent window suspended: the next request finds the window not
+-- spent any more, resumes the key (logged, by window_not_spent) and is admitted. When the
+-- boosted limit is spent too, it is logged and the key suspended again.
+SELECT quota.create_user('ivy') AS ivy \gset
+SELECT quota.create_key(:ivy, 'boosted') AS bkey \gset
+SELECT key_id AS bkid FROM quota.api_key WHERE name = 'boosted' \gset
+INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit, boundary, on_exhausted)
+VALUES ('key', :bkid, 'requests', 'day', 1, 'strict', 'disable');
+SELECT allowed FROM quota.admit(:'bkey', 'b1', 'm', 1, 1);
+SELECT settled FROM quota.settle('b1', 1, 1);
+SELECT http_status, error_code, message FROM quota.admit(:'bkey', 'b2', 'm', 1, 1);
+INSERT INTO quota.boost (subject_type, subject_id, metric, period, amount, expires_at)
+VALUES ('key', :bkid, 'requests', 'day', 1, '2026-05-02 00:00:00+00');
+SELECT allowed FROM quota.admit(:'bkey', 'b3', 'm', 1, 1);
+SELECT suspended_until FROM quota.api_key WHERE key_id = :bkid;
+SELECT settled FROM quota.settle('b3', 1, 1);
+SELECT suspended_until FROM quota.api_key WHERE key_id = :bkid;
+SELECT http_status, error_code FROM quota.admit(:'bkey', 'b4', 'm', 1, 1);
+SELECT kind, detail ->> 'by' AS by FROM quota.event
+WHERE key_id = :bkid AND kind IN ('exhausted', 'disabled', 'resumed') ORDER BY event_id;
+
+-- A key suspended by its user group's policy is freed when the user leaves the group: that
+-- policy no longer applies to it.
+INSERT INTO quota.user_group (name) VALUES ('trial') RETURNING group_id AS trial \gset
+INSERT INTO quota.user_group_member (group_id, user_id) VALUES (:trial, :ivy);
+INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit, on_exhausted)
+VALUES ('user_group', :trial, 'tokens', 'day', 10, 'disable') RETURNING policy_id AS tpol \gset
+SELECT quota.create_key(:ivy, 'trial') AS tkey \gset
+SELECT allowed FROM quota.admit(:'tkey', 'g1', 'm', 5, 5);
+SELECT settled FROM quota.settle('g1', 6, 6);
+SELECT suspended_by = :tpol AS suspended_by_group FROM quota.api_key WHERE name = 'trial';
+DELETE FROM quota.user_group_member WHERE group_id = :trial AND user_id = :ivy;
+SELECT allowed FROM quota.admit(:'tkey', 'g2', 'm', 1, 1);
+SELECT kind, detail ->> 'by' AS by FROM quota.event e JOIN quota.api_key k USING (key_id)
+WHERE k.name = 'trial' AND kind IN ('exhausted', 'disabled', 'resumed') ORDER BY event_id;
+
 -- reset of an unknown policy is an error.
 \set VERBOSITY sqlstate
 SELECT quota.reset(-1);
