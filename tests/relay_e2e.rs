@@ -900,9 +900,19 @@ async fn channels_route_with_their_key_and_model_name_and_a_full_channel_is_429(
         .await
         .unwrap();
     assert!(resp.headers().contains_key("retry-after"));
+    // The cap is the rate limit the client sees: none of it left until it resets.
+    let header = |resp: &reqwest::Response, name: &str| {
+        resp.headers().get(name).map(|v| v.to_str().unwrap().to_string())
+    };
+    let seconds = |resp: &reqwest::Response, name: &str| -> u64 { header(resp, name).unwrap().parse().unwrap() };
+    assert_eq!(header(&resp, "x-ratelimit-limit-tokens").as_deref(), Some("1000"));
+    assert_eq!(header(&resp, "x-ratelimit-remaining-tokens").as_deref(), Some("0"));
+    let (reset, retry_after) = (seconds(&resp, "x-ratelimit-reset-tokens"), seconds(&resp, "retry-after"));
+    assert!(reset.abs_diff(retry_after) <= 1, "reset {reset} vs Retry-After {retry_after}");
     openai_error(resp, 429, "rate_limit_error", "channel_quota_exhausted").await;
     // ... and unpinned, no channel is left for the model.
     let resp = r.chat(chat_body(1), &usage).send().await.unwrap();
+    assert_eq!(header(&resp, "x-ratelimit-remaining-tokens").as_deref(), Some("0"));
     openai_error(resp, 429, "rate_limit_error", "all_channels_exhausted").await;
     assert_eq!(mock_requests(&r.mock).await.len(), 1, "refused requests never reach the upstream");
     assert_eq!(r.reservations().await, 0);

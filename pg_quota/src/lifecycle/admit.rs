@@ -6,7 +6,7 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::AnyNumeric;
 
-use super::cache;
+use super::cache::{self, Applicable};
 use super::{
     clock, col, fail, first, key_refused, mark_exhausted, metric_amount, refuses, rolling_used, row, run, EngineError,
     Policy,
@@ -58,6 +58,18 @@ impl Admission {
         Admission {
             retry_after_s: retry,
             ..Admission::denied(429, error_code, message)
+        }
+    }
+
+    /// Fills the rate-limit fields of a 429 from the limit that refused: nothing remains of it
+    /// until it frees up (infinity: never, no reset time).
+    fn exhausted_limit(self, limit: AnyNumeric, metric: &str, frees: Option<TimestampWithTimeZone>) -> Admission {
+        Admission {
+            ratelimit_limit: Some(limit),
+            ratelimit_remaining: Some(AnyNumeric::from(0)),
+            ratelimit_metric: Some(metric.to_string()),
+            ratelimit_reset_at: frees.filter(|f| f.is_finite()),
+            ..self
         }
     }
 
@@ -215,22 +227,33 @@ const RESUME_KEY: &str = "SELECT quota.resume_key($1, $2, $3)";
 const COUNTER_USED: &str =
     "SELECT c.used FROM quota.counter c WHERE c.policy_id = $1 AND c.scope_id = $2 AND c.window_start = $3";
 
-/// Why a key suspended by policy `suspended_by` may be used again before its suspension runs
-/// out (the `by` of its `resumed` event), or None while that policy's window for the key is
-/// still spent. Reads only: a lifted suspension ends after the counters are locked.
-fn suspension_lifted(
+/// A suspended key's suspension, judged now.
+enum Suspension {
+    /// still in force, by this policy (None: it is not known which)
+    Holds(Option<Applicable>),
+    /// over before its time: why (the `by` of the key's `resumed` event)
+    Lifted(&'static str),
+}
+
+/// Judges the suspension of a key by policy `suspended_by`: it ends early once that policy's
+/// window for the key is not spent any more (a boost), or once the policy no longer applies to
+/// the key (its user left the group). Reads only: a lifted suspension ends after the counters
+/// are locked.
+fn judge_suspension(
     client: &mut SpiClient<'_>,
     key_id: i64,
     user_id: i64,
     suspended_by: Option<i64>,
     now: TimestampWithTimeZone,
-) -> Option<&'static str> {
-    let policy_id = suspended_by?;
+) -> Suspension {
+    let Some(policy_id) = suspended_by else {
+        return Suspension::Holds(None);
+    };
     let Some(a) = cache::policies_for(client, (Some(key_id), Some(user_id), None, None), now)
         .into_iter()
         .find(|a| a.policy.policy_id == policy_id)
     else {
-        return Some("policy_not_applicable");
+        return Suspension::Lifted("policy_not_applicable");
     };
     let (ws, _) = a.policy.window(crate::window::to_utc(now));
     let used = if a.policy.rolling() {
@@ -240,7 +263,11 @@ fn suspension_lifted(
             .and_then(|r| col(&r, 1))
             .unwrap_or_else(|| AnyNumeric::from(0))
     };
-    (used < a.effective_limit).then_some("window_not_spent")
+    if used < a.effective_limit {
+        Suspension::Lifted("window_not_spent")
+    } else {
+        Suspension::Holds(Some(a))
+    }
 }
 
 #[pg_extern(sql = false)] // declared in sql/schema/40_lifecycle.sql
@@ -328,13 +355,19 @@ fn decide(
     // more (a boost, a policy that no longer applies): then it ends with this request.
     let mut resume_early: Option<&str> = None;
     if let Some(until) = suspended_until.filter(|u| u.into_inner() > now.into_inner()) {
-        resume_early = suspension_lifted(client, key_id, user_id, suspended_by, now);
-        if resume_early.is_none() {
-            let what = "This API key is suspended because a quota was exhausted.".to_string();
-            return Ok(with_key(Admission {
-                channel_id: pinned,
-                ..Admission::refusal("token_quota_policy_exhausted", what, Some(until), now, &RESUMES)
-            }));
+        match judge_suspension(client, key_id, user_id, suspended_by, now) {
+            Suspension::Lifted(why) => resume_early = Some(why),
+            Suspension::Holds(by) => {
+                let what = "This API key is suspended because a quota was exhausted.".to_string();
+                let mut refused = Admission::refusal("token_quota_policy_exhausted", what, Some(until), now, &RESUMES);
+                if let Some(a) = by {
+                    refused = refused.exhausted_limit(a.effective_limit, &a.policy.metric, Some(until));
+                }
+                return Ok(with_key(Admission {
+                    channel_id: pinned,
+                    ..refused
+                }));
+            }
         }
     }
     if reused {
@@ -554,16 +587,15 @@ fn decide(
             "token_quota_policy_exhausted"
         };
         let frees = worst.frees;
-        let mut refused = with_key(Admission {
-            channel_id: channel,
-            ..Admission::refusal(code, what, frees, now, &RESETS)
-        });
         // the refusing limit feeds the rate-limit headers of the 429
-        refused.ratelimit_limit = Some(worst.effective_limit.clone());
-        refused.ratelimit_remaining = Some(AnyNumeric::from(0));
-        refused.ratelimit_metric = Some(worst.metric.clone());
-        refused.ratelimit_reset_at = frees.filter(|f| f.is_finite());
-        return Ok(refused);
+        return Ok(with_key(Admission {
+            channel_id: channel,
+            ..Admission::refusal(code, what, frees, now, &RESETS).exhausted_limit(
+                worst.effective_limit.clone(),
+                &worst.metric,
+                frees,
+            )
+        }));
     }
     let tight = limits.iter().filter(|l| l.ok).min_by(|a, b| {
         let share = |l: &Limit| l.left.clone().unwrap_or_else(|| AnyNumeric::from(0)) / l.effective_limit.clone();
@@ -587,9 +619,16 @@ fn decide(
     Ok(out)
 }
 
+/// A channel that cannot take a request now: when it can again (all its refusing caps have
+/// freed up; infinity when a total window refuses), and the cap that frees up last.
+struct Blocked {
+    until: TimestampWithTimeZone,
+    limit: AnyNumeric,
+    metric: String,
+}
+
 /// When a channel can take a request again: None when it can take it now (under every cap),
-/// else the instant all its refusing windows have freed up (infinity when a total window
-/// refuses). Locks the channel's counters, so the verdict holds until commit: admit routes
+/// else see [`Blocked`]. Locks the channel's counters, so the verdict holds until commit: admit routes
 /// around a channel that a concurrent request just filled instead of refusing. Routing visits
 /// channels before any key or user counter is locked, and in one order (priority) for everyone,
 /// except that channels of equal priority are visited in weighted-random order; a deadlock there
@@ -602,9 +641,9 @@ fn channel_blocked_until(
     est: i64,
     max_out: i64,
     now: TimestampWithTimeZone,
-) -> Option<TimestampWithTimeZone> {
+) -> Option<Blocked> {
     let now_utc = crate::window::to_utc(now);
-    let mut until: Option<TimestampWithTimeZone> = None;
+    let mut blocked: Option<Blocked> = None;
     for a in cache::policies_for(client, (None, None, None, Some(channel_id)), now) {
         let Some(amount) = metric_amount(&a.policy.metric, cost.clone(), Some(est), Some(max_out)) else {
             continue;
@@ -632,14 +671,21 @@ fn channel_blocked_until(
         } else {
             AnyNumeric::from(0)
         };
-        if refuses(&a.policy.boundary, a.effective_limit, used, reserved, amount) {
+        if refuses(&a.policy.boundary, a.effective_limit.clone(), used, reserved, amount) {
             let frees = frees_at(client, a.policy.policy_id, a.scope_id, ws, we, now);
-            if until.is_none_or(|u| frees.into_inner() > u.into_inner()) {
-                until = Some(frees);
+            if blocked
+                .as_ref()
+                .is_none_or(|b| frees.into_inner() > b.until.into_inner())
+            {
+                blocked = Some(Blocked {
+                    until: frees,
+                    limit: a.effective_limit,
+                    metric: a.policy.metric,
+                });
             }
         }
     }
-    until
+    blocked
 }
 
 /// Chooses the channel (see CHANNELS) and fills the upstream fields of `out`. Ok(None): no
@@ -670,7 +716,8 @@ fn route(
             )
         })
         .collect();
-    let mut soonest: Option<TimestampWithTimeZone> = None;
+    // the blocked channel that frees up first
+    let mut soonest: Option<Blocked> = None;
     for (id, enabled, base_url, upstream_key, upstream_model) in candidates.iter().cloned() {
         if !enabled {
             break;
@@ -683,7 +730,13 @@ fn route(
                 out.upstream_model = upstream_model;
                 return Ok(Some(id));
             }
-            Some(until) if soonest.is_none_or(|s| until.into_inner() < s.into_inner()) => soonest = Some(until),
+            Some(b)
+                if soonest
+                    .as_ref()
+                    .is_none_or(|s| b.until.into_inner() < s.until.into_inner()) =>
+            {
+                soonest = Some(b)
+            }
             Some(_) => {}
         }
     }
@@ -702,19 +755,20 @@ fn route(
             format!("No upstream channel for model {model} is enabled."),
         ),
         (Some(p), None) => Admission::denied(503, "channel_unavailable", format!("Channel {p} is disabled.")),
-        (None, Some(_)) => Admission::refusal(
-            "all_channels_exhausted",
-            format!("Every upstream channel for model {model} has reached its quota."),
-            soonest,
-            now,
-            &RESETS,
-        ),
-        (Some(p), Some(_)) => Admission::refusal(
-            "channel_quota_exhausted",
-            format!("Channel {p} has reached its quota."),
-            soonest,
-            now,
-            &RESETS,
-        ),
+        // the cap that frees up first feeds the rate-limit headers of the 429
+        (pinned, Some(b)) => {
+            let (code, what) = match pinned {
+                None => (
+                    "all_channels_exhausted",
+                    format!("Every upstream channel for model {model} has reached its quota."),
+                ),
+                Some(p) => ("channel_quota_exhausted", format!("Channel {p} has reached its quota.")),
+            };
+            Admission::refusal(code, what, Some(b.until), now, &RESETS).exhausted_limit(
+                b.limit,
+                &b.metric,
+                Some(b.until),
+            )
+        }
     }))
 }

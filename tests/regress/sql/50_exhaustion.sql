@@ -15,6 +15,9 @@ SELECT allowed FROM quota.admit(:'key', 'e1', 'm', 500, 500);
 SELECT * FROM quota.settle('e1', 600, 600);
 SELECT suspended_until, suspended_by = :pol AS by_policy FROM quota.api_key WHERE key_id = :kid;
 SELECT http_status, error_code, retry_after_s, message FROM quota.admit(:'key', 'e2', 'm', 1, 1);
+-- The suspending policy is its rate limit: nothing left until the key resumes.
+SELECT ratelimit_limit, ratelimit_remaining, ratelimit_metric, ratelimit_reset_at
+FROM quota.admit(:'key', 'e2b', 'm', 1, 1);
 SELECT state FROM quota.status(:kid);
 -- At the window's end the key resumes by itself on the next request, and it is logged.
 SET LOCAL pg_quota.fake_now = '2026-05-01 14:00:00+00';

@@ -191,8 +191,11 @@ SELECT allowed, channel_id = :paid AS paid, upstream_api_key, upstream_model
 FROM quota.admit(:'eve_key', 'c3', 'gpt-s', 10, 10);
 SELECT settled FROM quota.settle('c3', 10, 10);
 SELECT name, status, models, metric, used, remaining, next_reset, state FROM quota.channel_status();
--- Pinned to the capped channel: 429 with the channel's code, retry at New York midnight (1 h).
-SELECT allowed, http_status, error_code, retry_after_s, message FROM quota.admit(:'eve_key', 'c4', 'gpt-s', 10, 10, :free);
+-- Pinned to the capped channel: 429 with the channel's code, retry at New York midnight (1 h),
+-- and the cap as its rate limit.
+SELECT allowed, http_status, error_code, retry_after_s, message, ratelimit_limit, ratelimit_remaining,
+       ratelimit_metric, ratelimit_reset_at
+FROM quota.admit(:'eve_key', 'c4', 'gpt-s', 10, 10, :free);
 -- Pinned to a disabled channel, to one that does not serve the model, to one that does not exist.
 SELECT http_status, error_code FROM quota.admit(:'eve_key', 'c5', 'gpt-s', 10, 10, :off);
 SELECT http_status, error_code FROM quota.admit(:'eve_key', 'c6', 'claude-s', 10, 10, :paid);
@@ -205,7 +208,9 @@ SELECT quota.refund('c9');
 -- the paid channel's $0.01 lifetime cap refuses by its strict boundary: the estimate is $0.02.)
 INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit)
 VALUES ('channel', :paid, 'cost', 'total', 0.01);
-SELECT allowed, http_status, error_code, retry_after_s FROM quota.admit(:'eve_key', 'c10', 'gpt-s', 10, 10);
+SELECT allowed, http_status, error_code, retry_after_s, ratelimit_limit, ratelimit_remaining, ratelimit_metric,
+       ratelimit_reset_at
+FROM quota.admit(:'eve_key', 'c10', 'gpt-s', 10, 10);
 -- After local midnight in New York the free tier is back (UTC midnight was long ago).
 SET LOCAL pg_quota.fake_now = '2026-06-02 04:00:00+00';
 SELECT allowed, channel_id = :free AS free, ratelimit_metric FROM quota.admit(:'eve_key', 'c11', 'gpt-s', 300, 200);
