@@ -904,7 +904,8 @@ async fn channels_route_with_their_key_and_model_name_and_a_full_channel_is_429(
     let header = |resp: &reqwest::Response, name: &str| {
         resp.headers().get(name).map(|v| v.to_str().unwrap().to_string())
     };
-    let seconds = |resp: &reqwest::Response, name: &str| -> u64 { header(resp, name).unwrap().parse().unwrap() };
+    let seconds =
+        |resp: &reqwest::Response, name: &str| -> u64 { header(resp, name).unwrap().parse().unwrap() };
     assert_eq!(header(&resp, "x-ratelimit-limit-tokens").as_deref(), Some("1000"));
     assert_eq!(header(&resp, "x-ratelimit-remaining-tokens").as_deref(), Some("0"));
     let (reset, retry_after) = (seconds(&resp, "x-ratelimit-reset-tokens"), seconds(&resp, "retry-after"));
@@ -924,6 +925,8 @@ struct TestPki {
     ca_pem: String,
     cert: rcgen::Certificate,
     key: rcgen::KeyPair,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
 }
 
 fn test_pki() -> TestPki {
@@ -937,7 +940,19 @@ fn test_pki() -> TestPki {
     let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
     leaf.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
     let cert = leaf.signed_by(&key, &ca, &ca_key).unwrap();
-    TestPki { ca_pem: ca.pem(), cert, key }
+    TestPki { ca_pem: ca.pem(), cert, key, ca, ca_key }
+}
+
+impl TestPki {
+    /// A client certificate for the role `cn`, issued by this CA: its PEM and its key's PEM.
+    fn client(&self, cn: &str) -> (String, String) {
+        use rcgen::{CertificateParams, DnType, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
 }
 
 /// Writes `pem` to a file of its own; returns its path.
@@ -1028,7 +1043,7 @@ async fn the_database_connection_uses_tls_as_its_sslmode_and_ca_file_say() {
     // A cluster of its own that refuses TCP connections without TLS.
     let cluster = PrivateCluster::start("e2e-dbtls").await;
     let pki = test_pki();
-    cluster.require_tls(&pki.cert.pem(), &pki.key.serialize_pem()).await;
+    cluster.require_tls(&pki.cert.pem(), &pki.key.serialize_pem(), &pki.ca_pem).await;
     let setup_dsn = fresh_database_at(&cluster.socket_dsn(), "pgq_e2e_dbtls").await;
     let r = relayed_on(&setup_dsn, "'tokens', 'day', 1000000, 'strict'", &[]).await;
     let tcp = format!("{} dbname=pgq_e2e_dbtls", cluster.dsn());
@@ -1057,7 +1072,29 @@ async fn the_database_connection_uses_tls_as_its_sslmode_and_ca_file_say() {
     assert!(cause.contains("cannot reach the database") && cause.contains("no encryption"), "{cause}");
     let cause = refused_start(&tcp, &["--database-ca-file", other_ca.to_str().unwrap()]).await;
     assert!(cause.contains("cannot reach the database") && cause.contains("certificate"), "{cause}");
-    for file in [right_ca, other_ca] {
+
+    // A role that logs in with a client certificate (pg_hba `cert`), with no more rights than
+    // quota_relay: with the certificate and its key, the relay serves a request; without
+    // them, the database refuses it at start-up.
+    r.db.batch_execute("CREATE ROLE cert_login LOGIN IN ROLE quota_relay").await.unwrap();
+    let (client_pem, client_key) = pki.client("cert_login");
+    let (cert_file, key_file) = (pem_file("db-client", &client_pem), pem_file("db-client-key", &client_key));
+    let as_cert_login = format!("{tcp} user=cert_login");
+    let client = [
+        "--database-cert-file",
+        cert_file.to_str().unwrap(),
+        "--database-key-file",
+        key_file.to_str().unwrap(),
+    ];
+    r.relay = Server::relay(&as_cert_login, &upstream, &client).await;
+    let resp = r.chat(chat_body(10), &[]).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    assert!(r.ledger_row(&id).await.3, "billed");
+    let cause = refused_start(&as_cert_login, &[]).await;
+    assert!(cause.contains("cannot reach the database") && cause.contains("certificate"), "{cause}");
+    assert_no_drift(&r.db).await;
+    for file in [right_ca, other_ca, cert_file, key_file] {
         std::fs::remove_file(file).unwrap();
     }
 }

@@ -171,7 +171,7 @@ pub(crate) fn test_relay(
     upstream_timeout: Duration,
 ) -> AppState {
     let pg = db::parse_database_url("host=127.0.0.1 port=1 user=relay dbname=quota").unwrap();
-    let (pool, _) = db::build_pool(pg, 2, None).unwrap();
+    let (pool, _) = db::build_pool(pg, 2, Default::default()).unwrap();
     Relay::new(
         pool,
         RelayConfig {

@@ -38,6 +38,16 @@ pub struct ServeArgs {
     #[arg(long, env = "PGQ_DATABASE_CA_FILE")]
     pub database_ca_file: Option<std::path::PathBuf>,
 
+    /// PEM file of the client certificate (and its chain) that the relay presents to the
+    /// database over TLS, for `cert` authentication in pg_hba.conf (libpq's sslcert). Needs
+    /// --database-key-file and a TLS connection.
+    #[arg(long, env = "PGQ_DATABASE_CERT_FILE", requires = "database_key_file")]
+    pub database_cert_file: Option<std::path::PathBuf>,
+
+    /// PEM file of the private key of --database-cert-file (libpq's sslkey).
+    #[arg(long, env = "PGQ_DATABASE_KEY_FILE", requires = "database_cert_file")]
+    pub database_key_file: Option<std::path::PathBuf>,
+
     /// Address to listen on; port 0 picks a free port (printed on stdout).
     #[arg(long, env = "PGQ_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -95,6 +105,8 @@ impl std::fmt::Debug for ServeArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServeArgs")
             .field("database_ca_file", &self.database_ca_file)
+            .field("database_cert_file", &self.database_cert_file)
+            .field("database_key_file", &self.database_key_file)
             .field("listen", &self.listen)
             .field("pool_size", &self.pool_size)
             .field("upstream_url", &self.upstream_url)
@@ -206,6 +218,18 @@ pub fn read_pem_certificates(
     Ok(certs)
 }
 
+/// Reads the private key in a PEM file (PKCS#8, PKCS#1 or SEC1), for the flag named `flag`.
+pub fn read_pem_private_key(
+    flag: &str,
+    path: &std::path::Path,
+) -> Result<rustls::pki_types::PrivateKeyDer<'static>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let shown = path.display();
+    let pem = std::fs::read(path).map_err(|e| format!("{flag} {shown}: cannot read it: {e}"))?;
+    rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| format!("{flag} {shown}: holds no PEM private key: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,6 +287,33 @@ mod tests {
             );
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_client_certificate_comes_with_its_key() {
+        let argv = |extra: &[&'static str]| {
+            let mut argv = vec!["pg-quota-relay", "serve", "--database-url", "host=db"];
+            argv.extend_from_slice(extra);
+            argv
+        };
+        for alone in ["--database-cert-file", "--database-key-file"] {
+            let err = Cli::try_parse_from(argv(&[alone, "x.pem"])).err().unwrap();
+            assert!(err.to_string().contains("required"), "{alone}: {err}");
+        }
+        let a = serve(&[
+            "--database-cert-file",
+            "c.pem",
+            "--database-key-file",
+            "k.pem",
+        ]);
+        assert_eq!(
+            a.database_cert_file.as_deref(),
+            Some(std::path::Path::new("c.pem"))
+        );
+        assert_eq!(
+            a.database_key_file.as_deref(),
+            Some(std::path::Path::new("k.pem"))
+        );
     }
 
     #[test]

@@ -185,7 +185,7 @@ pub fn parse_database_url(url: &str) -> Result<tokio_postgres::Config, String> {
 pub fn build_pool(
     mut pg: tokio_postgres::Config,
     size: usize,
-    ca_file: Option<&std::path::Path>,
+    tls_files: crate::db_tls::TlsFiles<'_>,
 ) -> Result<(Pool, DbTls), String> {
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(CONNECT_TIMEOUT);
@@ -196,7 +196,7 @@ pub fn build_pool(
     let manager_config = ManagerConfig {
         recycling_method: RecyclingMethod::Fast,
     };
-    let (manager, tls) = crate::db_tls::manager(pg, ca_file, manager_config)?;
+    let (manager, tls) = crate::db_tls::manager(pg, tls_files, manager_config)?;
     let pool = Pool::builder(manager)
         .max_size(size.max(1))
         // the connection used last, like PgBouncer's default: a few warm backends (CPU caches,

@@ -23,17 +23,25 @@ pub enum DbTls {
     /// sslmode=disable, or Unix sockets
     Off,
     /// TLS when the server offers it (sslmode=prefer) or always (require); the certificate
-    /// checked against --database-ca-file or not
-    On { required: bool, verified: bool },
+    /// checked against --database-ca-file or not; a client certificate presented or not
+    On {
+        required: bool,
+        verified: bool,
+        client_cert: bool,
+    },
 }
 
 impl std::fmt::Display for DbTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DbTls::Off => f.write_str("off"),
-            DbTls::On { required, verified } => write!(
+            DbTls::On {
+                required,
+                verified,
+                client_cert,
+            } => write!(
                 f,
-                "{}, certificate {}",
+                "{}, certificate {}{}",
                 if *required {
                     "required"
                 } else {
@@ -43,20 +51,41 @@ impl std::fmt::Display for DbTls {
                     "verified"
                 } else {
                     "not verified"
+                },
+                if *client_cert {
+                    ", client certificate presented"
+                } else {
+                    ""
                 }
             ),
         }
     }
 }
 
-/// The pool manager for `pg`, with TLS as its sslmode and `ca_file` ask.
+/// The files that shape TLS to the database: the CAs that vouch for the server, and the
+/// client certificate with its key that the relay presents.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TlsFiles<'a> {
+    pub ca: Option<&'a Path>,
+    pub client: Option<(&'a Path, &'a Path)>,
+}
+
+/// The pool manager for `pg`, with TLS as its sslmode and `files` ask.
 pub fn manager(
     pg: tokio_postgres::Config,
-    ca_file: Option<&Path>,
+    files: TlsFiles<'_>,
     config: ManagerConfig,
 ) -> Result<(Manager, DbTls), String> {
     let over_tcp = pg.get_hosts().iter().all(|h| matches!(h, Host::Tcp(_)));
     if pg.get_ssl_mode() == SslMode::Disable || !over_tcp {
+        if files.client.is_some() {
+            // libpq would ignore it and the database then refuse the login, less clearly
+            return Err(
+                "--database-cert-file needs TLS to the database, but the database URL \
+                        names a Unix socket or sslmode=disable"
+                    .into(),
+            );
+        }
         return Ok((Manager::from_config(pg, NoTls, config), DbTls::Off));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -64,7 +93,7 @@ pub fn manager(
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("cannot set up TLS to the database: {e}"))?;
     let required = pg.get_ssl_mode() == SslMode::Require;
-    let (tls, verified) = match ca_file {
+    let (builder, verified) = match files.ca {
         Some(path) => {
             let mut roots = RootCertStore::empty();
             for cert in crate::config::read_pem_certificates("--database-ca-file", path)? {
@@ -72,21 +101,36 @@ pub fn manager(
                     .add(cert)
                     .map_err(|e| format!("--database-ca-file {}: {e}", path.display()))?;
             }
-            let tls = builder.with_root_certificates(roots).with_no_client_auth();
-            (tls, true)
+            (builder.with_root_certificates(roots), true)
         }
-        None => {
-            let tls = builder
+        None => (
+            builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
-                .with_no_client_auth();
-            (tls, false)
+                .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider))),
+            false,
+        ),
+    };
+    let tls = match files.client {
+        Some((cert_file, key_file)) => {
+            let chain = crate::config::read_pem_certificates("--database-cert-file", cert_file)?;
+            let key = crate::config::read_pem_private_key("--database-key-file", key_file)?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                format!(
+                    "--database-key-file {}: not the key of --database-cert-file: {e}",
+                    key_file.display()
+                )
+            })?
         }
+        None => builder.with_no_client_auth(),
     };
     let connector = MakeRustlsConnect::new(tls);
     Ok((
         Manager::from_config(pg, connector, config),
-        DbTls::On { required, verified },
+        DbTls::On {
+            required,
+            verified,
+            client_cert: files.client.is_some(),
+        },
     ))
 }
 
@@ -144,30 +188,57 @@ impl ServerCertVerifier for EncryptOnly {
 mod tests {
     use super::*;
 
-    fn tls_of(url: &str, ca_file: Option<&Path>) -> Result<DbTls, String> {
+    fn tls_of(url: &str, files: TlsFiles<'_>) -> Result<DbTls, String> {
         let pg = crate::db::parse_database_url(url).unwrap();
-        manager(pg, ca_file, ManagerConfig::default()).map(|(_, how)| how)
+        manager(pg, files, ManagerConfig::default()).map(|(_, how)| how)
     }
 
     #[test]
     fn sslmode_and_the_socket_kind_decide_whether_tls_is_used() {
-        let on = |required, verified| Ok(DbTls::On { required, verified });
-        assert_eq!(tls_of("host=db.internal", None), on(false, false));
+        let on = |required, verified| {
+            Ok(DbTls::On {
+                required,
+                verified,
+                client_cert: false,
+            })
+        };
+        let tls_of = |url| tls_of(url, TlsFiles::default());
+        assert_eq!(tls_of("host=db.internal"), on(false, false));
+        assert_eq!(tls_of("host=db.internal sslmode=require"), on(true, false));
+        assert_eq!(tls_of("host=db.internal sslmode=disable"), Ok(DbTls::Off));
         assert_eq!(
-            tls_of("host=db.internal sslmode=require", None),
-            on(true, false)
-        );
-        assert_eq!(
-            tls_of("host=db.internal sslmode=disable", None),
+            tls_of("host=/run/postgresql sslmode=require"),
             Ok(DbTls::Off)
         );
         assert_eq!(
-            tls_of("host=/run/postgresql sslmode=require", None),
-            Ok(DbTls::Off)
-        );
-        assert_eq!(
-            tls_of("postgresql://relay@db.internal/quota", None),
+            tls_of("postgresql://relay@db.internal/quota"),
             on(false, false)
+        );
+    }
+
+    #[test]
+    fn a_client_certificate_needs_tls_and_readable_files() {
+        let missing = Path::new("/nonexistent/relay.pem");
+        let client = |url| {
+            tls_of(
+                url,
+                TlsFiles {
+                    ca: None,
+                    client: Some((missing, missing)),
+                },
+            )
+        };
+        for url in ["host=db.internal sslmode=disable", "host=/run/postgresql"] {
+            let err = client(url).unwrap_err();
+            assert!(
+                err.contains("--database-cert-file needs TLS"),
+                "{url}: {err}"
+            );
+        }
+        let err = client("host=db.internal").unwrap_err();
+        assert!(
+            err.starts_with("--database-cert-file /nonexistent/relay.pem: cannot read it"),
+            "{err}"
         );
     }
 }

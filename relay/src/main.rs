@@ -97,8 +97,14 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Err(e) => return fail(e),
     };
     let target = db::describe_target(&pg);
-    let (pool, db_tls) = match db::build_pool(pg, args.pool_size, args.database_ca_file.as_deref())
-    {
+    let tls_files = db_tls::TlsFiles {
+        ca: args.database_ca_file.as_deref(),
+        client: args
+            .database_cert_file
+            .as_deref()
+            .zip(args.database_key_file.as_deref()),
+    };
+    let (pool, db_tls) = match db::build_pool(pg, args.pool_size, tls_files) {
         Ok(p) => p,
         Err(e) => return fail(e),
     };

@@ -196,20 +196,24 @@ impl PrivateCluster {
     }
 
     /// Restarts the server with TLS on (`cert_pem` and `key_pem` for 127.0.0.1) and TCP
-    /// connections without it refused.
-    pub async fn require_tls(&self, cert_pem: &str, key_pem: &str) {
+    /// connections without it refused. Over TCP the role cert_login logs in with a client
+    /// certificate (pg_hba `cert`) signed by `client_ca_pem`; other roles are trusted.
+    pub async fn require_tls(&self, cert_pem: &str, key_pem: &str, client_ca_pem: &str) {
         let data = self.dir.join("data");
         std::fs::write(data.join("server.crt"), cert_pem).unwrap();
         std::fs::write(data.join("server.key"), key_pem).unwrap();
+        std::fs::write(data.join("client_ca.crt"), client_ca_pem).unwrap();
         std::fs::write(
             data.join("pg_hba.conf"),
-            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+            "local all all trust\nhostssl all cert_login 127.0.0.1/32 cert\n\
+             hostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
         )
         .unwrap();
         let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
-        std::io::Write::write_all(&mut conf, b"\nssl = on\n").unwrap();
+        std::io::Write::write_all(&mut conf, b"\nssl = on\nssl_ca_file = 'client_ca.crt'\n").unwrap();
         let mut chown = std::process::Command::new("chown");
-        chown.arg("postgres:postgres").arg(data.join("server.crt")).arg(data.join("server.key"));
+        chown.arg("postgres:postgres");
+        chown.args(["server.crt", "server.key", "client_ca.crt"].map(|f| data.join(f)));
         run(chown, "chown").await;
         let mut chmod = std::process::Command::new("chmod");
         chmod.arg("600").arg(data.join("server.key"));
