@@ -54,9 +54,10 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
            trim_scale(f.effective_limit - max((f.policy).quota_limit) OVER (PARTITION BY f.limit_key)),
            trim_scale(f.effective_limit),
            s.used, s.reserved, s.remaining, s.window_start, s.next_reset,
-           CASE WHEN k.suspended_by = (f.policy).policy_id AND k.suspended_until > n.t THEN 'suspended'
-                WHEN s.used >= f.effective_limit THEN 'exhausted'
-                ELSE 'ok' END,
+           -- a window no longer spent (a boost) ends its suspension with the next request
+           CASE WHEN s.used < f.effective_limit THEN 'ok'
+                WHEN k.suspended_by = (f.policy).policy_id AND k.suspended_until > n.t THEN 'suspended'
+                ELSE 'exhausted' END,
            (f.policy).exclusive, f.limit_key
     FROM k CROSS JOIN now_ts n
     CROSS JOIN LATERAL quota.policies_for(k.key_id, k.user_id, status.model, NULL, n.t) f

@@ -113,6 +113,7 @@ SELECT settled FROM quota.settle('b1', 1, 1);
 SELECT http_status, error_code, message FROM quota.admit(:'bkey', 'b2', 'm', 1, 1);
 INSERT INTO quota.boost (subject_type, subject_id, metric, period, amount, expires_at)
 VALUES ('key', :bkid, 'requests', 'day', 1, '2026-05-02 00:00:00+00');
+SELECT used, effective_limit, state FROM quota.status(:bkid);
 SELECT allowed FROM quota.admit(:'bkey', 'b3', 'm', 1, 1);
 SELECT suspended_until FROM quota.api_key WHERE key_id = :bkid;
 SELECT settled FROM quota.settle('b3', 1, 1);
