@@ -628,12 +628,12 @@ struct Blocked {
 }
 
 /// When a channel can take a request again: None when it can take it now (under every cap),
-/// else see [`Blocked`]. Locks the channel's counters, so the verdict holds until commit: admit routes
-/// around a channel that a concurrent request just filled instead of refusing. Routing visits
-/// channels before any key or user counter is locked, and in one order (priority) for everyone,
-/// except that channels of equal priority are visited in weighted-random order; a deadlock there
-/// needs two requests to both find their first pick full at once; PostgreSQL breaks it (40P01)
-/// and the relay runs the admit that lost again.
+/// else see [`Blocked`]. Locks the channel's counters, so the verdict holds until commit:
+/// admit routes around a channel that a concurrent request just filled instead of refusing.
+/// Routing visits channels before any key or user counter is locked, and in one order
+/// (priority) for everyone, except that channels of equal priority are visited in
+/// weighted-random order; a deadlock there needs two requests to both find their first pick
+/// full at once; PostgreSQL breaks it (40P01) and the relay runs the admit that lost again.
 fn channel_blocked_until(
     client: &mut SpiClient<'_>,
     channel_id: i64,
