@@ -1,25 +1,14 @@
 //! The background worker (library in shared_preload_libraries; the harness sets
 //! pg_quota.sweep_database = pgq_sweeper and pg_quota.sweep_interval = 1s) releases a crashed
-//! relay's reservation without anyone calling quota.sweep().
+//! relay's reservation without anyone calling quota.sweep(), and comes back when it is
+//! terminated while the server runs.
 use pg_quota_tests::*;
 use std::time::{Duration, Instant};
 
 #[tokio::test]
 async fn background_worker_releases_stale_reservations_by_itself() {
-    let dsn = fresh_database("pgq_sweeper").await;
-    let db = connect(&dsn).await;
-    let uid: i64 = db.query_one("SELECT quota.create_user('crashy')", &[]).await.unwrap().get(0);
-    let key: String = db.query_one("SELECT quota.create_key($1, 'k')", &[&uid]).await.unwrap().get(0);
-    db.batch_execute(&format!(
-        "INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit) \
-         VALUES ('user', {uid}, 'requests', 'day', 10)"
-    ))
-    .await
-    .unwrap();
+    let (db, key) = an_hour_ago().await;
     // A relay admitted this an hour ago and then died: nobody will settle or refund it.
-    db.query_one("SELECT set_config('pg_quota.fake_now', (now() - interval '1 hour')::text, false)", &[])
-        .await
-        .unwrap();
     let allowed: bool = db
         .query_one("SELECT allowed FROM quota.admit($1, 'orphan', 'm', 1, 1)", &[&key])
         .await
@@ -27,19 +16,7 @@ async fn background_worker_releases_stale_reservations_by_itself() {
         .get(0);
     assert!(allowed);
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let row = db
-            .query_opt("SELECT kind FROM quota.released WHERE request_id = 'orphan'", &[])
-            .await
-            .unwrap();
-        if let Some(row) = row {
-            assert_eq!(row.get::<_, String>(0), "expired");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the sweeper did not release the reservation within 30 s");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_expired(&db, "orphan").await;
     let reserved: bool = db
         .query_one("SELECT reserved = 0 FROM quota.counter", &[])
         .await
@@ -52,4 +29,62 @@ async fn background_worker_releases_stale_reservations_by_itself() {
         .unwrap()
         .get(0);
     assert_eq!(logged, 1);
+}
+
+/// A fresh sweeper database with a key under a policy, and a session whose clock reads an
+/// hour ago: what it admits is a stale reservation at once.
+async fn an_hour_ago() -> (tokio_postgres::Client, String) {
+    let db = connect(&fresh_database("pgq_sweeper").await).await;
+    let uid: i64 = db.query_one("SELECT quota.create_user('crashy')", &[]).await.unwrap().get(0);
+    let key: String = db.query_one("SELECT quota.create_key($1, 'k')", &[&uid]).await.unwrap().get(0);
+    db.batch_execute(&format!(
+        "INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit) \
+         VALUES ('user', {uid}, 'requests', 'day', 10)"
+    ))
+    .await
+    .unwrap();
+    db.query_one("SELECT set_config('pg_quota.fake_now', (now() - interval '1 hour')::text, false)", &[])
+        .await
+        .unwrap();
+    (db, key)
+}
+
+/// Waits (up to 30 s) for the sweeper to release `request_id` as expired.
+async fn wait_expired(db: &tokio_postgres::Client, request_id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let row = db
+            .query_opt("SELECT kind FROM quota.released WHERE request_id = $1", &[&request_id])
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            assert_eq!(row.get::<_, String>(0), "expired");
+            return;
+        }
+        assert!(Instant::now() < deadline, "the sweeper did not release {request_id} within 30 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test]
+async fn background_worker_comes_back_after_being_terminated() {
+    let (db, key) = an_hour_ago().await;
+    // The worker serves this database (it may first have to come back from the DROP DATABASE
+    // of fresh_database, which terminated it).
+    db.query_one("SELECT allowed FROM quota.admit($1, 'first', 'm', 1, 1)", &[&key]).await.unwrap();
+    wait_expired(&db, "first").await;
+
+    // An operator terminates it: it is started again (after its 10 s restart time) and sweeps.
+    let terminated: i64 = db
+        .query_one(
+            "WITH w AS MATERIALIZED (SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_quota sweeper') \
+             SELECT count(*) FROM w WHERE pg_terminate_backend(w.pid)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(terminated, 1, "one sweeper was running");
+    db.query_one("SELECT allowed FROM quota.admit($1, 'second', 'm', 1, 1)", &[&key]).await.unwrap();
+    wait_expired(&db, "second").await;
 }

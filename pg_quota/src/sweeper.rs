@@ -37,6 +37,12 @@ pub extern "C-unwind" fn pg_quota_sweeper_main(_arg: pg_sys::Datum) {
         }
         BackgroundWorker::transaction(sweep_once);
     }
+    // Stopped by SIGTERM. At shutdown that is the end; otherwise (pg_terminate_backend, or
+    // DROP DATABASE ... WITH (FORCE) of its database) the postmaster must start it again after
+    // the restart time, which it does only for a non-zero exit code: 0 would unregister it and
+    // end sweeping until the server restarts.
+    // SAFETY: proc_exit is how a background worker ends; nothing of ours is left to drop.
+    unsafe { pg_sys::proc_exit(1) }
 }
 
 /// pg_quota.sweep_database (default postgres).
