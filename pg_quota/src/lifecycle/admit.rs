@@ -1,5 +1,7 @@
 //! `quota.admit`: authenticate, route to a channel, then check and reserve the estimate on every
-//! policy the request counts on, all or nothing, in the caller's transaction.
+//! policy the request counts on, all or nothing, in the caller's transaction. A request that
+//! its own limits refuse already (a window marked spent) is refused before routing, without a
+//! lock or a write.
 use pg_quota_core::approx_duration;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
@@ -374,6 +376,16 @@ fn decide(
         return fail(b"PQ409", format!("admit: request_id {request_id} was already used"));
     }
 
+    // Routing locks the counters of channels, which every customer of a channel shares: a
+    // request that its own limits refuse already is refused before that.
+    if pinned.is_some() || cache::served(client, model) {
+        if let Some(refused) = refused_before_routing(client, (key_id, user_id), model, &cost, est, max_out, now) {
+            return Ok(with_key(Admission {
+                channel_id: pinned,
+                ..refused
+            }));
+        }
+    }
     let mut out = with_key(Admission {
         channel_id: pinned,
         ..Default::default()
@@ -396,39 +408,7 @@ fn decide(
         (Some(key_id), Some(user_id), Some(model.to_string()), channel),
         now,
     );
-
-    struct Hold {
-        policy: Policy,
-        scope_id: i64,
-        limit_key: String,
-        effective_limit: AnyNumeric,
-        amount: AnyNumeric,
-        ws: TimestampWithTimeZone,
-        we: Option<TimestampWithTimeZone>,
-    }
-    let (mut iso_key, mut iso_user) = (false, false);
-    let mut holds: Vec<Hold> = Vec::with_capacity(applicable.len());
-    for a in applicable {
-        if a.policy.exclusive {
-            iso_key |= a.axis == "key";
-            iso_user |= a.axis == "user";
-        }
-        let Some(amount) = metric_amount(&a.policy.metric, cost.clone(), Some(est), Some(max_out)) else {
-            continue;
-        };
-        let (ws, we) = a.policy.window(now_utc);
-        let (policy, scope_id, limit_key, effective_limit) = (a.policy, a.scope_id, a.limit_key, a.effective_limit);
-        holds.push(Hold {
-            policy,
-            scope_id,
-            limit_key,
-            effective_limit,
-            amount,
-            ws,
-            we,
-        });
-    }
-
+    let (holds, iso_key, iso_user) = holds_for(applicable, &cost, est, max_out, now_utc);
     let counters: Vec<(i64, AnyNumeric, AnyNumeric, bool)> = run(
         client,
         RESERVE,
@@ -468,135 +448,52 @@ fn decide(
     })
     .collect();
     assert_eq!(counters.len(), holds.len(), "pg_quota: one counter row per hold");
-
-    let mut limits: Vec<Limit> = Vec::new();
-    let mut stale_marks: Vec<usize> = Vec::new();
-    for (hi, (h, (counter_policy, counter_used, reserved_now, marked_spent))) in holds.iter().zip(counters).enumerate()
-    {
+    let mut seen: Vec<Seen> = Vec::with_capacity(holds.len());
+    for (h, (counter_policy, used, reserved_now, marked_spent)) in holds.iter().zip(counters) {
         assert_eq!(
             counter_policy, h.policy.policy_id,
             "pg_quota: counters come back in hold order"
         );
-        let Hold {
-            policy,
-            scope_id,
-            amount,
-            ws,
-            we,
-            ..
-        } = h;
-        let effective_limit = h.effective_limit.clone();
-        let reserved = reserved_now - amount.clone(); // as it was before this hold
-        let used = if policy.rolling() {
-            rolling_used(client, policy.policy_id, *scope_id, *ws)
-        } else {
-            counter_used
-        };
-        if marked_spent && used < effective_limit {
-            stale_marks.push(hi);
-        }
-
-        let gi = match limits.iter().position(|l| l.key == h.limit_key) {
-            Some(gi) => gi,
-            None => {
-                limits.push(Limit {
-                    key: h.limit_key.clone(),
-                    ok: false,
-                    effective_limit: effective_limit.clone(),
-                    metric: policy.metric.clone(),
-                    left: None,
-                    reset: None,
-                    frees: None,
-                    refusing_policy: None,
-                    spent_unmarked: vec![],
-                });
-                limits.len() - 1
-            }
-        };
-        let limit = &mut limits[gi];
-        if !refuses(
-            &policy.boundary,
-            effective_limit.clone(),
-            used.clone(),
-            reserved.clone(),
-            amount.clone(),
-        ) {
-            // A limit admits when any of its policies does; its headers follow its roomiest one.
-            let mut left = effective_limit - used - reserved - amount.clone();
-            if left < AnyNumeric::from(0) {
-                left = AnyNumeric::from(0);
-            }
-            limit.ok = true;
-            if limit.left.as_ref().is_none_or(|l| left > *l) {
-                limit.left = Some(left);
-                limit.reset = *we;
-            }
-        } else {
-            let spent = used >= effective_limit;
-            if spent && !marked_spent {
-                limit.spent_unmarked.push(hi);
-            }
-            let frees = frees_at(client, policy.policy_id, *scope_id, *ws, *we, now);
-            if limit.frees.is_none_or(|f| frees.into_inner() < f.into_inner()) {
-                limit.frees = Some(frees);
-                limit.refusing_policy = Some((policy.policy_id, spent, policy.subject_type == "channel"));
-            }
-        }
+        seen.push(Seen {
+            used: if h.policy.rolling() {
+                rolling_used(client, h.policy.policy_id, h.scope_id, h.ws)
+            } else {
+                used
+            },
+            reserved: reserved_now - h.amount.clone(), // as it was before this hold
+            marked_spent,
+        });
     }
+    let limits = judge(client, &holds, &seen, now, |h, s| {
+        refuses(
+            &h.policy.boundary,
+            h.effective_limit.clone(),
+            s.used.clone(),
+            s.reserved.clone(),
+            h.amount.clone(),
+        )
+    });
 
     // A window marked spent that is not spent any more (a boost, a rolling window's usage aged
     // out) is judged afresh: unmarked, so that it is logged and acted on again when it is spent
     // again. Its counter row is locked already.
-    for hi in stale_marks {
-        let h = &holds[hi];
+    for (h, _) in holds
+        .iter()
+        .zip(&seen)
+        .filter(|(h, s)| s.marked_spent && s.used < h.effective_limit)
+    {
         run(client, UNMARK, &[h.policy.policy_id.into(), h.scope_id.into()]);
     }
 
-    // A refused limit refuses the request; with several, report the one that frees up last.
-    // The tightest admitted limit (least share left) feeds the rate-limit headers.
-    // (max_by_key keeps the last of equals, so search from the end to keep the first)
-    let worst = limits
-        .iter()
-        .rev()
-        .filter(|l| !l.ok)
-        .max_by_key(|l| l.frees.map(|f| f.into_inner()));
-    if let Some(worst) = worst {
-        // The refused limits' spent windows are marked, logged and acted on (on_exhausted) now,
-        // as a settle would have done.
-        for hi in limits.iter().filter(|l| !l.ok).flat_map(|l| &l.spent_unmarked) {
-            let h = &holds[*hi];
-            mark_exhausted(client, &h.policy, h.scope_id, (key_id, user_id), (h.ws, h.we), now);
-        }
+    if let Some(refused) = refusal(client, &limits, &holds, (key_id, user_id), channel, now) {
         for h in &holds {
             let args = [h.policy.policy_id.into(), h.scope_id.into(), h.amount.clone().into()];
             run(client, RELEASE, &args);
         }
         run(client, UNFILE, &[request_id.into()]);
-        let (policy_id, spent, channel_policy) = worst.refusing_policy.expect("a refused limit has a refusing policy");
-        let words = first(client, WORDS, &[policy_id.into()])
-            .and_then(|r| col::<String>(&r, 1))
-            .unwrap_or_default();
-        let what = if spent {
-            format!("The {words} is exhausted.")
-        } else {
-            format!("This request would exceed the {words}.")
-        };
-        let code = if channel_policy {
-            "channel_quota_exhausted"
-        } else {
-            "token_quota_policy_exhausted"
-        };
-        let frees = worst.frees;
-        // the refusing limit feeds the rate-limit headers of the 429
-        return Ok(with_key(Admission {
-            channel_id: channel,
-            ..Admission::refusal(code, what, frees, now, &RESETS).exhausted_limit(
-                worst.effective_limit.clone(),
-                &worst.metric,
-                frees,
-            )
-        }));
+        return Ok(with_key(refused));
     }
+    // The tightest admitted limit (least share left) feeds the rate-limit headers.
     let tight = limits.iter().filter(|l| l.ok).min_by(|a, b| {
         let share = |l: &Limit| l.left.clone().unwrap_or_else(|| AnyNumeric::from(0)) / l.effective_limit.clone();
         share(a).partial_cmp(&share(b)).unwrap_or(std::cmp::Ordering::Equal)
@@ -617,6 +514,226 @@ fn decide(
     out.allowed = true;
     out.http_status = 200;
     Ok(out)
+}
+
+/// A hold that a request takes, or would take, on one policy's counter.
+struct Hold {
+    policy: Policy,
+    scope_id: i64,
+    limit_key: String,
+    effective_limit: AnyNumeric,
+    amount: AnyNumeric,
+    ws: TimestampWithTimeZone,
+    we: Option<TimestampWithTimeZone>,
+}
+
+/// What a hold's counter shows: the settled usage of the hold's window, the reservations of
+/// other requests, whether the window is marked spent.
+struct Seen {
+    used: AnyNumeric,
+    reserved: AnyNumeric,
+    marked_spent: bool,
+}
+
+/// The holds of a request on the policies that apply (in their order, the lock order), and
+/// whether an exclusive policy takes it out of the key's and the user's global policies. A
+/// cost policy takes no hold for a model without a price.
+fn holds_for(
+    applicable: Vec<Applicable>,
+    cost: &Option<AnyNumeric>,
+    est: i64,
+    max_out: i64,
+    now_utc: chrono::DateTime<chrono::Utc>,
+) -> (Vec<Hold>, bool, bool) {
+    let (mut iso_key, mut iso_user) = (false, false);
+    let mut holds: Vec<Hold> = Vec::with_capacity(applicable.len());
+    for a in applicable {
+        if a.policy.exclusive {
+            iso_key |= a.axis == "key";
+            iso_user |= a.axis == "user";
+        }
+        let Some(amount) = metric_amount(&a.policy.metric, cost.clone(), Some(est), Some(max_out)) else {
+            continue;
+        };
+        let (ws, we) = a.policy.window(now_utc);
+        holds.push(Hold {
+            policy: a.policy,
+            scope_id: a.scope_id,
+            limit_key: a.limit_key,
+            effective_limit: a.effective_limit,
+            amount,
+            ws,
+            we,
+        });
+    }
+    (holds, iso_key, iso_user)
+}
+
+/// Groups the holds into limits and judges each: a limit admits when any of its policies does
+/// (`refusing` says whether one refuses).
+fn judge(
+    client: &mut SpiClient<'_>,
+    holds: &[Hold],
+    seen: &[Seen],
+    now: TimestampWithTimeZone,
+    refusing: impl Fn(&Hold, &Seen) -> bool,
+) -> Vec<Limit> {
+    let mut limits: Vec<Limit> = Vec::new();
+    for (hi, (h, s)) in holds.iter().zip(seen).enumerate() {
+        let gi = match limits.iter().position(|l| l.key == h.limit_key) {
+            Some(gi) => gi,
+            None => {
+                limits.push(Limit {
+                    key: h.limit_key.clone(),
+                    ok: false,
+                    effective_limit: h.effective_limit.clone(),
+                    metric: h.policy.metric.clone(),
+                    left: None,
+                    reset: None,
+                    frees: None,
+                    refusing_policy: None,
+                    spent_unmarked: vec![],
+                });
+                limits.len() - 1
+            }
+        };
+        let limit = &mut limits[gi];
+        if !refusing(h, s) {
+            // A limit admits when any of its policies does; its headers follow its roomiest one.
+            let mut left = h.effective_limit.clone() - s.used.clone() - s.reserved.clone() - h.amount.clone();
+            if left < AnyNumeric::from(0) {
+                left = AnyNumeric::from(0);
+            }
+            limit.ok = true;
+            if limit.left.as_ref().is_none_or(|l| left > *l) {
+                limit.left = Some(left);
+                limit.reset = h.we;
+            }
+        } else {
+            let spent = s.used >= h.effective_limit;
+            if spent && !s.marked_spent {
+                limit.spent_unmarked.push(hi);
+            }
+            let frees = frees_at(client, h.policy.policy_id, h.scope_id, h.ws, h.we, now);
+            if limit.frees.is_none_or(|f| frees.into_inner() < f.into_inner()) {
+                limit.frees = Some(frees);
+                limit.refusing_policy = Some((h.policy.policy_id, spent, h.policy.subject_type == "channel"));
+            }
+        }
+    }
+    limits
+}
+
+/// The 429 of a request that a limit refuses, or None when every limit admits it. With several
+/// refused limits it reports the one that frees up last. The refused limits' spent windows
+/// that no settle has marked are marked, logged and acted on (on_exhausted) first, as a settle
+/// would have done.
+fn refusal(
+    client: &mut SpiClient<'_>,
+    limits: &[Limit],
+    holds: &[Hold],
+    (key_id, user_id): (i64, i64),
+    channel: Option<i64>,
+    now: TimestampWithTimeZone,
+) -> Option<Admission> {
+    // (max_by_key keeps the last of equals, so search from the end to keep the first)
+    let worst = limits
+        .iter()
+        .rev()
+        .filter(|l| !l.ok)
+        .max_by_key(|l| l.frees.map(|f| f.into_inner()))?;
+    for hi in limits.iter().filter(|l| !l.ok).flat_map(|l| &l.spent_unmarked) {
+        let h = &holds[*hi];
+        mark_exhausted(client, &h.policy, h.scope_id, (key_id, user_id), (h.ws, h.we), now);
+    }
+    let (policy_id, spent, channel_policy) = worst.refusing_policy.expect("a refused limit has a refusing policy");
+    let words = first(client, WORDS, &[policy_id.into()])
+        .and_then(|r| col::<String>(&r, 1))
+        .unwrap_or_default();
+    let what = if spent {
+        format!("The {words} is exhausted.")
+    } else {
+        format!("This request would exceed the {words}.")
+    };
+    let code = if channel_policy {
+        "channel_quota_exhausted"
+    } else {
+        "token_quota_policy_exhausted"
+    };
+    // the refusing limit feeds the rate-limit headers of the 429
+    Some(Admission {
+        channel_id: channel,
+        ..Admission::refusal(code, what, worst.frees, now, &RESETS).exhausted_limit(
+            worst.effective_limit.clone(),
+            &worst.metric,
+            worst.frees,
+        )
+    })
+}
+
+// Each hold's counter as it is, without a lock: whether the hold's window is the counter's and
+// marked spent, and the counter's usage in it.
+const COUNTERS: &str = "\
+SELECT coalesce(c.window_start = h.window_start AND c.exhausted_at IS NOT NULL, false),
+       CASE WHEN c.window_start = h.window_start THEN c.used ELSE 0 END, coalesce(c.reserved, 0)
+FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[]) WITH ORDINALITY AS h(policy_id, scope_id, window_start, i)
+LEFT JOIN quota.counter c ON c.policy_id = h.policy_id AND c.scope_id = h.scope_id
+ORDER BY h.i";
+
+/// The 429 of a request that its own (key and user) limits refuse by windows a settle has
+/// marked spent, judged without a lock, or None. Such a request is refused before routing, which
+/// locks the counters of channels that every customer of a channel shares: a client retrying
+/// its 429s in a loop slows nobody else down. Reads only; any other refusal (a strict boundary,
+/// a window spent but not yet marked) is left to the full check after routing.
+fn refused_before_routing(
+    client: &mut SpiClient<'_>,
+    (key_id, user_id): (i64, i64),
+    model: &str,
+    cost: &Option<AnyNumeric>,
+    est: i64,
+    max_out: i64,
+    now: TimestampWithTimeZone,
+) -> Option<Admission> {
+    let own = cache::policies_for(
+        client,
+        (Some(key_id), Some(user_id), Some(model.to_string()), None),
+        now,
+    );
+    let (holds, _, _) = holds_for(own, cost, est, max_out, crate::window::to_utc(now));
+    if holds.is_empty() {
+        return None;
+    }
+    let args = [
+        holds.iter().map(|h| h.policy.policy_id).collect::<Vec<_>>().into(),
+        holds.iter().map(|h| h.scope_id).collect::<Vec<_>>().into(),
+        holds
+            .iter()
+            .map(|h| h.policy.counter_window(h.ws))
+            .collect::<Vec<_>>()
+            .into(),
+    ];
+    let counters: Vec<(bool, AnyNumeric, AnyNumeric)> = run(client, COUNTERS, &args)
+        .map(|r| (col(&r, 1).unwrap(), col(&r, 2).unwrap(), col(&r, 3).unwrap()))
+        .collect();
+    if !counters.iter().any(|(marked, _, _)| *marked) {
+        return None;
+    }
+    let mut seen: Vec<Seen> = Vec::with_capacity(holds.len());
+    for (h, (marked_spent, used, reserved)) in holds.iter().zip(counters) {
+        seen.push(Seen {
+            used: if marked_spent && h.policy.rolling() {
+                rolling_used(client, h.policy.policy_id, h.scope_id, h.ws)
+            } else {
+                used
+            },
+            reserved,
+            marked_spent,
+        });
+    }
+    let limits = judge(client, &holds, &seen, now, |h, s| {
+        s.marked_spent && s.used >= h.effective_limit
+    });
+    refusal(client, &limits, &holds, (key_id, user_id), None, now)
 }
 
 /// A channel that cannot take a request now: when it can again (all its refusing caps have
