@@ -9,6 +9,10 @@ pub static FAKE_NOW: GucSetting<Option<CString>> = GucSetting::<Option<CString>>
 /// Reservations older than this are released by quota.sweep(): a crashed relay's leftovers.
 pub static RESERVATION_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(600);
 
+/// Rows of quota.released (refunds, expired reservations) older than this are deleted by
+/// quota.sweep(); 0 keeps them for ever.
+pub static RELEASED_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_400);
+
 /// Seconds between two sweeps of the background worker; 0 turns it off.
 pub static SWEEP_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 
@@ -42,6 +46,17 @@ pub fn register() {
         c"Longer than the slowest upstream request you allow; the relay's own timeout is shorter.",
         &RESERVATION_TTL_S,
         1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_quota.released_retention",
+        c"Age after which quota.sweep() deletes the record of a refunded or expired reservation (0 = never).",
+        c"The record keeps refunds idempotent and lets a late settle charge an expired reservation; \
+          keep it well beyond the relay's settle retry window.",
+        &RELEASED_RETENTION_S,
+        0,
         i32::MAX,
         GucContext::Suset,
         GucFlags::UNIT_S,

@@ -186,6 +186,7 @@ CREATE TABLE quota.reservation (
 -- written twice per request (admit inserts, settle deletes); the sweep scans it whole.
 
 -- Requests whose reservation was released without a settle: refunded, or expired by the sweep.
+-- The sweep deletes rows older than pg_quota.released_retention (by released_at).
 CREATE TABLE quota.released (
     request_id   text PRIMARY KEY,
     key_id       bigint NOT NULL,
@@ -196,6 +197,7 @@ CREATE TABLE quota.released (
     reason       text,
     released_at  timestamptz NOT NULL
 );
+CREATE INDEX ON quota.released (released_at);
 
 -- Append-only: one row per settled request. counted_* say what each policy counter received.
 CREATE TABLE quota.usage_ledger (

@@ -95,14 +95,16 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- Releases reservations older than pg_quota.reservation_ttl (a crashed relay's), resumes keys
--- whose suspension ran out, prunes rolling buckets no window covers any more. Logged; safe to
--- run concurrently with traffic and with itself. Run it from pg_cron or the background worker.
+-- whose suspension ran out, prunes rolling buckets no window covers any more and records of
+-- released reservations older than pg_quota.released_retention. Logged; safe to run
+-- concurrently with traffic and with itself. Run it from pg_cron or the background worker.
 CREATE FUNCTION quota.sweep(OUT expired_reservations integer, OUT resumed_keys integer,
-                            OUT pruned_buckets integer)
+                            OUT pruned_buckets integer, OUT pruned_released integer)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_now timestamptz := quota.clock();
     v_ttl interval := current_setting('pg_quota.reservation_ttl')::interval;
+    v_retention interval := current_setting('pg_quota.released_retention')::interval;
     v_res quota.reservation;
     v_key bigint;
 BEGIN
@@ -135,6 +137,12 @@ BEGIN
     USING quota.policy p, LATERAL quota.policy_window(p, v_now) w
     WHERE r.policy_id = p.policy_id AND r.bucket < w.window_start;
     GET DIAGNOSTICS pruned_buckets = ROW_COUNT;
+
+    pruned_released := 0;
+    IF v_retention > interval '0' THEN
+        DELETE FROM quota.released r WHERE r.released_at < v_now - v_retention;
+        GET DIAGNOSTICS pruned_released = ROW_COUNT;
+    END IF;
 END
 $$;
 

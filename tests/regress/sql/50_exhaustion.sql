@@ -137,6 +137,17 @@ SELECT allowed FROM quota.admit(:'tkey', 'g2', 'm', 1, 1);
 SELECT kind, detail ->> 'by' AS by FROM quota.event e JOIN quota.api_key k USING (key_id)
 WHERE k.name = 'trial' AND kind IN ('exhausted', 'disabled', 'resumed') ORDER BY event_id;
 
+-- The records of released reservations are kept for pg_quota.released_retention (30 days by
+-- default), then the sweep deletes them: e5's (expired at 20:41 the day before) after a day;
+-- g2 and t7, still in flight, expire with the first of these sweeps and stay.
+SET LOCAL pg_quota.released_retention = '1d';
+SET LOCAL pg_quota.fake_now = '2026-05-02 20:40:59+00';
+SELECT pruned_released FROM quota.sweep();
+SELECT request_id, kind FROM quota.released ORDER BY request_id;
+SET LOCAL pg_quota.fake_now = '2026-05-02 20:41:01+00';
+SELECT pruned_released FROM quota.sweep();
+SELECT request_id, kind FROM quota.released ORDER BY request_id;
+
 -- reset of an unknown policy is an error.
 \set VERBOSITY sqlstate
 SELECT quota.reset(-1);
