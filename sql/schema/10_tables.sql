@@ -25,6 +25,8 @@ CREATE TABLE quota.api_key (
     created_at         timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX ON quota.api_key (user_id);
+-- The sweep's search for suspensions that ran out: only suspended keys are in it.
+CREATE INDEX ON quota.api_key (suspended_until) WHERE suspended_until IS NOT NULL;
 COMMENT ON COLUMN quota.api_key.suspended_until IS
     'Set when an on_exhausted = ''disable'' policy is exhausted; cleared lazily by admit or by quota.sweep() once passed.';
 

@@ -53,5 +53,15 @@ SELECT pg_stat_force_next_flush();
 SELECT s.relname, s.seq_scan - split_part(b, '=', 2)::bigint AS full_scans
 FROM pg_stat_user_tables s JOIN unnest(string_to_array(:'scans_before', ',')) b ON split_part(b, '=', 1) = s.relname
 ORDER BY 1;
+-- The sweep finds the suspensions that ran out without reading every key.
+INSERT INTO quota.api_key (user_id, name, public_id, secret_hash)
+SELECT k.user_id, 'many', 'plan' || lpad(i::text, 8, '0'), '\x00' FROM generate_series(1, 5000) i, quota.api_key k;
+UPDATE quota.api_key SET suspended_until = now() - interval '1 second' WHERE public_id = 'plan00000042';
+ANALYZE quota.api_key;
+SELECT pg_stat_force_next_flush();
+SELECT seq_scan AS key_scans_before FROM pg_stat_user_tables WHERE relname = 'api_key' \gset
+SELECT resumed_keys FROM quota.sweep();
+SELECT pg_stat_force_next_flush();
+SELECT seq_scan - :key_scans_before AS full_scans_of_api_key FROM pg_stat_user_tables WHERE relname = 'api_key';
 \c pgq_regress
 DROP DATABASE pgq_regress_plans;
