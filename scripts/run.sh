@@ -54,8 +54,8 @@ fi
 echo "$sql_sum" >"$DATA/extension.sha256"
 demo_db_exists \
   || "${PSQL[@]}" -d postgres -c "CREATE DATABASE pg_quota" || fail "create database pg_quota"
-"${PSQL[@]}" -d pg_quota -c "CREATE EXTENSION IF NOT EXISTS pg_quota; ALTER EXTENSION pg_quota UPDATE" \
-  || fail "CREATE EXTENSION pg_quota"
+"${PSQL[@]}" -d pg_quota -c "SET client_min_messages = warning" \
+  -c "CREATE EXTENSION IF NOT EXISTS pg_quota; ALTER EXTENSION pg_quota UPDATE" || fail "CREATE EXTENSION pg_quota"
 
 # The demo key is shown once by create_key; keep it (mode 600) so later runs can print it again.
 if [ ! -s "$RUNDIR/demo-key" ]; then
