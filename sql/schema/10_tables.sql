@@ -153,7 +153,7 @@ CREATE TABLE quota.counter (
     used          numeric NOT NULL DEFAULT 0 CHECK (used >= 0),
     reserved      numeric NOT NULL DEFAULT 0 CHECK (reserved >= 0),
     exhausted_at  timestamptz,
-    reset_at      timestamptz,
+    reset_at      timestamptz,  -- last cleared (quota.clear_usage): quota.drift counts the ledger from here
     PRIMARY KEY (policy_id, scope_id)
 ) WITH (fillfactor = 70);
 

@@ -141,16 +141,38 @@ BEGIN
 END
 $$;
 
+-- Starts a policy's windows over at now_ts: no usage (counters and rolling buckets), nothing
+-- marked spent, and reset_at tells quota.drift to count the ledger from then on. In-flight
+-- holds stay: their settle or refund releases them. For quota.reset, and for a policy that
+-- measures something else after an edit.
+CREATE FUNCTION quota.clear_usage(policy_id bigint, now_ts timestamptz) RETURNS void
+LANGUAGE sql VOLATILE AS $$
+    UPDATE quota.counter c SET used = 0, exhausted_at = NULL, reset_at = now_ts
+    WHERE c.policy_id = clear_usage.policy_id;
+    DELETE FROM quota.rolling_usage r WHERE r.policy_id = clear_usage.policy_id;
+$$;
+
 -- An edited policy is judged afresh, like a new one: the keys it suspended resume at once, and
 -- its counters forget that they were marked spent, so it refuses, logs and suspends again only
--- if its window is spent under the new settings (the counters keep their usage). A deleted
--- policy releases its keys too (its counters go with it).
+-- if its window is spent under the new settings. The counters keep their usage when only the
+-- limit, boundary, action, exclusivity or enabled flag changed; an edit of what the policy
+-- measures (subject, model group, metric, window) starts its windows over, as if it were new:
+-- usage in other units or in another window cannot count in the new one. A deleted policy
+-- releases its keys too (its counters go with it).
 CREATE FUNCTION quota.policy_judged_afresh() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF TG_OP = 'UPDATE' THEN
-        UPDATE quota.counter c SET exhausted_at = NULL
-        WHERE c.policy_id = NEW.policy_id AND c.exhausted_at IS NOT NULL;
+        IF (NEW.subject_type, NEW.subject_id, NEW.model_group, NEW.metric, NEW.period, NEW.period_minutes,
+            NEW.window_mode, NEW.anchor, NEW.time_zone, NEW.week_start, NEW.reset_hour)
+           IS DISTINCT FROM
+           (OLD.subject_type, OLD.subject_id, OLD.model_group, OLD.metric, OLD.period, OLD.period_minutes,
+            OLD.window_mode, OLD.anchor, OLD.time_zone, OLD.week_start, OLD.reset_hour) THEN
+            PERFORM quota.clear_usage(NEW.policy_id, quota.clock());
+        ELSE
+            UPDATE quota.counter c SET exhausted_at = NULL
+            WHERE c.policy_id = NEW.policy_id AND c.exhausted_at IS NOT NULL;
+        END IF;
     END IF;
     PERFORM quota.lift_suspensions(OLD.policy_id,
                                    CASE TG_OP WHEN 'UPDATE' THEN 'policy_changed' ELSE 'policy_deleted' END,

@@ -10,9 +10,7 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM quota.policy p WHERE p.policy_id = reset.policy_id) THEN
         RAISE EXCEPTION 'reset: no policy with policy_id %', reset.policy_id USING ERRCODE = 'PQ404';
     END IF;
-    UPDATE quota.counter c SET used = 0, exhausted_at = NULL, reset_at = v_now
-    WHERE c.policy_id = reset.policy_id;
-    DELETE FROM quota.rolling_usage r WHERE r.policy_id = reset.policy_id;
+    PERFORM quota.clear_usage(reset.policy_id, v_now);
     INSERT INTO quota.event (at, kind, policy_id) VALUES (v_now, 'reset', reset.policy_id);
     PERFORM quota.lift_suspensions(reset.policy_id, 'reset', v_now);
 END

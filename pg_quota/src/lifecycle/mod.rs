@@ -25,13 +25,13 @@ macro_rules! policy_columns {
 
 /// The SET list of a counter upsert (`quota.counter AS c`) that moves the counter to the
 /// window starting at `EXCLUDED.window_start`: a stale window starts over (no usage, not
-/// exhausted, not reset), then `EXCLUDED.used` is added (0 unless the statement inserts usage).
-/// `reserved` is left to the statement.
+/// exhausted), then `EXCLUDED.used` is added (0 unless the statement inserts usage).
+/// `reserved` is left to the statement, and `reset_at` as it is: the last clearing stays before
+/// any row of the new window (and a rolling counter, whose window never rolls, keeps it).
 macro_rules! roll_window {
     () => {
         "used         = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.used ELSE 0 END + EXCLUDED.used,
         exhausted_at = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.exhausted_at END,
-        reset_at     = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.reset_at END,
         window_start = EXCLUDED.window_start"
     };
 }

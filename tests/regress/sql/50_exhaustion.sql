@@ -148,6 +148,31 @@ SET LOCAL pg_quota.fake_now = '2026-05-02 20:41:01+00';
 SELECT pruned_released FROM quota.sweep();
 SELECT request_id, kind FROM quota.released ORDER BY request_id;
 
+-- An edit of what a policy measures (subject, model group, metric, window) starts its windows
+-- over: usage in other units or in another window cannot count in the new one. An edit of its
+-- limit keeps the usage.
+SELECT quota.create_user('jo') AS jo \gset
+SELECT quota.create_key(:jo, 'remeasured') AS mkey \gset
+SELECT key_id AS mkid FROM quota.api_key WHERE name = 'remeasured' \gset
+INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit)
+VALUES ('key', :mkid, 'tokens', 'day', 1000) RETURNING policy_id AS mpol \gset
+SELECT allowed FROM quota.admit(:'mkey', 'm1', 'm', 300, 300);
+SELECT settled FROM quota.settle('m1', 300, 300);
+SET LOCAL pg_quota.fake_now = '2026-05-02 20:42:00+00';
+UPDATE quota.policy SET quota_limit = 2000 WHERE policy_id = :mpol;
+SELECT metric, used, effective_limit, state FROM quota.status(:mkid);
+UPDATE quota.policy SET metric = 'requests', quota_limit = 5 WHERE policy_id = :mpol;
+SELECT metric, used, effective_limit, state FROM quota.status(:mkid);
+SET LOCAL pg_quota.fake_now = '2026-05-02 20:43:00+00';
+SELECT allowed FROM quota.admit(:'mkey', 'm2', 'm', 1, 1);
+SELECT settled FROM quota.settle('m2', 1, 1);
+SET LOCAL pg_quota.fake_now = '2026-05-02 20:44:00+00';
+UPDATE quota.policy SET window_mode = 'rolling' WHERE policy_id = :mpol;
+SELECT allowed FROM quota.admit(:'mkey', 'm3', 'm', 1, 1);
+SELECT settled FROM quota.settle('m3', 1, 1);
+SELECT window_mode, used, state FROM quota.status(:mkid);
+SELECT count(*) AS drifting_counters FROM quota.drift() WHERE policy_id = :mpol;
+
 -- reset of an unknown policy is an error.
 \set VERBOSITY sqlstate
 SELECT quota.reset(-1);
