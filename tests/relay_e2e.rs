@@ -854,6 +854,62 @@ async fn relayed_responses_carry_ratelimit_headers_and_the_request_id() {
 }
 
 #[tokio::test]
+async fn a_moderate_load_runs_on_the_connections_used_last() {
+    let dsn = fresh_database("pgq_e2e_lifo").await;
+    let r = relayed_on(&dsn, "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    let resp = r.chat(chat_body(10), &[]).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    r.wait_ledger_rows(1).await;
+    let relay_backends = |filter: &'static str| {
+        let db = &r.db;
+        async move {
+            let sql = format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg-quota-relay' \
+                 AND datname = current_database() {filter}"
+            );
+            db.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0)
+        }
+    };
+
+    // Eight requests at once, each held at admit by another transaction's lock on the key's
+    // counter: the pool opens a connection for each.
+    let locker = connect(&dsn).await;
+    locker.batch_execute("BEGIN; SELECT 1 FROM quota.counter FOR UPDATE").await.unwrap();
+    let burst: Vec<_> = (0..8).map(|_| tokio::spawn(r.chat(chat_body(10), &[]).send())).collect();
+    eventually("8 admits waiting for the lock", Duration::from_secs(10), || async {
+        relay_backends("AND wait_event_type = 'Lock'").await == 8
+    })
+    .await;
+    locker.batch_execute("COMMIT").await.unwrap();
+    for request in burst {
+        assert_eq!(request.await.unwrap().unwrap().status(), 200);
+    }
+    r.wait_ledger_rows(9).await;
+    assert!(relay_backends("").await >= 8, "the pool holds a connection per request of the burst");
+
+    // Then one request at a time: they run on the connection used last (and one more for the
+    // settle still running when the next admit comes), not in turn on all of them, so a
+    // moderate load keeps a few backends warm (their plan and policy caches).
+    let since: std::time::SystemTime = r.db.query_one("SELECT clock_timestamp()", &[]).await.unwrap().get(0);
+    for _ in 0..10 {
+        let resp = r.chat(chat_body(10), &[]).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    r.wait_ledger_rows(19).await;
+    let used = r
+        .db
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg-quota-relay' \
+             AND datname = current_database() AND state_change > $1",
+            &[&since],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert!((1..=3).contains(&used), "{used} connections served 10 requests in a row");
+}
+
+#[tokio::test]
 async fn channels_route_with_their_key_and_model_name_and_a_full_channel_is_429() {
     let r = relayed("pgq_e2e_channels", "'cost', 'day', 100, 'strict'", &[]).await;
     // One channel serves gpt-4o, under a renamed upstream model and its own upstream key, with
