@@ -376,9 +376,9 @@ fn decide(
         return fail(b"PQ409", format!("admit: request_id {request_id} was already used"));
     }
 
-    // Routing locks the counters of channels, which every customer of a channel shares: a
-    // request that its own limits refuse already is refused before that.
-    if pinned.is_some() || cache::served(client, model) {
+    // Routing locks the counters of capped channels, which every customer of a channel shares:
+    // a request that its own limits refuse already is refused before that.
+    if cache::channels(client, model).capped {
         if let Some(refused) = refused_before_routing(client, (key_id, user_id), model, &cost, est, max_out, now) {
             return Ok(with_key(Admission {
                 channel_id: pinned,
@@ -818,7 +818,7 @@ fn route(
     max_out: i64,
     now: TimestampWithTimeZone,
 ) -> Result<Option<i64>, Box<Admission>> {
-    if pinned.is_none() && !cache::served(client, model) {
+    if pinned.is_none() && !cache::channels(client, model).served {
         return Ok(None);
     }
     type Candidate = (i64, bool, Option<String>, Option<String>, Option<String>);

@@ -41,7 +41,16 @@ struct Cache {
     generation: i64,
     policies: HashMap<i64, Option<Policy>>,
     selections: HashMap<Subject, Selection>,
-    served: HashMap<String, bool>,
+    channels: HashMap<String, Channels>,
+}
+
+/// What the channels that serve a model, enabled or not, mean for admit.
+#[derive(Clone, Copy)]
+pub(crate) struct Channels {
+    /// some channel serves it: admit routes (else the relay's default upstream takes it)
+    pub served: bool,
+    /// some such channel has a cap: routing locks its counters
+    pub capped: bool,
 }
 
 /// Beyond this many entries a map starts over: a backend serves a bounded working set.
@@ -174,22 +183,27 @@ pub(crate) fn policies_by_id(client: &mut SpiClient<'_>, ids: &[i64]) -> Vec<Opt
     })
 }
 
-const SERVED: &str = "SELECT EXISTS (SELECT 1 FROM quota.channel_model cm WHERE cm.model = $1)";
+const CHANNELS: &str = "\
+SELECT EXISTS (SELECT 1 FROM quota.channel_model cm WHERE cm.model = $1),
+       EXISTS (SELECT 1 FROM quota.channel_model cm
+               JOIN quota.policy p ON p.subject_type = 'channel' AND p.subject_id = cm.channel_id AND p.enabled
+               WHERE cm.model = $1)";
 
-/// Whether any channel, enabled or not, serves `model` (else admit need not route).
-pub(crate) fn served(client: &mut SpiClient<'_>, model: &str) -> bool {
-    if let Some(known) = CACHE.with(|c| c.borrow().served.get(model).copied()) {
+/// The channels of `model` (see [`Channels`]).
+pub(crate) fn channels(client: &mut SpiClient<'_>, model: &str) -> Channels {
+    if let Some(known) = CACHE.with(|c| c.borrow().channels.get(model).copied()) {
         return known;
     }
-    let served = first(client, SERVED, &[model.into()])
-        .and_then(|r| col(&r, 1))
-        .unwrap_or(false);
+    let (served, capped) = first(client, CHANNELS, &[model.into()])
+        .map(|r| (col(&r, 1).unwrap_or(false), col(&r, 2).unwrap_or(false)))
+        .unwrap_or((false, false));
+    let found = Channels { served, capped };
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
-        if c.served.len() >= MAX_ENTRIES {
-            c.served.clear();
+        if c.channels.len() >= MAX_ENTRIES {
+            c.channels.clear();
         }
-        c.served.insert(model.to_string(), served);
+        c.channels.insert(model.to_string(), found);
     });
-    served
+    found
 }
