@@ -226,9 +226,6 @@ const WORDS: &str = "SELECT quota.policy_words(p) FROM quota.policy p WHERE p.po
 
 const RESUME_KEY: &str = "SELECT quota.resume_key($1, $2, $3)";
 
-const COUNTER_USED: &str =
-    "SELECT c.used FROM quota.counter c WHERE c.policy_id = $1 AND c.scope_id = $2 AND c.window_start = $3";
-
 /// A suspended key's suspension, judged now.
 enum Suspension {
     /// still in force, by this policy (None: it is not known which)
@@ -258,14 +255,8 @@ fn judge_suspension(
         return Suspension::Lifted("policy_not_applicable");
     };
     let (ws, _) = a.policy.window(crate::window::to_utc(now));
-    let used = if a.policy.rolling() {
-        rolling_used(client, policy_id, a.scope_id, ws)
-    } else {
-        first(client, COUNTER_USED, &[policy_id.into(), a.scope_id.into(), ws.into()])
-            .and_then(|r| col(&r, 1))
-            .unwrap_or_else(|| AnyNumeric::from(0))
-    };
-    if used < a.effective_limit {
+    let seen = counters_now(client, &[(&a.policy, a.scope_id, ws)], false);
+    if seen[0].used < a.effective_limit {
         Suspension::Lifted("window_not_spent")
     } else {
         Suspension::Holds(Some(a))
@@ -680,6 +671,42 @@ FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[]) WITH ORDINALITY AS h(
 LEFT JOIN quota.counter c ON c.policy_id = h.policy_id AND c.scope_id = h.scope_id
 ORDER BY h.i";
 
+/// The counters of policies for scopes, each in its window starting at the instant given, as
+/// they are, without a lock (see COUNTERS). A rolling window's usage is summed from its buckets:
+/// for every rolling window, or with `rolling_if_marked` only for those marked spent (the others
+/// then show the counter's 0).
+fn counters_now(
+    client: &mut SpiClient<'_>,
+    windows: &[(&Policy, i64, TimestampWithTimeZone)],
+    rolling_if_marked: bool,
+) -> Vec<Seen> {
+    let args = [
+        windows.iter().map(|(p, _, _)| p.policy_id).collect::<Vec<_>>().into(),
+        windows.iter().map(|(_, scope, _)| *scope).collect::<Vec<_>>().into(),
+        windows
+            .iter()
+            .map(|(p, _, ws)| p.counter_window(*ws))
+            .collect::<Vec<_>>()
+            .into(),
+    ];
+    let counters: Vec<(bool, AnyNumeric, AnyNumeric)> = run(client, COUNTERS, &args)
+        .map(|r| (col(&r, 1).unwrap(), col(&r, 2).unwrap(), col(&r, 3).unwrap()))
+        .collect();
+    let mut seen: Vec<Seen> = Vec::with_capacity(windows.len());
+    for ((policy, scope_id, ws), (marked_spent, used, reserved)) in windows.iter().zip(counters) {
+        seen.push(Seen {
+            used: if policy.rolling() && (marked_spent || !rolling_if_marked) {
+                rolling_used(client, policy.policy_id, *scope_id, *ws)
+            } else {
+                used
+            },
+            reserved,
+            marked_spent,
+        });
+    }
+    seen
+}
+
 /// The 429 of a request that its own (key and user) limits refuse by windows a settle has
 /// marked spent, judged without a lock, or None. Such a request is refused before routing, which
 /// locks the counters of channels that every customer of a channel shares: a client retrying
@@ -703,32 +730,10 @@ fn refused_before_routing(
     if holds.is_empty() {
         return None;
     }
-    let args = [
-        holds.iter().map(|h| h.policy.policy_id).collect::<Vec<_>>().into(),
-        holds.iter().map(|h| h.scope_id).collect::<Vec<_>>().into(),
-        holds
-            .iter()
-            .map(|h| h.policy.counter_window(h.ws))
-            .collect::<Vec<_>>()
-            .into(),
-    ];
-    let counters: Vec<(bool, AnyNumeric, AnyNumeric)> = run(client, COUNTERS, &args)
-        .map(|r| (col(&r, 1).unwrap(), col(&r, 2).unwrap(), col(&r, 3).unwrap()))
-        .collect();
-    if !counters.iter().any(|(marked, _, _)| *marked) {
+    let windows: Vec<_> = holds.iter().map(|h| (&h.policy, h.scope_id, h.ws)).collect();
+    let seen = counters_now(client, &windows, true);
+    if !seen.iter().any(|s| s.marked_spent) {
         return None;
-    }
-    let mut seen: Vec<Seen> = Vec::with_capacity(holds.len());
-    for (h, (marked_spent, used, reserved)) in holds.iter().zip(counters) {
-        seen.push(Seen {
-            used: if marked_spent && h.policy.rolling() {
-                rolling_used(client, h.policy.policy_id, h.scope_id, h.ws)
-            } else {
-                used
-            },
-            reserved,
-            marked_spent,
-        });
     }
     let limits = judge(client, &holds, &seen, now, |h, s| {
         s.marked_spent && s.used >= h.effective_limit
