@@ -80,11 +80,24 @@ fn sweep_once() {
     if !installed {
         return;
     }
-    let counts =
-        Spi::get_three::<i32, i32, i32>("SELECT expired_reservations, resumed_keys, pruned_buckets FROM quota.sweep()");
-    if let Ok((Some(expired), Some(resumed), Some(pruned))) = counts {
-        if expired + resumed > 0 {
-            log!("pg_quota sweep: {expired} stale reservations released, {resumed} keys resumed, {pruned} rolling buckets pruned");
+    let counts = Spi::connect(|client| {
+        let row = client
+            .select(
+                "SELECT expired_reservations, resumed_keys, recovered_windows, pruned_buckets, pruned_released \
+                 FROM quota.sweep()",
+                None,
+                &[],
+            )?
+            .first();
+        Ok::<_, pgrx::spi::SpiError>([row.get::<i32>(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?])
+    });
+    if let Ok([Some(expired), Some(resumed), Some(recovered), Some(buckets), Some(released)]) = counts {
+        if expired + resumed + recovered + buckets + released > 0 {
+            log!(
+                "pg_quota sweep: {expired} stale reservations released, {resumed} keys resumed, \
+                 {recovered} spent windows recovered, {buckets} rolling buckets and {released} released \
+                 reservation records pruned"
+            );
         }
     }
 }

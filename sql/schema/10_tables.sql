@@ -143,9 +143,12 @@ CREATE INDEX ON quota.boost (subject_type, subject_id);
 -- Live counter of one policy for one scope (the key, the user, …) in its current window.
 -- used counts settled usage of the window starting at window_start; reserved counts holds of
 -- in-flight requests and survives window roll-over and manual reset (their settle releases it).
--- exhausted_at marks the window spent (logged and acted on once); admit clears a mark whose
--- window is no longer spent (a boost, a rolling window's usage ageing out). A rolling window's
--- usage is in quota.rolling_usage: its counter has window_start -infinity and never rolls.
+-- exhausted_at is when the window was found spent (logged and acted on once). The mark holds
+-- while it is not older than window_start: a mark from before is a window that has ended since,
+-- and the next admit or settle of the scope, or the sweep, logs its recovery and clears it; so
+-- does admit for a window no longer spent (a boost, a rolling window's usage ageing out). A
+-- rolling window's usage is in quota.rolling_usage: its counter has window_start -infinity and
+-- never rolls.
 CREATE TABLE quota.counter (
     policy_id     bigint NOT NULL REFERENCES quota.policy ON DELETE CASCADE,
     scope_id      bigint NOT NULL,
@@ -156,6 +159,9 @@ CREATE TABLE quota.counter (
     reset_at      timestamptz,  -- last cleared (quota.clear_usage): quota.drift counts the ledger from here
     PRIMARY KEY (policy_id, scope_id)
 ) WITH (fillfactor = 70);
+-- The sweep finds marked windows through this index. Requests do not change exhausted_at
+-- (except when a window is found spent or recovers), so their updates stay HOT.
+CREATE INDEX ON quota.counter (policy_id) WHERE exhausted_at IS NOT NULL;
 
 -- Rolling windows: settled usage per one-minute bucket; the window sums the buckets it covers.
 CREATE TABLE quota.rolling_usage (
@@ -246,7 +252,7 @@ COMMENT ON COLUMN quota.usage_daily.channel_id IS '0 when the request had no cha
 CREATE TABLE quota.event (
     event_id   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     at         timestamptz NOT NULL,
-    kind       text NOT NULL CHECK (kind IN ('exhausted', 'disabled', 'resumed', 'reset',
+    kind       text NOT NULL CHECK (kind IN ('exhausted', 'recovered', 'disabled', 'resumed', 'reset',
                                              'policy_created', 'policy_changed', 'policy_deleted',
                                              'reservation_expired', 'boost_created', 'boost_changed',
                                              'boost_deleted')),

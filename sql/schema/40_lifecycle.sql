@@ -250,6 +250,37 @@ BEGIN
 END
 $$;
 
+-- A window found spent is not any more: it has ended (by 'window_reset'; the counter marked it
+-- before marked_before, the start of the window that followed) or it has room again (by
+-- 'window_not_spent', marked_before infinity: a boost, a rolling window's usage ageing out).
+-- Clears the mark and logs it with the start of the window that was spent, once: a concurrent
+-- caller, or a mark set anew in the current window, finds nothing to clear.
+CREATE FUNCTION quota.recover_window(policy_id bigint, scope_id bigint, key_id bigint, user_id bigint,
+                                     marked_before timestamptz, now_ts timestamptz, by text)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    v_spent_at timestamptz;
+BEGIN
+    UPDATE quota.counter c SET exhausted_at = NULL
+    FROM (SELECT c2.policy_id, c2.scope_id, c2.exhausted_at FROM quota.counter c2
+          WHERE c2.policy_id = recover_window.policy_id AND c2.scope_id = recover_window.scope_id
+          FOR UPDATE) old
+    WHERE c.policy_id = old.policy_id AND c.scope_id = old.scope_id AND c.exhausted_at < marked_before
+    RETURNING old.exhausted_at INTO v_spent_at;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    INSERT INTO quota.event (at, kind, policy_id, key_id, user_id, detail)
+    SELECT now_ts, 'recovered', p.policy_id, recover_window.key_id, recover_window.user_id,
+           jsonb_build_object('scope_id', recover_window.scope_id, 'window_start', w.window_start,
+                              'by', recover_window.by)
+    FROM quota.policy p CROSS JOIN LATERAL quota.policy_window(p, v_spent_at) w
+    WHERE p.policy_id = recover_window.policy_id;
+    RETURN true;
+END
+$$;
+
 -- Planned like admit and settle (see above quota.admit).
 CREATE FUNCTION quota.refund(request_id text, reason text DEFAULT NULL) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp

@@ -93,11 +93,14 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- Releases reservations older than pg_quota.reservation_ttl (a crashed relay's), resumes keys
--- whose suspension ran out, prunes rolling buckets no window covers any more and records of
--- released reservations older than pg_quota.released_retention. Logged; safe to run
--- concurrently with traffic and with itself. Run it from pg_cron or the background worker.
+-- whose suspension ran out, logs the recovery of spent fixed windows that have ended (requests
+-- log it too, lazily, but a window may end with no request to see it), prunes rolling buckets
+-- no window covers any more and records of released reservations older than
+-- pg_quota.released_retention. Logged; safe to run concurrently with traffic and with itself.
+-- Run it from pg_cron or the background worker.
 CREATE FUNCTION quota.sweep(OUT expired_reservations integer, OUT resumed_keys integer,
-                            OUT pruned_buckets integer, OUT pruned_released integer)
+                            OUT recovered_windows integer, OUT pruned_buckets integer,
+                            OUT pruned_released integer)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_now timestamptz := quota.clock();
@@ -105,6 +108,7 @@ DECLARE
     v_retention interval := current_setting('pg_quota.released_retention')::interval;
     v_res quota.reservation;
     v_key bigint;
+    v_ended record;
 BEGIN
     expired_reservations := 0;
     FOR v_res IN
@@ -128,6 +132,23 @@ BEGIN
     FOR v_key IN SELECT k.key_id FROM quota.api_key k WHERE k.suspended_until <= v_now LOOP
         IF quota.resume_key(v_key, v_now) THEN
             resumed_keys := resumed_keys + 1;
+        END IF;
+    END LOOP;
+
+    recovered_windows := 0;
+    FOR v_ended IN
+        SELECT c.policy_id, c.scope_id, w.window_start, quota.policy_axis(p.subject_type) AS axis
+        FROM quota.counter c
+        JOIN quota.policy p ON p.policy_id = c.policy_id
+        CROSS JOIN LATERAL quota.policy_window(p, v_now) w
+        WHERE c.exhausted_at IS NOT NULL AND p.window_mode = 'fixed' AND c.exhausted_at < w.window_start
+        ORDER BY quota.policy_axis(p.subject_type) <> 'channel', c.policy_id, c.scope_id  -- lock order
+    LOOP
+        IF quota.recover_window(v_ended.policy_id, v_ended.scope_id,
+                                CASE v_ended.axis WHEN 'key' THEN v_ended.scope_id END,
+                                CASE v_ended.axis WHEN 'user' THEN v_ended.scope_id END,
+                                v_ended.window_start, v_now, 'window_reset') THEN
+            recovered_windows := recovered_windows + 1;
         END IF;
     END LOOP;
 

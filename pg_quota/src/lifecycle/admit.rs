@@ -10,8 +10,8 @@ use pgrx::AnyNumeric;
 
 use super::cache::{self, Applicable};
 use super::{
-    clock, col, fail, first, key_refused, mark_exhausted, metric_amount, refuses, rolling_used, row, run, EngineError,
-    Policy,
+    clock, col, fail, first, key_refused, mark_exhausted, metric_amount, recover_window, refuses, rolling_used, row,
+    run, EngineError, Policy, Recovered,
 };
 
 /// The columns of `quota.admission`, in order.
@@ -173,7 +173,7 @@ INSERT INTO quota.counter (policy_id, scope_id, window_start) VALUES ($1, $2, $3
 // each stale window and reserves, which also locks the counter rows, in the order given (the
 // lock order); a first request of a scope creates its row, so concurrent first requests queue
 // on it like any other. Returns each counter's settled usage in the window, its reservations
-// (this one included) and whether its window is marked spent already.
+// (this one included) and how its window stands marked (marks!()).
 const RESERVE: &str = concat!(
     "\
 WITH filed AS (
@@ -191,15 +191,15 @@ WITH filed AS (
     roll_window!(),
     ",
         reserved     = c.reserved + EXCLUDED.reserved
-    RETURNING c.policy_id, c.used, c.reserved, c.exhausted_at IS NOT NULL AS exhausted
+    RETURNING c.policy_id, c.used, c.reserved, ",
+    marks!(),
+    "
 )
-SELECT held.policy_id, held.used, held.reserved, held.exhausted FROM held"
+SELECT * FROM held"
 );
 
 // A refused request gives its holds back and leaves no reservation.
 const UNFILE: &str = "DELETE FROM quota.reservation r WHERE r.request_id = $1";
-
-const UNMARK: &str = "UPDATE quota.counter c SET exhausted_at = NULL WHERE c.policy_id = $1 AND c.scope_id = $2";
 
 const RELEASE: &str =
     "UPDATE quota.counter c SET reserved = c.reserved - $3 WHERE c.policy_id = $1 AND c.scope_id = $2";
@@ -400,7 +400,7 @@ fn decide(
         now,
     );
     let (holds, iso_key, iso_user) = holds_for(applicable, &cost, est, max_out, now_utc);
-    let counters: Vec<(i64, AnyNumeric, AnyNumeric, bool)> = run(
+    let counters: Vec<(i64, AnyNumeric, AnyNumeric, bool, bool)> = run(
         client,
         RESERVE,
         &[
@@ -435,12 +435,14 @@ fn decide(
             col(&r, 2).unwrap(),
             col(&r, 3).unwrap(),
             col(&r, 4).unwrap(),
+            col(&r, 5).unwrap(),
         )
     })
     .collect();
     assert_eq!(counters.len(), holds.len(), "pg_quota: one counter row per hold");
     let mut seen: Vec<Seen> = Vec::with_capacity(holds.len());
-    for (h, (counter_policy, used, reserved_now, marked_spent)) in holds.iter().zip(counters) {
+    let mut ended_spent: Vec<&Hold> = Vec::new();
+    for (h, (counter_policy, used, reserved_now, marked_spent, ended)) in holds.iter().zip(counters) {
         assert_eq!(
             counter_policy, h.policy.policy_id,
             "pg_quota: counters come back in hold order"
@@ -454,6 +456,9 @@ fn decide(
             reserved: reserved_now - h.amount.clone(), // as it was before this hold
             marked_spent,
         });
+        if ended {
+            ended_spent.push(h);
+        }
     }
     let limits = judge(client, &holds, &seen, now, |h, s| {
         refuses(
@@ -465,18 +470,24 @@ fn decide(
         )
     });
 
-    // A window marked spent that is not spent any more (a boost, a rolling window's usage aged
-    // out) is judged afresh: unmarked, so that it is logged and acted on again when it is spent
-    // again. Its counter row is locked already.
+    // A window found spent that has ended since, or that is not spent any more (a boost, a
+    // rolling window's usage aged out), has recovered: that is logged and its mark cleared, so
+    // that it is logged and acted on again when it is spent again. Its counter row is locked
+    // already.
+    let who = (key_id, user_id);
+    for h in ended_spent {
+        let why = Recovered::WindowReset(h.policy.counter_window(h.ws));
+        recover_window(client, &h.policy, h.scope_id, who, why, now);
+    }
     for (h, _) in holds
         .iter()
         .zip(&seen)
         .filter(|(h, s)| s.marked_spent && s.used < h.effective_limit)
     {
-        run(client, UNMARK, &[h.policy.policy_id.into(), h.scope_id.into()]);
+        recover_window(client, &h.policy, h.scope_id, who, Recovered::WindowNotSpent, now);
     }
 
-    if let Some(refused) = refusal(client, &limits, &holds, (key_id, user_id), channel, now) {
+    if let Some(refused) = refusal(client, &limits, &holds, who, channel, now) {
         for h in &holds {
             let args = [h.policy.policy_id.into(), h.scope_id.into(), h.amount.clone().into()];
             run(client, RELEASE, &args);
@@ -665,7 +676,7 @@ fn refusal(
 // Each hold's counter as it is, without a lock: whether the hold's window is the counter's and
 // marked spent, and the counter's usage in it.
 const COUNTERS: &str = "\
-SELECT coalesce(c.window_start = h.window_start AND c.exhausted_at IS NOT NULL, false),
+SELECT coalesce(c.window_start = h.window_start AND c.exhausted_at >= c.window_start, false),
        CASE WHEN c.window_start = h.window_start THEN c.used ELSE 0 END, coalesce(c.reserved, 0)
 FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[]) WITH ORDINALITY AS h(policy_id, scope_id, window_start, i)
 LEFT JOIN quota.counter c ON c.policy_id = h.policy_id AND c.scope_id = h.scope_id

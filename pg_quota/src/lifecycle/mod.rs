@@ -24,15 +24,23 @@ macro_rules! policy_columns {
 }
 
 /// The SET list of a counter upsert (`quota.counter AS c`) that moves the counter to the
-/// window starting at `EXCLUDED.window_start`: a stale window starts over (no usage, not
-/// exhausted), then `EXCLUDED.used` is added (0 unless the statement inserts usage).
-/// `reserved` is left to the statement, and `reset_at` as it is: the last clearing stays before
-/// any row of the new window (and a rolling counter, whose window never rolls, keeps it).
+/// window starting at `EXCLUDED.window_start`: a stale window starts over (no usage), then
+/// `EXCLUDED.used` is added (0 unless the statement inserts usage). `reserved` is left to the
+/// statement, and `reset_at` as it is: the last clearing stays before any row of the new window
+/// (and a rolling counter, whose window never rolls, keeps it). So is a spent mark: one from
+/// before the new window is the ended window's, for [`recover_window`] to log and clear.
 macro_rules! roll_window {
     () => {
         "used         = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.used ELSE 0 END + EXCLUDED.used,
-        exhausted_at = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.exhausted_at END,
         window_start = EXCLUDED.window_start"
+    };
+}
+
+/// The RETURNING columns of a counter upsert that say how its window stands marked: spent
+/// (marked in this window), and ended spent (marked in a window that has ended since).
+macro_rules! marks {
+    () => {
+        "coalesce(c.exhausted_at >= c.window_start, false), coalesce(c.exhausted_at < c.window_start, false)"
     };
 }
 
@@ -278,6 +286,43 @@ pub(crate) fn mark_exhausted(
         now.into(),
     ];
     run(client, MARK_EXHAUSTED, &args);
+}
+
+const RECOVER_WINDOW: &str = "SELECT quota.recover_window($1, $2, $3, $4, $5, $6, $7)";
+
+/// Why a window found spent is not any more.
+#[derive(Clone, Copy)]
+pub(crate) enum Recovered {
+    /// it has ended: the counter has rolled to the window starting then
+    WindowReset(TimestampWithTimeZone),
+    /// it has room again (a boost, a rolling window's usage ageing out)
+    WindowNotSpent,
+}
+
+/// Clears the spent mark of a policy's window for a scope and logs its recovery, found by a
+/// request of the key (quota.recover_window). The counter row is locked already.
+pub(crate) fn recover_window(
+    client: &mut SpiClient<'_>,
+    policy: &Policy,
+    scope_id: i64,
+    (key_id, user_id): (i64, i64),
+    why: Recovered,
+    now: TimestampWithTimeZone,
+) {
+    let (marked_before, by) = match why {
+        Recovered::WindowReset(counter_window) => (counter_window, "window_reset"),
+        Recovered::WindowNotSpent => (TimestampWithTimeZone::positive_infinity(), "window_not_spent"),
+    };
+    let args = [
+        policy.policy_id.into(),
+        scope_id.into(),
+        key_id.into(),
+        user_id.into(),
+        marked_before.into(),
+        now.into(),
+        by.into(),
+    ];
+    run(client, RECOVER_WINDOW, &args);
 }
 
 /// Why a key may not be used now (a 403): its error code and message; None when it may. The one

@@ -6,7 +6,10 @@ use pgrx::spi::SpiClient;
 use pgrx::AnyNumeric;
 
 use super::cache;
-use super::{clock, col, fail, first, mark_exhausted, metric_amount, rolling_used, row, run, EngineError, Policy};
+use super::{
+    clock, col, fail, first, mark_exhausted, metric_amount, recover_window, rolling_used, row, run, EngineError,
+    Policy, Recovered,
+};
 
 /// The columns of `quota.settlement`, in order.
 struct Settlement {
@@ -45,7 +48,8 @@ ORDER BY f.axis <> 'channel', (f.policy).policy_id";
 // longer. Rolling windows count in rolling_usage instead ($19 holds 0 for them, and $21, the
 // counters' windows, -infinity: see Policy::counter_window). A counter deleted meanwhile
 // (policy edited) is created again, with nothing reserved. A request counts on a policy at most
-// once, so a policy id finds its hold.
+// once, so a policy id finds its hold. Returns each counter's usage and how its window stands
+// marked (marks!()).
 const COUNT: &str = concat!(
     "\
 WITH ledger AS (
@@ -64,7 +68,8 @@ ON CONFLICT (policy_id, scope_id) DO UPDATE SET
     roll_window!(),
     ",
         reserved     = c.reserved - ($20::numeric[])[array_position($14::bigint[], c.policy_id)]
-RETURNING c.policy_id, c.used, c.exhausted_at IS NOT NULL"
+RETURNING c.policy_id, c.used, ",
+    marks!()
 );
 
 const ROLLING_ADD: &str = "\
@@ -199,7 +204,7 @@ fn settle_in(
     }
 
     let zero = AnyNumeric::from(0);
-    let rows: Vec<(i64, AnyNumeric, bool)> = run(
+    let rows: Vec<(i64, AnyNumeric, bool, bool)> = run(
         client,
         COUNT,
         &[
@@ -240,15 +245,27 @@ fn settle_in(
                 .into(),
         ],
     )
-    .map(|r| (col(&r, 1).unwrap(), col(&r, 2).unwrap(), col(&r, 3).unwrap()))
+    .map(|r| {
+        (
+            col(&r, 1).unwrap(),
+            col(&r, 2).unwrap(),
+            col(&r, 3).unwrap(),
+            col(&r, 4).unwrap(),
+        )
+    })
     .collect();
     assert_eq!(rows.len(), counts.len(), "pg_quota: one counter row per hold");
 
-    for (c, (counter_policy, counter_used, already_exhausted)) in counts.into_iter().zip(rows) {
+    let who = (taken.key_id, taken.user_id);
+    for (c, (counter_policy, counter_used, already_exhausted, ended_spent)) in counts.into_iter().zip(rows) {
         assert_eq!(
             counter_policy, c.policy.policy_id,
             "pg_quota: counters come back in hold order"
         );
+        if ended_spent {
+            let why = Recovered::WindowReset(c.policy.counter_window(c.ws));
+            recover_window(client, &c.policy, c.scope_id, who, why, now);
+        }
         let mut used = counter_used;
         if c.policy.rolling() {
             if c.actual > zero {
@@ -264,14 +281,7 @@ fn settle_in(
             used = rolling_used(client, c.policy.policy_id, c.scope_id, c.ws);
         }
         if used >= c.limit && !already_exhausted {
-            mark_exhausted(
-                client,
-                &c.policy,
-                c.scope_id,
-                (taken.key_id, taken.user_id),
-                (c.ws, c.we),
-                now,
-            );
+            mark_exhausted(client, &c.policy, c.scope_id, who, (c.ws, c.we), now);
         }
     }
 

@@ -61,9 +61,11 @@ SET LOCAL pg_quota.fake_now = '2026-05-01 15:00:00+00';
 SELECT used, state FROM quota.status(:kid) WHERE policy_id = :rpol;
 SELECT allowed FROM quota.admit(:'key', 'r5', 'm', 1, 1);
 -- Spent again: logged again. While it refused (14:30, as the window moved minute by minute) the
--- spent window was logged once, when it was spent (12:00).
+-- spent window was logged once, when it was spent (12:00); it recovered at 15:00, when the
+-- 10:00 usage left it.
 SELECT * FROM quota.settle('r5', 1, 1) \gset
-SELECT kind, at FROM quota.event WHERE policy_id = :rpol AND kind = 'exhausted' ORDER BY event_id;
+SELECT kind, at, detail ->> 'by' AS by FROM quota.event
+WHERE policy_id = :rpol AND kind IN ('exhausted', 'recovered') ORDER BY event_id;
 -- A reset of a rolling window holds as the window moves on: the counters agree with the ledger.
 SET LOCAL pg_quota.fake_now = '2026-05-01 15:05:00+00';
 SELECT quota.reset(:rpol);

@@ -120,7 +120,7 @@ SELECT settled FROM quota.settle('b3', 1, 1);
 SELECT suspended_until FROM quota.api_key WHERE key_id = :bkid;
 SELECT http_status, error_code FROM quota.admit(:'bkey', 'b4', 'm', 1, 1);
 SELECT kind, detail ->> 'by' AS by FROM quota.event
-WHERE key_id = :bkid AND kind IN ('exhausted', 'disabled', 'resumed') ORDER BY event_id;
+WHERE key_id = :bkid AND kind IN ('exhausted', 'recovered', 'disabled', 'resumed') ORDER BY event_id;
 
 -- A key suspended by its user group's policy is freed when the user leaves the group: that
 -- policy no longer applies to it.
@@ -172,6 +172,47 @@ SELECT allowed FROM quota.admit(:'mkey', 'm3', 'm', 1, 1);
 SELECT settled FROM quota.settle('m3', 1, 1);
 SELECT window_mode, used, state FROM quota.status(:mkid);
 SELECT count(*) AS drifting_counters FROM quota.drift() WHERE policy_id = :mpol;
+
+-- A spent window that ends recovers, and that is logged once, with the start of the window
+-- that was spent: by the request that finds it over (a settle or an admit), or by the sweep
+-- when no request comes. A window spent anew is not taken for an ended one.
+SELECT quota.create_user('kim') AS kim \gset
+SELECT quota.create_key(:kim, 'daily') AS dkey \gset
+SELECT key_id AS dkid FROM quota.api_key WHERE name = 'daily' \gset
+INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit, boundary)
+VALUES ('key', :dkid, 'requests', 'day', 2, 'graceful') RETURNING policy_id AS dpol \gset
+SET LOCAL pg_quota.fake_now = '2026-05-03 22:00:00+00';
+SELECT allowed FROM quota.admit(:'dkey', 'd1', 'm', 1, 1);
+SELECT allowed FROM quota.admit(:'dkey', 'd2', 'm', 1, 1);
+SELECT allowed FROM quota.admit(:'dkey', 'd3', 'm', 1, 1);
+SET LOCAL pg_quota.fake_now = '2026-05-03 22:01:00+00';
+SELECT settled FROM quota.settle('d1', 1, 1);
+SELECT settled FROM quota.settle('d2', 1, 1);
+SELECT http_status FROM quota.admit(:'dkey', 'd4', 'm', 1, 1);
+-- d3 settles after midnight: its settle moves the counter to the new day and logs the recovery.
+SET LOCAL pg_quota.fake_now = '2026-05-04 00:30:00+00';
+SELECT settled FROM quota.settle('d3', 1, 1);
+SELECT allowed FROM quota.admit(:'dkey', 'd5', 'm', 1, 1);
+SET LOCAL pg_quota.fake_now = '2026-05-04 01:00:00+00';
+SELECT settled FROM quota.settle('d5', 1, 1);
+SELECT state FROM quota.status(:dkid);
+-- No request on the next day: the sweep logs it, once.
+SET LOCAL pg_quota.fake_now = '2026-05-05 02:00:00+00';
+SELECT recovered_windows FROM quota.sweep();
+SELECT recovered_windows FROM quota.sweep();
+SELECT allowed FROM quota.admit(:'dkey', 'd6', 'm', 1, 1);
+SELECT allowed FROM quota.admit(:'dkey', 'd7', 'm', 1, 1);
+SET LOCAL pg_quota.fake_now = '2026-05-05 03:00:00+00';
+SELECT settled FROM quota.settle('d6', 1, 1);
+SELECT settled FROM quota.settle('d7', 1, 1);
+SET LOCAL pg_quota.fake_now = '2026-05-05 03:30:00+00';
+SELECT recovered_windows FROM quota.sweep();
+-- The next day's first admit logs it.
+SET LOCAL pg_quota.fake_now = '2026-05-06 04:00:00+00';
+SELECT allowed FROM quota.admit(:'dkey', 'd8', 'm', 1, 1);
+SELECT allowed FROM quota.admit(:'dkey', 'd9', 'm', 1, 1);
+SELECT kind, at, key_id = :dkid AS of_key, detail ->> 'window_start' AS spent_window, detail ->> 'by' AS by
+FROM quota.event WHERE policy_id = :dpol ORDER BY event_id;
 
 -- reset of an unknown policy is an error.
 \set VERBOSITY sqlstate

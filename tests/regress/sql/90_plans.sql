@@ -63,5 +63,16 @@ SELECT seq_scan AS key_scans_before FROM pg_stat_user_tables WHERE relname = 'ap
 SELECT resumed_keys FROM quota.sweep();
 SELECT pg_stat_force_next_flush();
 SELECT seq_scan - :key_scans_before AS full_scans_of_api_key FROM pg_stat_user_tables WHERE relname = 'api_key';
+-- It finds the spent windows that have ended without reading every counter: of 5,000 counters,
+-- one is marked spent in yesterday's window.
+INSERT INTO quota.counter (policy_id, scope_id, window_start, used)
+SELECT p.policy_id, 1000000 + i, date_trunc('day', now()), 1 FROM generate_series(1, 5000) i, quota.policy p;
+UPDATE quota.counter SET exhausted_at = now() - interval '1 day' WHERE scope_id = 1000042;
+ANALYZE quota.counter;
+SELECT pg_stat_force_next_flush();
+SELECT seq_scan AS counter_scans_before FROM pg_stat_user_tables WHERE relname = 'counter' \gset
+SELECT recovered_windows FROM quota.sweep();
+SELECT pg_stat_force_next_flush();
+SELECT seq_scan - :counter_scans_before AS full_scans_of_counter FROM pg_stat_user_tables WHERE relname = 'counter';
 \c pgq_regress
 DROP DATABASE pgq_regress_plans;
