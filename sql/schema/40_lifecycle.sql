@@ -205,15 +205,16 @@ BEGIN
 END
 $$;
 
--- Gives back the holds of a reservation that will not be settled (refund, expiry).
-CREATE FUNCTION quota.release_holds(r quota.reservation) RETURNS void
+-- Gives back holds that will not be settled (refund, expiry): amounts[i] on the counter of
+-- policies[i] for scopes[i], one after the other, so in lock order when given in lock order.
+CREATE FUNCTION quota.release_holds(policies bigint[], scopes bigint[], amounts numeric[]) RETURNS void
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     i integer;
 BEGIN
-    FOR i IN 1 .. coalesce(array_length(r.hold_policy, 1), 0) LOOP
-        UPDATE quota.counter c SET reserved = c.reserved - r.hold_amount[i]
-        WHERE c.policy_id = r.hold_policy[i] AND c.scope_id = r.hold_scope[i];
+    FOR i IN 1 .. coalesce(array_length(policies, 1), 0) LOOP
+        UPDATE quota.counter c SET reserved = c.reserved - amounts[i]
+        WHERE c.policy_id = policies[i] AND c.scope_id = scopes[i];
     END LOOP;
 END
 $$;
@@ -290,7 +291,7 @@ DECLARE
 BEGIN
     DELETE FROM quota.reservation r WHERE r.request_id = refund.request_id RETURNING r.* INTO v_res;
     IF FOUND THEN
-        PERFORM quota.release_holds(v_res);
+        PERFORM quota.release_holds(v_res.hold_policy, v_res.hold_scope, v_res.hold_amount);
         INSERT INTO quota.released (request_id, key_id, user_id, channel_id, model, kind, reason, released_at)
         VALUES (v_res.request_id, v_res.key_id, v_res.user_id, v_res.channel_id, v_res.model,
                 'refunded', refund.reason, quota.clock());

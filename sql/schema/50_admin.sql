@@ -106,27 +106,42 @@ DECLARE
     v_now timestamptz := quota.clock();
     v_ttl interval := current_setting('pg_quota.reservation_ttl')::interval;
     v_retention interval := current_setting('pg_quota.released_retention')::interval;
-    v_res quota.reservation;
+    v_policies bigint[];  -- the holds of the expired reservations, summed per counter
+    v_scopes bigint[];
+    v_amounts numeric[];
     v_key bigint;
     v_ended record;
 BEGIN
-    expired_reservations := 0;
-    FOR v_res IN
+    -- The expired reservations' holds are given back per counter, in lock order (a request that
+    -- holds one counter while it waits for the next cannot be waiting for the sweep).
+    WITH expired AS (
         DELETE FROM quota.reservation r
         WHERE r.request_id IN (SELECT r2.request_id FROM quota.reservation r2
                                WHERE r2.created_at < v_now - v_ttl
                                ORDER BY r2.request_id FOR UPDATE SKIP LOCKED)
         RETURNING r.*
-    LOOP
-        PERFORM quota.release_holds(v_res);
+    ), recorded AS (
         INSERT INTO quota.released (request_id, key_id, user_id, channel_id, model, kind, reason, released_at)
-        VALUES (v_res.request_id, v_res.key_id, v_res.user_id, v_res.channel_id, v_res.model,
-                'expired', format('reservation older than %s s', extract(epoch FROM v_ttl)), v_now);
+        SELECT e.request_id, e.key_id, e.user_id, e.channel_id, e.model, 'expired',
+               format('reservation older than %s s', extract(epoch FROM v_ttl)), v_now
+        FROM expired e
+    ), logged AS (
         INSERT INTO quota.event (at, kind, key_id, user_id, detail)
-        VALUES (v_now, 'reservation_expired', v_res.key_id, v_res.user_id,
-                jsonb_build_object('request_id', v_res.request_id, 'created_at', v_res.created_at));
-        expired_reservations := expired_reservations + 1;
-    END LOOP;
+        SELECT v_now, 'reservation_expired', e.key_id, e.user_id,
+               jsonb_build_object('request_id', e.request_id, 'created_at', e.created_at)
+        FROM expired e
+    ), holds AS (
+        SELECT h.policy_id, h.scope_id, sum(h.amount) AS amount
+        FROM expired e, unnest(e.hold_policy, e.hold_scope, e.hold_amount) AS h(policy_id, scope_id, amount)
+        GROUP BY 1, 2
+    )
+    SELECT (SELECT count(*) FROM expired),
+           array_agg(h.policy_id ORDER BY quota.policy_axis(p.subject_type) <> 'channel', h.policy_id, h.scope_id),
+           array_agg(h.scope_id ORDER BY quota.policy_axis(p.subject_type) <> 'channel', h.policy_id, h.scope_id),
+           array_agg(h.amount ORDER BY quota.policy_axis(p.subject_type) <> 'channel', h.policy_id, h.scope_id)
+    INTO expired_reservations, v_policies, v_scopes, v_amounts
+    FROM holds h LEFT JOIN quota.policy p ON p.policy_id = h.policy_id;
+    PERFORM quota.release_holds(v_policies, v_scopes, v_amounts);
 
     resumed_keys := 0;
     FOR v_key IN SELECT k.key_id FROM quota.api_key k WHERE k.suspended_until <= v_now LOOP
