@@ -143,13 +143,10 @@ BEGIN
     FROM holds h LEFT JOIN quota.policy p ON p.policy_id = h.policy_id;
     PERFORM quota.release_holds(v_policies, v_scopes, v_amounts);
 
-    resumed_keys := 0;
-    FOR v_key IN SELECT k.key_id FROM quota.api_key k WHERE k.suspended_until <= v_now LOOP
-        IF quota.resume_key(v_key, v_now) THEN
-            resumed_keys := resumed_keys + 1;
-        END IF;
-    END LOOP;
-
+    -- Past the expiry, the sweep waits for no row: it already holds counters, and a request
+    -- holding a row the sweep would wait for may be waiting for one of those. A row that a
+    -- request holds is left to the next sweep (or to that request). Lock order still: the
+    -- counters, then the keys.
     recovered_windows := 0;
     FOR v_ended IN
         SELECT c.policy_id, c.scope_id, w.window_start, quota.policy_axis(p.subject_type) AS axis
@@ -157,13 +154,22 @@ BEGIN
         JOIN quota.policy p ON p.policy_id = c.policy_id
         CROSS JOIN LATERAL quota.policy_window(p, v_now) w
         WHERE c.exhausted_at IS NOT NULL AND p.window_mode = 'fixed' AND c.exhausted_at < w.window_start
-        ORDER BY quota.policy_axis(p.subject_type) <> 'channel', c.policy_id, c.scope_id  -- lock order
+        ORDER BY quota.policy_axis(p.subject_type) <> 'channel', c.policy_id, c.scope_id
+        FOR UPDATE OF c SKIP LOCKED
     LOOP
         IF quota.recover_window(v_ended.policy_id, v_ended.scope_id,
                                 CASE v_ended.axis WHEN 'key' THEN v_ended.scope_id END,
                                 CASE v_ended.axis WHEN 'user' THEN v_ended.scope_id END,
                                 v_ended.window_start, v_now, 'window_reset') THEN
             recovered_windows := recovered_windows + 1;
+        END IF;
+    END LOOP;
+
+    resumed_keys := 0;
+    FOR v_key IN SELECT k.key_id FROM quota.api_key k WHERE k.suspended_until <= v_now
+                 ORDER BY k.key_id FOR UPDATE SKIP LOCKED LOOP
+        IF quota.resume_key(v_key, v_now) THEN
+            resumed_keys := resumed_keys + 1;
         END IF;
     END LOOP;
 
