@@ -231,6 +231,9 @@ CREATE TABLE quota.usage_ledger (
     settled_at       timestamptz NOT NULL
 );
 CREATE INDEX ON quota.usage_ledger (key_id, settled_at);
+-- quota.drift reads the ledger of the current windows. Rows arrive in settled_at order, so a
+-- block range index finds them for a fraction of a b-tree's cost on each insert.
+CREATE INDEX ON quota.usage_ledger USING brin (settled_at) WITH (autosummarize = on);
 
 -- Daily rollups, maintained by a trigger on the ledger in the same transaction.
 CREATE TABLE quota.usage_daily (

@@ -186,31 +186,46 @@ BEGIN
 END
 $$;
 
--- Recomputes every live counter from the ledger and the live reservations; returns only the
--- counters that disagree (none when healthy). One pass over the ledger and one over the
--- reservations, each joined to the counters by hash: it stays linear in the ledger's size.
+-- Recomputes every counter's current window (as admit would see it: a window that has ended
+-- holds nothing) from the ledger and the live reservations; returns only the counters that
+-- disagree (none when healthy). It reads the ledger from the earliest current window on (all of
+-- it only while a lifetime window counts), found by a BRIN index on settled_at, and joins it to
+-- the counters by hash: linear in the rows of the current windows, not in the ledger's size.
 CREATE FUNCTION quota.drift()
 RETURNS TABLE (policy_id bigint, scope_id bigint, counter_used numeric, ledger_used numeric,
                counter_reserved numeric, holds_reserved numeric)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    WITH now_ts AS (SELECT quota.clock() AS t),
-    live AS (  -- each counter with its policy's window mode and the current window's start
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- planned with the bound's value, so that a recent bound reads only the recent ledger
+SET plan_cache_mode = force_custom_plan AS $$
+#variable_conflict use_column
+DECLARE
+    v_now timestamptz := quota.clock();
+    v_since timestamptz;
+BEGIN
+    -- a counter counts the ledger rows of its current window since its last reset
+    SELECT min(greatest(w.window_start, coalesce(c.reset_at, '-infinity'))) INTO v_since
+    FROM quota.counter c
+    JOIN quota.policy p ON p.policy_id = c.policy_id
+    CROSS JOIN LATERAL quota.policy_window(p, v_now) w;
+
+    RETURN QUERY
+    WITH live AS (  -- each counter with its policy's window mode and the current window's start
         SELECT c.policy_id, c.scope_id, c.window_start, c.used, c.reserved, c.reset_at,
                p.window_mode, w.window_start AS current_start
         FROM quota.counter c
         JOIN quota.policy p ON p.policy_id = c.policy_id
-        CROSS JOIN now_ts n
-        CROSS JOIN LATERAL quota.policy_window(p, n.t) w
+        CROSS JOIN LATERAL quota.policy_window(p, v_now) w
     ),
-    counted AS (  -- what the ledger rows since the counter's last reset gave its window
+    counted AS (  -- what the ledger rows since the counter's last reset gave its current window
         SELECT c.policy_id, c.scope_id, sum(x.amount) AS amount
         FROM quota.usage_ledger l,
              unnest(l.counted_policy, l.counted_scope, l.counted_window, l.counted_amount)
                  AS x(policy_id, scope_id, window_start, amount)
         JOIN live c ON c.policy_id = x.policy_id AND c.scope_id = x.scope_id
-        WHERE l.settled_at >= coalesce(c.reset_at, '-infinity')
+        WHERE l.settled_at >= v_since
+          AND l.settled_at >= coalesce(c.reset_at, '-infinity')
           AND CASE c.window_mode
-                  WHEN 'fixed' THEN x.window_start = c.window_start
+                  WHEN 'fixed' THEN x.window_start = c.current_start
                   ELSE to_timestamp(floor(extract(epoch FROM l.settled_at) / 60) * 60) >= c.current_start
               END
         GROUP BY 1, 2
@@ -222,10 +237,12 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     ),
     expected AS (
         SELECT c.policy_id, c.scope_id,
-               CASE c.window_mode
-                   WHEN 'fixed' THEN c.used
-                   ELSE (SELECT coalesce(sum(r.used), 0) FROM quota.rolling_usage r
-                         WHERE r.policy_id = c.policy_id AND r.scope_id = c.scope_id AND r.bucket >= c.current_start)
+               CASE WHEN c.window_mode = 'rolling'
+                        THEN (SELECT coalesce(sum(r.used), 0) FROM quota.rolling_usage r
+                              WHERE r.policy_id = c.policy_id AND r.scope_id = c.scope_id
+                                AND r.bucket >= c.current_start)
+                    WHEN c.window_start = c.current_start THEN c.used
+                    ELSE 0
                END AS counter_used,
                coalesce(k.amount, 0) AS ledger_used,
                c.reserved AS counter_reserved,
@@ -236,5 +253,6 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     )
     SELECT * FROM expected e
     WHERE e.counter_used <> e.ledger_used OR e.counter_reserved <> e.holds_reserved
-    ORDER BY 1, 2
+    ORDER BY 1, 2;
+END
 $$;

@@ -74,5 +74,18 @@ SELECT seq_scan AS counter_scans_before FROM pg_stat_user_tables WHERE relname =
 SELECT recovered_windows FROM quota.sweep();
 SELECT pg_stat_force_next_flush();
 SELECT seq_scan - :counter_scans_before AS full_scans_of_counter FROM pg_stat_user_tables WHERE relname = 'counter';
+-- quota.drift reads the ledger of the current windows only, not a year of history.
+INSERT INTO quota.usage_ledger (request_id, key_id, user_id, model, input_tokens, output_tokens, cached_tokens,
+                                cost, billed, counted_policy, counted_scope, counted_window, counted_amount,
+                                settled_at)
+SELECT 'plan-old-' || i, k.key_id, k.user_id, 'gpt-plan', 1, 1, 0, 0, true, '{}', '{}', '{}', '{}',
+       now() - interval '400 days' + i * interval '10 min'
+FROM generate_series(1, 50000) i, quota.api_key k WHERE k.name = 'plans';
+VACUUM ANALYZE quota.usage_ledger;
+SELECT pg_stat_force_next_flush();
+SELECT seq_scan AS ledger_scans_before FROM pg_stat_user_tables WHERE relname = 'usage_ledger' \gset
+SELECT count(*) AS drifting_counters FROM quota.drift() WHERE scope_id < 1000000;
+SELECT pg_stat_force_next_flush();
+SELECT seq_scan - :ledger_scans_before AS full_scans_of_ledger FROM pg_stat_user_tables WHERE relname = 'usage_ledger';
 \c pgq_regress
 DROP DATABASE pgq_regress_plans;
