@@ -13,6 +13,9 @@ pub static RESERVATION_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(600);
 /// quota.sweep(); 0 keeps them for ever.
 pub static RELEASED_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_400);
 
+/// Events (quota.event) older than this are deleted by quota.sweep(); 0 keeps them for ever.
+pub static EVENT_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(0);
+
 /// Seconds between two sweeps of the background worker; 0 turns it off.
 pub static SWEEP_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 
@@ -56,6 +59,16 @@ pub fn register() {
         c"The record keeps refunds idempotent and lets a late settle charge an expired reservation; \
           keep it well beyond the relay's settle retry window.",
         &RELEASED_RETENTION_S,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_quota.event_retention",
+        c"Age after which quota.sweep() deletes an event of quota.event (0 = never).",
+        c"Events are the audit trail of exhaustion, recovery, suspension, resets and policy changes.",
+        &EVENT_RETENTION_S,
         0,
         i32::MAX,
         GucContext::Suset,

@@ -83,20 +83,22 @@ fn sweep_once() {
     let counts = Spi::connect(|client| {
         let row = client
             .select(
-                "SELECT expired_reservations, resumed_keys, recovered_windows, pruned_buckets, pruned_released \
-                 FROM quota.sweep()",
+                "SELECT expired_reservations, resumed_keys, recovered_windows, pruned_buckets, pruned_released, \
+                 pruned_events FROM quota.sweep()",
                 None,
                 &[],
             )?
             .first();
-        Ok::<_, pgrx::spi::SpiError>([row.get::<i32>(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?])
+        (1..=6)
+            .map(|i| row.get::<i32>(i).map(Option::unwrap_or_default))
+            .collect::<Result<Vec<i32>, _>>()
     });
-    if let Ok([Some(expired), Some(resumed), Some(recovered), Some(buckets), Some(released)]) = counts {
-        if expired + resumed + recovered + buckets + released > 0 {
+    if let Ok([expired, resumed, recovered, buckets, released, events]) = counts.as_deref() {
+        if counts.iter().flatten().any(|n| *n > 0) {
             log!(
                 "pg_quota sweep: {expired} stale reservations released, {resumed} keys resumed, \
-                 {recovered} spent windows recovered, {buckets} rolling buckets and {released} released \
-                 reservation records pruned"
+                 {recovered} spent windows recovered; pruned {buckets} rolling buckets, {released} records \
+                 of released reservations and {events} events"
             );
         }
     }

@@ -95,17 +95,19 @@ $$;
 -- Releases reservations older than pg_quota.reservation_ttl (a crashed relay's), resumes keys
 -- whose suspension ran out, logs the recovery of spent fixed windows that have ended (requests
 -- log it too, lazily, but a window may end with no request to see it), prunes rolling buckets
--- no window covers any more and records of released reservations older than
--- pg_quota.released_retention. Logged; safe to run concurrently with traffic and with itself.
--- Run it from pg_cron or the background worker.
+-- no window covers any more, records of released reservations older than
+-- pg_quota.released_retention and events older than pg_quota.event_retention (when set).
+-- Logged; safe to run concurrently with traffic and with itself. Run it from pg_cron or the
+-- background worker.
 CREATE FUNCTION quota.sweep(OUT expired_reservations integer, OUT resumed_keys integer,
                             OUT recovered_windows integer, OUT pruned_buckets integer,
-                            OUT pruned_released integer)
+                            OUT pruned_released integer, OUT pruned_events integer)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_now timestamptz := quota.clock();
     v_ttl interval := current_setting('pg_quota.reservation_ttl')::interval;
     v_retention interval := current_setting('pg_quota.released_retention')::interval;
+    v_event_retention interval := current_setting('pg_quota.event_retention')::interval;
     v_policies bigint[];  -- the holds of the expired reservations, summed per counter
     v_scopes bigint[];
     v_amounts numeric[];
@@ -182,6 +184,12 @@ BEGIN
     IF v_retention > interval '0' THEN
         DELETE FROM quota.released r WHERE r.released_at < v_now - v_retention;
         GET DIAGNOSTICS pruned_released = ROW_COUNT;
+    END IF;
+
+    pruned_events := 0;
+    IF v_event_retention > interval '0' THEN
+        DELETE FROM quota.event e WHERE e.at < v_now - v_event_retention;
+        GET DIAGNOSTICS pruned_events = ROW_COUNT;
     END IF;
 END
 $$;

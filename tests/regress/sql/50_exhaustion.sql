@@ -144,9 +144,15 @@ SET LOCAL pg_quota.released_retention = '1d';
 SET LOCAL pg_quota.fake_now = '2026-05-02 20:40:59+00';
 SELECT pruned_released FROM quota.sweep();
 SELECT request_id, kind FROM quota.released ORDER BY request_id;
+-- Events are kept for ever unless pg_quota.event_retention is set: then the same sweep deletes
+-- the events older than it too.
+SELECT count(*) AS events_older_than_a_day FROM quota.event WHERE at < '2026-05-01 20:41:01+00';
+SET LOCAL pg_quota.event_retention = '1d';
 SET LOCAL pg_quota.fake_now = '2026-05-02 20:41:01+00';
-SELECT pruned_released FROM quota.sweep();
+SELECT pruned_released, pruned_events FROM quota.sweep();
 SELECT request_id, kind FROM quota.released ORDER BY request_id;
+SELECT min(at) AS oldest_event FROM quota.event;
+SET LOCAL pg_quota.event_retention = 0;
 
 -- An edit of what a policy measures (subject, model group, metric, window) starts its windows
 -- over: usage in other units or in another window cannot count in the new one. An edit of its
