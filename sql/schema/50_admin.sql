@@ -132,17 +132,18 @@ BEGIN
         SELECT v_now, 'reservation_expired', e.key_id, e.user_id,
                jsonb_build_object('request_id', e.request_id, 'created_at', e.created_at)
         FROM expired e
-    ), holds AS (
-        SELECT h.policy_id, h.scope_id, sum(h.amount) AS amount
+    ), holds AS (  -- summed per counter, numbered in lock order
+        SELECT h.policy_id, h.scope_id, sum(h.amount) AS amount,
+               row_number() OVER (ORDER BY quota.policy_axis(p.subject_type) <> 'channel',
+                                           h.policy_id, h.scope_id) AS n
         FROM expired e, unnest(e.hold_policy, e.hold_scope, e.hold_amount) AS h(policy_id, scope_id, amount)
-        GROUP BY 1, 2
+        LEFT JOIN quota.policy p ON p.policy_id = h.policy_id
+        GROUP BY h.policy_id, h.scope_id, p.subject_type
     )
-    SELECT (SELECT count(*) FROM expired),
-           array_agg(h.policy_id ORDER BY quota.policy_axis(p.subject_type) <> 'channel', h.policy_id, h.scope_id),
-           array_agg(h.scope_id ORDER BY quota.policy_axis(p.subject_type) <> 'channel', h.policy_id, h.scope_id),
-           array_agg(h.amount ORDER BY quota.policy_axis(p.subject_type) <> 'channel', h.policy_id, h.scope_id)
+    SELECT (SELECT count(*) FROM expired), array_agg(h.policy_id ORDER BY h.n),
+           array_agg(h.scope_id ORDER BY h.n), array_agg(h.amount ORDER BY h.n)
     INTO expired_reservations, v_policies, v_scopes, v_amounts
-    FROM holds h LEFT JOIN quota.policy p ON p.policy_id = h.policy_id;
+    FROM holds h;
     PERFORM quota.release_holds(v_policies, v_scopes, v_amounts);
 
     -- Past the expiry, the sweep waits for no row: it already holds counters, and a request
@@ -208,21 +209,27 @@ SET plan_cache_mode = force_custom_plan AS $$
 #variable_conflict use_column
 DECLARE
     v_now timestamptz := quota.clock();
-    v_since timestamptz;
+    v_policies bigint[];  -- the policies that have counters, with their current windows
+    v_modes text[];
+    v_starts timestamptz[];
+    v_since timestamptz;  -- a counter counts the ledger rows of its current window since its last reset
 BEGIN
-    -- a counter counts the ledger rows of its current window since its last reset
-    SELECT min(greatest(w.window_start, coalesce(c.reset_at, '-infinity'))) INTO v_since
-    FROM quota.counter c
-    JOIN quota.policy p ON p.policy_id = c.policy_id
-    CROSS JOIN LATERAL quota.policy_window(p, v_now) w;
+    SELECT array_agg(w.policy_id), array_agg(w.window_mode), array_agg(w.window_start),
+           min(greatest(w.window_start, w.earliest_reset))
+    INTO v_policies, v_modes, v_starts, v_since
+    FROM (SELECT p.policy_id, p.window_mode, pw.window_start,
+                 (SELECT min(coalesce(c.reset_at, '-infinity')) FROM quota.counter c
+                   WHERE c.policy_id = p.policy_id) AS earliest_reset
+          FROM quota.policy p CROSS JOIN LATERAL quota.policy_window(p, v_now) pw) w
+    WHERE w.earliest_reset IS NOT NULL;
 
     RETURN QUERY
     WITH live AS (  -- each counter with its policy's window mode and the current window's start
         SELECT c.policy_id, c.scope_id, c.window_start, c.used, c.reserved, c.reset_at,
-               p.window_mode, w.window_start AS current_start
+               w.window_mode, w.current_start
         FROM quota.counter c
-        JOIN quota.policy p ON p.policy_id = c.policy_id
-        CROSS JOIN LATERAL quota.policy_window(p, v_now) w
+        JOIN unnest(v_policies, v_modes, v_starts) AS w(policy_id, window_mode, current_start)
+          ON w.policy_id = c.policy_id
     ),
     counted AS (  -- what the ledger rows since the counter's last reset gave its current window
         SELECT c.policy_id, c.scope_id, sum(x.amount) AS amount

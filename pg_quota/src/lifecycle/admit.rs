@@ -440,13 +440,18 @@ fn decide(
     })
     .collect();
     assert_eq!(counters.len(), holds.len(), "pg_quota: one counter row per hold");
+    let who = (key_id, user_id);
     let mut seen: Vec<Seen> = Vec::with_capacity(holds.len());
-    let mut ended_spent: Vec<&Hold> = Vec::new();
-    for (h, (counter_policy, used, reserved_now, marked_spent, ended)) in holds.iter().zip(counters) {
+    for (h, (counter_policy, used, reserved_now, marked_spent, ended_spent)) in holds.iter().zip(counters) {
         assert_eq!(
             counter_policy, h.policy.policy_id,
             "pg_quota: counters come back in hold order"
         );
+        // A window found spent that has ended since has recovered: that is logged and its mark
+        // cleared (its counter row is locked already).
+        if ended_spent {
+            recover_window(client, &h.policy, h.scope_id, who, Recovered::WindowReset(h.ws), now);
+        }
         seen.push(Seen {
             used: if h.policy.rolling() {
                 rolling_used(client, h.policy.policy_id, h.scope_id, h.ws)
@@ -456,9 +461,6 @@ fn decide(
             reserved: reserved_now - h.amount.clone(), // as it was before this hold
             marked_spent,
         });
-        if ended {
-            ended_spent.push(h);
-        }
     }
     let limits = judge(client, &holds, &seen, now, |h, s| {
         refuses(
@@ -470,15 +472,9 @@ fn decide(
         )
     });
 
-    // A window found spent that has ended since, or that is not spent any more (a boost, a
-    // rolling window's usage aged out), has recovered: that is logged and its mark cleared, so
-    // that it is logged and acted on again when it is spent again. Its counter row is locked
-    // already.
-    let who = (key_id, user_id);
-    for h in ended_spent {
-        let why = Recovered::WindowReset(h.policy.counter_window(h.ws));
-        recover_window(client, &h.policy, h.scope_id, who, why, now);
-    }
+    // A window marked spent that is not spent any more (a boost, a rolling window's usage aged
+    // out) has recovered too: logged and unmarked, so that it is logged and acted on again when
+    // it is spent again.
     for (h, _) in holds
         .iter()
         .zip(&seen)

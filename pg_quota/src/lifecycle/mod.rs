@@ -293,7 +293,8 @@ const RECOVER_WINDOW: &str = "SELECT quota.recover_window($1, $2, $3, $4, $5, $6
 /// Why a window found spent is not any more.
 #[derive(Clone, Copy)]
 pub(crate) enum Recovered {
-    /// it has ended: the counter has rolled to the window starting then
+    /// it has ended: the counter has rolled to the policy's window starting then (marks from
+    /// before its counter window are the ended window's)
     WindowReset(TimestampWithTimeZone),
     /// it has room again (a boost, a rolling window's usage ageing out)
     WindowNotSpent,
@@ -310,7 +311,7 @@ pub(crate) fn recover_window(
     now: TimestampWithTimeZone,
 ) {
     let (marked_before, by) = match why {
-        Recovered::WindowReset(counter_window) => (counter_window, "window_reset"),
+        Recovered::WindowReset(ws) => (policy.counter_window(ws), "window_reset"),
         Recovered::WindowNotSpent => (TimestampWithTimeZone::positive_infinity(), "window_not_spent"),
     };
     let args = [

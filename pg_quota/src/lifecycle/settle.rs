@@ -263,7 +263,7 @@ fn settle_in(
             "pg_quota: counters come back in hold order"
         );
         if ended_spent {
-            let why = Recovered::WindowReset(c.policy.counter_window(c.ws));
+            let why = Recovered::WindowReset(c.ws);
             recover_window(client, &c.policy, c.scope_id, who, why, now);
         }
         let mut used = counter_used;
