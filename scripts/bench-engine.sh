@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Engine benchmark: admit+settle pairs per second against plain single-row UPDATE pairs
 # measured in the same run on the same throwaway cluster (pgbench -M prepared, 8 clients,
-# 2 threads, unix socket). Prints ratios; asserts nothing. BENCH_SECONDS (10) per case and
-# BENCH_ROUNDS (3) set the length.
+# 2 threads, unix socket). Also runs the data model's floor (tests/bench/floor_setup.sql: the
+# same row writes with no engine logic), so each figure shows how much of the distance to the
+# baseline is the engine's own work. Prints ratios; asserts nothing. BENCH_SECONDS (10) per case
+# and BENCH_ROUNDS (3) set the length.
 set -euo pipefail
 LOG_TAG=bench
 source "$(dirname "$0")/lib.sh"
@@ -34,17 +36,22 @@ median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {print v[int((NR
 # The machine's speed drifts (other tenants, disk flush times), so each round measures every
 # case right after its baseline, and the summary takes the median of the rounds' ratios.
 psql -X -q -v ON_ERROR_STOP=1 -f tests/bench/six_policies.sql >/dev/null || fail "six-policy setup"
+psql -X -q -v ON_ERROR_STOP=1 -f tests/bench/floor_setup.sql >/dev/null || fail "floor setup"
 say "pairs per second (two committed statements each), $ROUNDS rounds of $DURATION s per case"
-printf '  %-6s %12s %12s %8s %12s %12s %8s %12s %8s\n' round "base 1,000" "spread" ratio \
-  "base hot" "hot key" ratio "6 policies" ratio >&2
-r_spread=(); r_hot=(); r_hot6=()
+printf '  %-6s %11s %11s %11s %6s %6s %11s %11s %11s %6s %6s %11s %6s\n' round "base 1,000" \
+  "floor" "spread" ratio "/floor" "base hot" "floor hot" "hot key" ratio "/floor" "6 policies" ratio >&2
+r_spread=(); r_hot=(); r_hot6=(); r_floor=(); r_floor_hot=(); f_spread=(); f_hot=()
 for round in $(seq 1 "$ROUNDS"); do
-  base_spread=$(run baseline_spread.sql); pair_spread=$(run pair_spread.sql)
-  base_hot=$(run baseline_hot.sql); pair_hot=$(run pair_hot.sql); pair_hot6=$(run pair_hot6.sql)
+  base_spread=$(run baseline_spread.sql); floor_spread=$(run floor_spread.sql); pair_spread=$(run pair_spread.sql)
+  base_hot=$(run baseline_hot.sql); floor_hot=$(run floor_hot.sql); pair_hot=$(run pair_hot.sql)
+  pair_hot6=$(run pair_hot6.sql)
   r_spread+=("$(ratio "$pair_spread" "$base_spread")"); r_hot+=("$(ratio "$pair_hot" "$base_hot")")
   r_hot6+=("$(ratio "$pair_hot6" "$base_hot")")
-  printf '  %-6s %12.0f %12.0f %8s %12.0f %12.0f %8s %12.0f %8s\n' "$round" "$base_spread" "$pair_spread" \
-    "${r_spread[-1]}" "$base_hot" "$pair_hot" "${r_hot[-1]}" "$pair_hot6" "${r_hot6[-1]}" >&2
+  r_floor+=("$(ratio "$floor_spread" "$base_spread")"); r_floor_hot+=("$(ratio "$floor_hot" "$base_hot")")
+  f_spread+=("$(ratio "$pair_spread" "$floor_spread")"); f_hot+=("$(ratio "$pair_hot" "$floor_hot")")
+  printf '  %-6s %11.0f %11.0f %11.0f %6s %6s %11.0f %11.0f %11.0f %6s %6s %11.0f %6s\n' "$round" \
+    "$base_spread" "$floor_spread" "$pair_spread" "${r_spread[-1]}" "${f_spread[-1]}" \
+    "$base_hot" "$floor_hot" "$pair_hot" "${r_hot[-1]}" "${f_hot[-1]}" "$pair_hot6" "${r_hot6[-1]}" >&2
 done
 drift=$(psql -X -At -c "SELECT count(*) FROM quota.drift()") \
   || { tail -n 30 "$WORK/cluster/server.log" >&2; fail "drift check"; }
@@ -55,6 +62,8 @@ cat <<MSG
   median ratio spread (goal >= 0.5):           $(median "${r_spread[@]}")
   median ratio hot key (goal >= 0.7):          $(median "${r_hot[@]}")
   median ratio hot key, 6 policies + boost:    $(median "${r_hot6[@]}")
+  the data model's floor, spread / hot key:    $(median "${r_floor[@]}") / $(median "${r_floor_hot[@]}")
+  pairs as a share of that floor, spread / hot: $(median "${f_spread[@]}") / $(median "${f_hot[@]}")
   counters drifting after the runs:            $drift
   reservations left after the runs:            $left
 MSG

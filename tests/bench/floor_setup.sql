@@ -1,0 +1,45 @@
+-- The floor of this data model: the row writes of one admit+settle pair and nothing else (no
+-- key lookup, policy selection, window math, pricing, idempotency or exhaustion checks). Copies
+-- of the engine's tables, with their constraints and indexes, and the ledger's rollup trigger:
+--   admit:  insert the reservation row; add the hold to the counter
+--   settle: delete the reservation row; insert the ledger row (its trigger upserts the day's
+--           rollup); move the hold to the counter's usage
+-- The counter is written with a plain UPDATE, the cheapest form (the engine upserts, which
+-- also creates a scope's first counter row). So a pair can only approach this figure: the
+-- distance between the two is the engine's own work.
+CREATE SCHEMA bench_floor;
+CREATE TABLE bench_floor.reservation (LIKE quota.reservation INCLUDING ALL);
+CREATE TABLE bench_floor.counter (LIKE quota.counter INCLUDING ALL) WITH (fillfactor = 70);
+CREATE TABLE bench_floor.usage_ledger (LIKE quota.usage_ledger INCLUDING ALL);
+CREATE TRIGGER usage_daily_add AFTER INSERT ON bench_floor.usage_ledger
+    FOR EACH ROW EXECUTE FUNCTION quota.usage_daily_add();
+INSERT INTO bench_floor.counter (policy_id, scope_id, window_start)
+SELECT 1, k, date_trunc('day', now()) FROM generate_series(1, 1000) k;
+
+CREATE FUNCTION bench_floor.admit(request_id text, k bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO bench_floor.reservation (request_id, key_id, user_id, channel_id, model,
+        counted_in_key_global, counted_in_user_global, est_input_tokens, max_output_tokens,
+        hold_policy, hold_scope, hold_amount, hold_limit, created_at)
+    VALUES (request_id, k, k, NULL, 'floor-model', true, true, 100, 100,
+            ARRAY[1], ARRAY[k], ARRAY[0.0003], ARRAY[1000000000], now());
+    UPDATE bench_floor.counter c SET reserved = c.reserved + 0.0003 WHERE c.policy_id = 1 AND c.scope_id = k;
+    RETURN true;
+END
+$$;
+
+CREATE FUNCTION bench_floor.settle(request_id text, k bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM bench_floor.reservation r WHERE r.request_id = settle.request_id;
+    INSERT INTO bench_floor.usage_ledger (request_id, key_id, user_id, channel_id, model, input_tokens,
+        output_tokens, cached_tokens, cost, billed, unbilled_reason, counted_in_key_global,
+        counted_in_user_global, counted_policy, counted_scope, counted_window, counted_amount, settled_at)
+    VALUES (request_id, k, k, NULL, 'floor-model', 100, 100, 0, 0.0003, true, NULL, true, true,
+            ARRAY[1], ARRAY[k], ARRAY[date_trunc('day', now())], ARRAY[0.0003], now());
+    UPDATE bench_floor.counter c SET used = c.used + 0.0003, reserved = c.reserved - 0.0003
+    WHERE c.policy_id = 1 AND c.scope_id = k;
+    RETURN true;
+END
+$$;
