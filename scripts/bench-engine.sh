@@ -40,11 +40,13 @@ psql -X -q -v ON_ERROR_STOP=1 -f tests/bench/floor_setup.sql >/dev/null || fail 
 say "pairs per second (two committed statements each), $ROUNDS rounds of $DURATION s per case"
 printf '  %-6s %11s %11s %11s %6s %6s %11s %11s %11s %6s %6s %11s %6s\n' round "base 1,000" \
   "floor" "spread" ratio "/floor" "base hot" "floor hot" "hot key" ratio "/floor" "6 policies" ratio >&2
-r_spread=(); r_hot=(); r_hot6=(); r_floor=(); r_floor_hot=(); f_spread=(); f_hot=()
+r_spread=(); r_hot=(); r_hot6=(); r_floor=(); r_floor_hot=(); f_spread=(); f_hot=(); r_bare=(); r_bare_hot=()
 for round in $(seq 1 "$ROUNDS"); do
   base_spread=$(run baseline_spread.sql); floor_spread=$(run floor_spread.sql); pair_spread=$(run pair_spread.sql)
   base_hot=$(run baseline_hot.sql); floor_hot=$(run floor_hot.sql); pair_hot=$(run pair_hot.sql)
   pair_hot6=$(run pair_hot6.sql)
+  r_bare+=("$(ratio "$(run floor_bare_spread.sql)" "$base_spread")")
+  r_bare_hot+=("$(ratio "$(run floor_bare_hot.sql)" "$base_hot")")
   r_spread+=("$(ratio "$pair_spread" "$base_spread")"); r_hot+=("$(ratio "$pair_hot" "$base_hot")")
   r_hot6+=("$(ratio "$pair_hot6" "$base_hot")")
   r_floor+=("$(ratio "$floor_spread" "$base_spread")"); r_floor_hot+=("$(ratio "$floor_hot" "$base_hot")")
@@ -64,6 +66,7 @@ cat <<MSG
   median ratio hot key, 6 policies + boost:    $(median "${r_hot6[@]}")
   the data model's floor, spread / hot key:    $(median "${r_floor[@]}") / $(median "${r_floor_hot[@]}")
   pairs as a share of that floor, spread / hot: $(median "${f_spread[@]}") / $(median "${f_hot[@]}")
+  the floor of bare tables, spread / hot key:  $(median "${r_bare[@]}") / $(median "${r_bare_hot[@]}")
   counters drifting after the runs:            $drift
   reservations left after the runs:            $left
 MSG

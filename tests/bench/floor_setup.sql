@@ -43,3 +43,38 @@ BEGIN
     RETURN true;
 END
 $$;
+
+-- The same six row writes on bare tables (one index each, no arrays, no CHECKs, the rollup
+-- upsert made inline instead of by a trigger): what any design with a reservation row, a
+-- ledger row, a rollup row and a counter row costs at the least.
+CREATE TABLE bench_floor.bare_reservation (request_id text PRIMARY KEY, key_id bigint NOT NULL,
+                                           amount numeric NOT NULL, created_at timestamptz NOT NULL);
+CREATE TABLE bench_floor.bare_ledger (request_id text PRIMARY KEY, key_id bigint NOT NULL, model text NOT NULL,
+                                      input_tokens bigint NOT NULL, output_tokens bigint NOT NULL,
+                                      cost numeric NOT NULL, settled_at timestamptz NOT NULL);
+CREATE TABLE bench_floor.bare_daily (day date, key_id bigint, model text, requests bigint NOT NULL,
+                                     cost numeric NOT NULL, PRIMARY KEY (day, key_id, model)) WITH (fillfactor = 70);
+CREATE TABLE bench_floor.bare_counter (id bigint PRIMARY KEY, used numeric NOT NULL, reserved numeric NOT NULL)
+    WITH (fillfactor = 70);
+INSERT INTO bench_floor.bare_counter SELECT k, 0, 0 FROM generate_series(1, 1000) k;
+
+CREATE FUNCTION bench_floor.bare_admit(request_id text, k bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO bench_floor.bare_reservation VALUES (request_id, k, 0.0003, now());
+    UPDATE bench_floor.bare_counter c SET reserved = c.reserved + 0.0003 WHERE c.id = k;
+    RETURN true;
+END
+$$;
+
+CREATE FUNCTION bench_floor.bare_settle(request_id text, k bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM bench_floor.bare_reservation r WHERE r.request_id = bare_settle.request_id;
+    INSERT INTO bench_floor.bare_ledger VALUES (request_id, k, 'floor-model', 100, 100, 0.0003, now());
+    INSERT INTO bench_floor.bare_daily AS d VALUES (current_date, k, 'floor-model', 1, 0.0003)
+    ON CONFLICT (day, key_id, model) DO UPDATE SET requests = d.requests + 1, cost = d.cost + EXCLUDED.cost;
+    UPDATE bench_floor.bare_counter c SET used = c.used + 0.0003, reserved = c.reserved - 0.0003 WHERE c.id = k;
+    RETURN true;
+END
+$$;
