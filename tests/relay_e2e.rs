@@ -417,7 +417,7 @@ async fn spent_strict_window_answers_429_in_openai_shape_with_retry_after() {
     let header = |name: &str| resp.headers().get(name).map(|v| v.to_str().unwrap().to_string());
     assert_eq!(header("x-ratelimit-limit-tokens").as_deref(), Some("1000"));
     assert_eq!(header("x-ratelimit-remaining-tokens").as_deref(), Some("0"));
-    let reset: u64 = header("x-ratelimit-reset-tokens").unwrap().parse().unwrap();
+    let reset = reset_seconds(&header("x-ratelimit-reset-tokens").unwrap());
     assert!(reset.abs_diff(retry_after) <= 1, "reset {reset} vs Retry-After {retry_after}");
     assert_eq!(header("x-should-retry").as_deref(), Some("false"));
     let error = openai_error(
@@ -830,11 +830,7 @@ async fn relayed_responses_carry_ratelimit_headers_and_the_request_id() {
             (9 - n).to_string().as_str(),
             "this request counted"
         );
-        let reset: i64 = h["x-ratelimit-reset-requests"]
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let reset = reset_seconds(h["x-ratelimit-reset-requests"].to_str().unwrap()) as i64;
         assert!(
             (reset - seconds_to_reset).abs() <= 5,
             "reset in {reset} s, window ends in {seconds_to_reset} s"
@@ -960,11 +956,10 @@ async fn channels_route_with_their_key_and_model_name_and_a_full_channel_is_429(
     let header = |resp: &reqwest::Response, name: &str| {
         resp.headers().get(name).map(|v| v.to_str().unwrap().to_string())
     };
-    let seconds =
-        |resp: &reqwest::Response, name: &str| -> u64 { header(resp, name).unwrap().parse().unwrap() };
     assert_eq!(header(&resp, "x-ratelimit-limit-tokens").as_deref(), Some("1000"));
     assert_eq!(header(&resp, "x-ratelimit-remaining-tokens").as_deref(), Some("0"));
-    let (reset, retry_after) = (seconds(&resp, "x-ratelimit-reset-tokens"), seconds(&resp, "retry-after"));
+    let reset = reset_seconds(&header(&resp, "x-ratelimit-reset-tokens").unwrap());
+    let retry_after: u64 = header(&resp, "retry-after").unwrap().parse().unwrap();
     assert!(reset.abs_diff(retry_after) <= 1, "reset {reset} vs Retry-After {retry_after}");
     openai_error(resp, 429, "rate_limit_error", "channel_quota_exhausted").await;
     // ... and unpinned, no channel is left for the model.

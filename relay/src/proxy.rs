@@ -877,7 +877,18 @@ fn ratelimit_headers(rl: &RateLimit, headers: &mut HeaderMap) {
         put("remaining", remaining.clone());
     }
     if let Some(reset) = rl.reset_s {
-        put("reset", reset.max(0).to_string());
+        put("reset", reset_duration(reset.max(0)));
+    }
+}
+
+/// A time until reset as OpenAI writes it in `x-ratelimit-reset-*` (Go's duration format:
+/// `45s`, `6m0s`, `1h30m0s`), so clients written for OpenAI's headers read ours.
+fn reset_duration(seconds: i64) -> String {
+    let (h, m, s) = (seconds / 3600, seconds / 60 % 60, seconds % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
     }
 }
 
@@ -1327,7 +1338,7 @@ mod tests {
         );
         assert_eq!(h["x-ratelimit-limit-cost"], "10.00");
         assert_eq!(h["x-ratelimit-remaining-cost"], "7.25");
-        assert_eq!(h["x-ratelimit-reset-cost"], "3600");
+        assert_eq!(h["x-ratelimit-reset-cost"], "1h0m0s");
         let mut h = HeaderMap::new();
         ratelimit_headers(
             &RateLimit {
@@ -1346,5 +1357,21 @@ mod tests {
             &mut h,
         );
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn reset_times_read_as_openai_writes_them() {
+        for (seconds, written) in [
+            (0, "0s"),
+            (45, "45s"),
+            (60, "1m0s"),
+            (360, "6m0s"),
+            (3599, "59m59s"),
+            (3600, "1h0m0s"),
+            (5400, "1h30m0s"),
+            (90061, "25h1m1s"),
+        ] {
+            assert_eq!(reset_duration(seconds), written, "{seconds} s");
+        }
     }
 }

@@ -145,6 +145,21 @@ impl Server {
     }
 }
 
+/// Seconds of an `x-ratelimit-reset-*` value, which the relay writes as OpenAI does (`45s`,
+/// `6m0s`, `1h30m0s`); panics on any other shape.
+pub fn reset_seconds(value: &str) -> u64 {
+    let mut total = 0;
+    let mut rest = value;
+    for (unit, scale) in [('h', 3600), ('m', 60), ('s', 1)] {
+        if let Some((n, tail)) = rest.split_once(unit) {
+            total += scale * n.parse::<u64>().unwrap_or_else(|_| panic!("not a reset time: {value:?}"));
+            rest = tail;
+        }
+    }
+    assert!(rest.is_empty() && value.ends_with('s'), "not a reset time: {value:?}");
+    total
+}
+
 /// What the mock upstream has received so far, oldest first (`GET /_mock/requests`).
 pub async fn mock_requests(mock: &Server) -> Vec<serde_json::Value> {
     reqwest::get(format!("{}/_mock/requests", mock.url))
