@@ -57,8 +57,14 @@ SET LOCAL pg_quota.fake_now = '2026-05-01 14:30:00+00';
 -- Full: frees when the 10:00 usage leaves the window, at 15:00.
 SELECT allowed, retry_after_s FROM quota.admit(:'key', 'r4', 'm', 1, 1);
 SELECT used, next_reset, state FROM quota.status(:kid) WHERE policy_id = :rpol;
+-- Still spent: the sweep finds nothing to recover.
+SELECT recovered_windows FROM quota.sweep();
 SET LOCAL pg_quota.fake_now = '2026-05-01 15:00:00+00';
 SELECT used, state FROM quota.status(:kid) WHERE policy_id = :rpol;
+-- The 10:00 usage has left the window: the sweep logs the recovery with no request to see it,
+-- once (a second sweep and the next request find nothing to log).
+SELECT recovered_windows FROM quota.sweep();
+SELECT recovered_windows FROM quota.sweep();
 SELECT allowed FROM quota.admit(:'key', 'r5', 'm', 1, 1);
 -- Spent again: logged again. While it refused (14:30, as the window moved minute by minute) the
 -- spent window was logged once, when it was spent (12:00); it recovered at 15:00, when the
