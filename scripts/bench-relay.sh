@@ -98,17 +98,22 @@ throughput() {
   ! grep -Eq 'Non-2xx|Socket errors' "$WORK/wrk.out" || { cat "$WORK/wrk.out" >&2; fail "errors from $1"; }
   awk '/^Requests\/sec:/ {printf "%.0f", $2}' "$WORK/wrk.out"
 }
-# "sum count" of the relay's pgq_relay_admit_seconds histogram
-admit_seconds() {
+# "sum count" of the relay's histograms of the admit call and of the upstream call (to its
+# response headers), as they stand now
+relay_seconds() {
   curl -s "$RELAY/metrics" | awk '/^pgq_relay_admit_seconds_sum\{result="ok"\}/ {s = $2}
-    /^pgq_relay_admit_seconds_count\{result="ok"\}/ {c = $2} END {print s + 0, c + 0}'
+    /^pgq_relay_admit_seconds_count\{result="ok"\}/ {c = $2}
+    /^pgq_relay_upstream_seconds_sum\{endpoint="chat_completions"\}/ {us = $2}
+    /^pgq_relay_upstream_seconds_count\{endpoint="chat_completions"\}/ {uc = $2}
+    END {print s + 0, c + 0, us + 0, uc + 0}'
 }
 
 say "latency at $RATE requests/s, $DURATION s each; then max rate, $DURATION s each"
 direct=$(latency "$MOCK/v1/chat/completions")
-before=$(admit_seconds)
+before=$(relay_seconds)
 relay=$(latency "$RELAY/v1/chat/completions")
-admit_ms=$(echo "$before $(admit_seconds)" | awk '{printf "%.2f", ($3 - $1) / ($4 - $2) * 1000}')
+read -r admit_ms upstream_ms < <(echo "$before $(relay_seconds)" \
+  | awk '{printf "%.2f %.2f\n", ($5 - $1) / ($6 - $2) * 1000, ($7 - $3) / ($8 - $4) * 1000}')
 read -r direct_p50 direct_p99 <<<"$direct"
 read -r relay_p50 relay_p99 <<<"$relay"
 # The floor under admit on this machine right now: one committed single-row UPDATE per
@@ -126,7 +131,8 @@ left=$(psql -X -At -c "SELECT count(*) FROM quota.reservation")
 drift=$(psql -X -At -c "SELECT count(*) FROM quota.drift()")
 
 awk -v dp50="$direct_p50" -v dp99="$direct_p99" -v rp50="$relay_p50" -v rp99="$relay_p99" \
-    -v drps="$direct_rps" -v rrps="$relay_rps" -v rate="$RATE" -v admit="$admit_ms" -v floor="$floor_ms" 'BEGIN {
+    -v drps="$direct_rps" -v rrps="$relay_rps" -v rate="$RATE" -v admit="$admit_ms" -v floor="$floor_ms" \
+    -v upstream="$upstream_ms" 'BEGIN {
   printf "\n  %-34s %8s %8s %12s\n", "", "p50 ms", "p99 ms", "max req/s"
   printf "  %-34s %8.2f %8.2f %12d\n", "mock upstream, direct", dp50, dp99, drps
   printf "  %-34s %8.2f %8.2f %12d\n", "through the relay", rp50, rp99, rrps
@@ -134,5 +140,6 @@ awk -v dp50="$direct_p50" -v dp99="$direct_p99" -v rp50="$relay_p50" -v rp99="$r
   printf "  (latency at %d req/s; goals: added p50 < 1 ms, added p99 < 5 ms)\n", rate
   printf "  mean quota.admit round trip inside the relay during its latency run: %.2f ms\n", admit
   printf "  mean committed single-row UPDATE round trip (pgbench, same rate):      %.2f ms\n", floor
+  printf "  mean upstream call inside the relay (to its response headers):         %.2f ms\n", upstream
 }'
 echo "  reservations left after the runs: $left; counters drifting from the ledger: $drift"
