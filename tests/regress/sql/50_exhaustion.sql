@@ -122,25 +122,6 @@ SELECT http_status, error_code FROM quota.admit(:'bkey', 'b4', 'm', 1, 1);
 SELECT kind, detail ->> 'by' AS by FROM quota.event
 WHERE key_id = :bkid AND kind IN ('exhausted', 'recovered', 'disabled', 'resumed') ORDER BY event_id;
 
--- A boost gives a spent fixed window room again: the sweep logs the recovery with no request to
--- see it, once; the window is judged afresh (spent again, logged again).
-SELECT quota.create_user('jay') AS jay \gset
-SELECT quota.create_key(:jay, 'jay') AS jkey \gset
-SELECT key_id AS jkid FROM quota.api_key WHERE name = 'jay' \gset
-INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit)
-VALUES ('key', :jkid, 'requests', 'day', 1) RETURNING policy_id AS jpol \gset
-SELECT allowed FROM quota.admit(:'jkey', 'j1', 'm', 1, 1);
-SELECT settled FROM quota.settle('j1', 1, 1);
-SELECT recovered_windows FROM quota.sweep();
-INSERT INTO quota.boost (subject_type, subject_id, metric, period, amount, expires_at)
-VALUES ('key', :jkid, 'requests', 'day', 1, '2026-05-02 00:00:00+00');
-SELECT recovered_windows FROM quota.sweep();
-SELECT recovered_windows FROM quota.sweep();
-SELECT allowed FROM quota.admit(:'jkey', 'j2', 'm', 1, 1);
-SELECT settled FROM quota.settle('j2', 1, 1);
-SELECT kind, detail ->> 'by' AS by FROM quota.event
-WHERE policy_id = :jpol AND kind IN ('exhausted', 'recovered') ORDER BY event_id;
-
 -- A key suspended by its user group's policy is freed when the user leaves the group: that
 -- policy no longer applies to it.
 INSERT INTO quota.user_group (name) VALUES ('trial') RETURNING group_id AS trial \gset
