@@ -66,6 +66,7 @@ fi
 
 export PGQ_TEST_DSN="host=127.0.0.1 port=$TEST_PORT user=postgres dbname=postgres"
 export PGQ_RELAY_BIN="$REPO_ROOT/target/debug/pg-quota-relay"
+export PGQ_SERVER_LOG="$WORK/cluster/server.log"
 tier "out-of-process tests (real cluster, relay)" cargo test -p pg_quota_tests -- --test-threads=1
 
 say "── starting the mock upstream and a relay for the OpenAI SDK test"

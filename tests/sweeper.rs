@@ -1,13 +1,14 @@
 //! The background worker (library in shared_preload_libraries; the harness sets
 //! pg_quota.sweep_database = pgq_sweeper and pg_quota.sweep_interval = 1s) releases a crashed
-//! relay's reservation without anyone calling quota.sweep(), and comes back when it is
-//! terminated while the server runs.
+//! relay's reservation without anyone calling quota.sweep(), says so in the server log, and
+//! comes back when it is terminated while the server runs.
 use pg_quota_tests::*;
 use std::time::{Duration, Instant};
 
 #[tokio::test]
 async fn background_worker_releases_stale_reservations_by_itself() {
     let (db, key) = an_hour_ago().await;
+    let logged_before = server_log().len();
     // A relay admitted this an hour ago and then died: nobody will settle or refund it.
     let allowed: bool = db
         .query_one("SELECT allowed FROM quota.admit($1, 'orphan', 'm', 1, 1)", &[&key])
@@ -29,6 +30,13 @@ async fn background_worker_releases_stale_reservations_by_itself() {
         .unwrap()
         .get(0);
     assert_eq!(logged, 1);
+    // The operator reads what the sweep did in the server log, every count of it.
+    let line = "pg_quota sweep: 1 stale reservations released, 0 keys resumed, 0 spent windows recovered; \
+                pruned 0 rolling buckets, 0 records of released reservations and 0 events";
+    eventually("the sweep's line in the server log", Duration::from_secs(5), || async {
+        server_log()[logged_before..].contains(line)
+    })
+    .await;
 }
 
 /// A fresh sweeper database with a key under a policy, and a session whose clock reads an

@@ -1,5 +1,6 @@
 //! Shared helpers for the out-of-process tests: a real cluster started by `scripts/test.sh`
-//! (its DSN in `PGQ_TEST_DSN`), the real relay binary (`PGQ_RELAY_BIN`), the mock upstream.
+//! (its DSN in `PGQ_TEST_DSN`, its server log in `PGQ_SERVER_LOG`), the real relay binary
+//! (`PGQ_RELAY_BIN`), the mock upstream.
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -10,6 +11,13 @@ use tokio_postgres::{Client, NoTls};
 /// The maintenance DSN of the throwaway cluster.
 pub fn cluster_dsn() -> String {
     std::env::var("PGQ_TEST_DSN").expect("PGQ_TEST_DSN is set by scripts/test.sh")
+}
+
+/// The cluster's server log as written so far.
+pub fn server_log() -> String {
+    let path = std::env::var("PGQ_SERVER_LOG").expect("PGQ_SERVER_LOG is set by scripts/test.sh");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 pub async fn connect(dsn: &str) -> Client {
