@@ -159,21 +159,20 @@ BEGIN
     -- would cost a policy selection each (about 0.1 ms) for a change that is logged already.
     FOR v_ended IN
         SELECT c.policy_id, c.scope_id, a.axis,
-               CASE p.window_mode WHEN 'fixed' THEN w.window_start ELSE 'infinity' END AS marked_before,
-               CASE p.window_mode WHEN 'fixed' THEN 'window_reset' ELSE 'window_not_spent' END AS why
+               CASE WHEN a.fixed THEN w.window_start ELSE 'infinity' END AS marked_before,
+               CASE WHEN a.fixed THEN 'window_reset' ELSE 'window_not_spent' END AS why
         FROM quota.counter c
         JOIN quota.policy p ON p.policy_id = c.policy_id
         CROSS JOIN LATERAL quota.policy_window(p, v_now) w
-        CROSS JOIN LATERAL (SELECT quota.policy_axis(p.subject_type) AS axis) a
+        CROSS JOIN LATERAL (SELECT quota.policy_axis(p.subject_type) AS axis, p.window_mode = 'fixed' AS fixed) a
         WHERE c.exhausted_at IS NOT NULL
-          AND CASE p.window_mode
-                  WHEN 'fixed' THEN c.exhausted_at < w.window_start
-                  ELSE quota.window_used(p, c, w.window_start) <
-                       (SELECT f.effective_limit
-                        FROM quota.policies_for(CASE a.axis WHEN 'key' THEN c.scope_id END,
-                                                CASE a.axis WHEN 'user' THEN c.scope_id END, NULL,
-                                                CASE a.axis WHEN 'channel' THEN c.scope_id END, v_now) f
-                        WHERE (f.policy).policy_id = p.policy_id)
+          AND CASE WHEN a.fixed THEN c.exhausted_at < w.window_start
+                   ELSE quota.window_used(p, c, w.window_start) <
+                        (SELECT f.effective_limit
+                         FROM quota.policies_for(CASE a.axis WHEN 'key' THEN c.scope_id END,
+                                                 CASE a.axis WHEN 'user' THEN c.scope_id END, NULL,
+                                                 CASE a.axis WHEN 'channel' THEN c.scope_id END, v_now) f
+                         WHERE (f.policy).policy_id = p.policy_id)
               END
         ORDER BY a.axis <> 'channel', c.policy_id, c.scope_id
         FOR UPDATE OF c SKIP LOCKED

@@ -13,11 +13,10 @@ pub fn cluster_dsn() -> String {
     std::env::var("PGQ_TEST_DSN").expect("PGQ_TEST_DSN is set by scripts/test.sh")
 }
 
-/// The cluster's server log as written so far.
-pub fn server_log() -> String {
+/// The cluster's server log as written so far (bytes: an offset into it is always valid).
+pub fn server_log() -> Vec<u8> {
     let path = std::env::var("PGQ_SERVER_LOG").expect("PGQ_SERVER_LOG is set by scripts/test.sh");
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
-    String::from_utf8_lossy(&bytes).into_owned()
+    std::fs::read(&path).unwrap_or_else(|e| panic!("read {path}: {e}"))
 }
 
 pub async fn connect(dsn: &str) -> Client {
