@@ -2,9 +2,11 @@
 # Relay overhead benchmark: the mock upstream called directly vs through the relay (admit
 # before, settle after, on a throwaway cluster), both release builds, non-streaming chat
 # completions. Latency at a fixed moderate rate (hey -q, one worker per key, 4 keys);
-# throughput at max rate (wrk, a random key of 64 per request). Prints one small table and
-# the mean quota.admit round trip the relay saw next to a committed single-row UPDATE's at
-# the same rate; asserts nothing. BENCH_PG_EXTRA adds postgres
+# throughput at max rate (wrk, a random key of 64 per request). Also the relay's floor: the
+# same relay on a database whose admit and settle make only the data model's row writes
+# (tests/bench/relay_floor.sql), with durable commits and without WAL flushes. Prints one small
+# table and the mean quota.admit round trip the relay saw next to a committed single-row
+# UPDATE's at the same rate; asserts nothing. BENCH_PG_EXTRA adds postgres
 # settings, e.g. BENCH_PG_EXTRA=synchronous_commit=off to see the figures without WAL flushes.
 set -euo pipefail
 LOG_TAG=bench
@@ -52,6 +54,15 @@ MOCK=$SPAWNED_URL
 spawn_listening "$WORK/relay.log" "$BIN" serve --listen 127.0.0.1:0 --upstream-url "$MOCK/v1" \
   --database-url "host=$PGHOST port=$PORT user=postgres dbname=postgres"
 RELAY=$SPAWNED_URL
+psql -X -q -c "CREATE DATABASE relay_floor" || fail "creating the relay floor's database"
+psql -X -q -v ON_ERROR_STOP=1 -d relay_floor -c "CREATE EXTENSION pg_quota" \
+  -f tests/bench/floor_setup.sql -f tests/bench/relay_floor.sql >/dev/null || fail "relay floor setup"
+spawn_listening "$WORK/floor.log" "$BIN" serve --listen 127.0.0.1:0 --upstream-url "$MOCK/v1" \
+  --database-url "host=$PGHOST port=$PORT user=postgres dbname=relay_floor"
+FLOOR=$SPAWNED_URL
+spawn_listening "$WORK/floor-nosync.log" "$BIN" serve --listen 127.0.0.1:0 --upstream-url "$MOCK/v1" \
+  --database-url "host=$PGHOST port=$PORT user=postgres dbname=relay_floor options='-c synchronous_commit=off'"
+FLOOR_NOSYNC=$SPAWNED_URL
 
 BODY='{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"Hello, how are you today?"}]}'
 printf '%s' "$BODY" >"$WORK/body.json"
@@ -98,48 +109,60 @@ throughput() {
   ! grep -Eq 'Non-2xx|Socket errors' "$WORK/wrk.out" || { cat "$WORK/wrk.out" >&2; fail "errors from $1"; }
   awk '/^Requests\/sec:/ {printf "%.0f", $2}' "$WORK/wrk.out"
 }
-# "sum count" of the relay's histograms of the admit call and of the upstream call (to its
-# response headers), as they stand now
+# through RELAY_URL -> "p50_ms p99_ms admit_ms upstream_ms": the latency run through one relay,
+# with the mean quota.admit round trip and upstream call (to its response headers) that the
+# relay's own histograms saw during it
+through() {
+  local before after lat
+  before=$(relay_seconds "$1")
+  lat=$(latency "$1/v1/chat/completions")
+  after=$(relay_seconds "$1")
+  echo "$lat $before $after" | awk '{printf "%s %s %.2f %.2f", $1, $2,
+    ($7 - $3) / ($8 - $4) * 1000, ($9 - $5) / ($10 - $6) * 1000}'
+}
 relay_seconds() {
-  curl -s "$RELAY/metrics" | awk '/^pgq_relay_admit_seconds_sum\{result="ok"\}/ {s = $2}
+  curl -s "$1/metrics" | awk '/^pgq_relay_admit_seconds_sum\{result="ok"\}/ {s = $2}
     /^pgq_relay_admit_seconds_count\{result="ok"\}/ {c = $2}
     /^pgq_relay_upstream_seconds_sum\{endpoint="chat_completions"\}/ {us = $2}
     /^pgq_relay_upstream_seconds_count\{endpoint="chat_completions"\}/ {uc = $2}
     END {print s + 0, c + 0, us + 0, uc + 0}'
 }
+# pgbench SCRIPT_TEXT -> mean latency in ms, 4 clients at the latency runs' rate
+pgbench_ms() {
+  echo "$1" >"$WORK/pgbench.sql"
+  "$PG_BIN/pgbench" -n -M prepared -c 4 -j 1 -R "$RATE" -T "$DURATION" -f "$WORK/pgbench.sql" 2>&1 \
+    | awk '/^latency average = / {printf "%.2f", $4}'
+}
 
 say "latency at $RATE requests/s, $DURATION s each; then max rate, $DURATION s each"
-direct=$(latency "$MOCK/v1/chat/completions")
-before=$(relay_seconds)
-relay=$(latency "$RELAY/v1/chat/completions")
-read -r admit_ms upstream_ms < <(echo "$before $(relay_seconds)" \
-  | awk '{printf "%.2f %.2f\n", ($5 - $1) / ($6 - $2) * 1000, ($7 - $3) / ($8 - $4) * 1000}')
-read -r direct_p50 direct_p99 <<<"$direct"
-read -r relay_p50 relay_p99 <<<"$relay"
-# The floor under admit on this machine right now: one committed single-row UPDATE per
-# transaction, 4 clients at the same rate (the machine's wake-up latency moves by 1.5x between
-# runs, so the admit figure is only meaningful next to this one).
+read -r direct_p50 direct_p99 <<<"$(latency "$MOCK/v1/chat/completions")"
+read -r relay_p50 relay_p99 admit_ms upstream_ms <<<"$(through "$RELAY")"
+read -r floor_p50 floor_p99 floor_admit floor_upstream <<<"$(through "$FLOOR")"
+read -r nosync_p50 nosync_p99 nosync_admit nosync_upstream <<<"$(through "$FLOOR_NOSYNC")"
+# What one database round trip costs on this machine right now, at the same rate: a committed
+# single-row UPDATE, and a SELECT 1 (the machine's wake-up latency moves by 1.5x between runs,
+# so the admit figures are only meaningful next to these).
 psql -X -q -c "CREATE TABLE bench_floor (id int PRIMARY KEY, n bigint); INSERT INTO bench_floor VALUES (1, 0), (2, 0), (3, 0), (4, 0)"
-echo 'UPDATE bench_floor SET n = n + 1 WHERE id = :client_id + 1;' >"$WORK/floor.sql"
-floor_ms=$("$PG_BIN/pgbench" -n -M prepared -c 4 -j 1 -R "$RATE" -T "$DURATION" -f "$WORK/floor.sql" 2>&1 \
-           | awk '/^latency average = / {printf "%.2f", $4}')
-[ -n "$floor_ms" ] || fail "pgbench floor run"
+update_ms=$(pgbench_ms 'UPDATE bench_floor SET n = n + 1 WHERE id = :client_id + 1;')
+select_ms=$(pgbench_ms 'SELECT 1;')
+[ -n "$update_ms" ] && [ -n "$select_ms" ] || fail "pgbench reference runs"
 direct_rps=$(throughput "$MOCK/v1/chat/completions")
 relay_rps=$(throughput "$RELAY/v1/chat/completions")
 sleep 1
 left=$(psql -X -At -c "SELECT count(*) FROM quota.reservation")
 drift=$(psql -X -At -c "SELECT count(*) FROM quota.drift()")
 
-awk -v dp50="$direct_p50" -v dp99="$direct_p99" -v rp50="$relay_p50" -v rp99="$relay_p99" \
-    -v drps="$direct_rps" -v rrps="$relay_rps" -v rate="$RATE" -v admit="$admit_ms" -v floor="$floor_ms" \
-    -v upstream="$upstream_ms" 'BEGIN {
-  printf "\n  %-34s %8s %8s %12s\n", "", "p50 ms", "p99 ms", "max req/s"
-  printf "  %-34s %8.2f %8.2f %12d\n", "mock upstream, direct", dp50, dp99, drps
-  printf "  %-34s %8.2f %8.2f %12d\n", "through the relay", rp50, rp99, rrps
-  printf "  %-34s %8.2f %8.2f %12.3f\n", "added by the relay / ratio", rp50 - dp50, rp99 - dp99, rrps / drps
-  printf "  (latency at %d req/s; goals: added p50 < 1 ms, added p99 < 5 ms)\n", rate
-  printf "  mean quota.admit round trip inside the relay during its latency run: %.2f ms\n", admit
-  printf "  mean committed single-row UPDATE round trip (pgbench, same rate):      %.2f ms\n", floor
-  printf "  mean upstream call inside the relay (to its response headers):         %.2f ms\n", upstream
-}'
+row() { # label p50 p99 admit upstream
+  awk -v l="$1" -v p50="$2" -v p99="$3" -v a="$4" -v u="$5" -v d50="$direct_p50" -v d99="$direct_p99" \
+    'BEGIN {printf "  %-42s %7.2f %7.2f %7.2f %7.2f %8.2f %8.2f\n", l, p50, p99, a, u, p50 - d50, p99 - d99}'
+}
+printf "\n  %-42s %7s %7s %7s %7s %8s %8s\n" "ms" "p50" "p99" "admit" "upstr." "+p50" "+p99"
+printf "  %-42s %7.2f %7.2f\n" "mock upstream, direct" "$direct_p50" "$direct_p99"
+row "through the relay, pg_quota" "$relay_p50" "$relay_p99" "$admit_ms" "$upstream_ms"
+row "through the relay, floor (relay_floor.sql)" "$floor_p50" "$floor_p99" "$floor_admit" "$floor_upstream"
+row "  the same without WAL flushes" "$nosync_p50" "$nosync_p99" "$nosync_admit" "$nosync_upstream"
+echo "  (latency at $RATE req/s; +: added to the direct call; goals: +p50 < 1 ms, +p99 < 5 ms)"
+echo "  one database round trip at the same rate (pgbench): committed UPDATE $update_ms ms, SELECT 1 $select_ms ms"
+awk -v d="$direct_rps" -v r="$relay_rps" 'BEGIN {
+  printf "  max rate: direct %d req/s, through the relay %d req/s, ratio %.3f\n", d, r, r / d }'
 echo "  reservations left after the runs: $left; counters drifting from the ledger: $drift"
