@@ -2,8 +2,8 @@
 -- transaction. admit and settle, the hot path, are native code over SPI (src/lifecycle/); the
 -- SQL helpers here serve them, refund, the sweep and the admin views, so that every rule has one
 -- home. Lock order everywhere: the reservation row, then the counters (channel counters first,
--- then the rest in policy_id order: the order of quota.policies_for and of a reservation's
--- holds), then the day's rollup row (settle: the ledger trigger runs at the end of the
+-- then the rest in policy_id order: quota.lock_order, the order of quota.policies_for and of a
+-- reservation's holds), then the day's rollup row (settle: the ledger trigger runs at the end of the
 -- statement that updates the counters), then the api_key row, so concurrent calls cannot
 -- deadlock.
 --
@@ -45,6 +45,15 @@ CREATE TYPE quota.settlement AS (
 CREATE FUNCTION quota.policy_axis(subject_type text) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE subject_type WHEN 'user_group' THEN 'user' ELSE subject_type END
+$$;
+
+-- The lock order of counters, as a sort key: a channel's counters first (every customer of the
+-- channel shares them, and routing locks them before the rest), then by policy_id. Every
+-- statement that locks counters, or lists policies for a caller that will, sorts by this (then
+-- by scope_id where it spans scopes), so that concurrent calls cannot deadlock.
+CREATE FUNCTION quota.lock_order(axis text, policy_id bigint) RETURNS bigint[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT ARRAY[CASE axis WHEN 'channel' THEN 0 ELSE 1 END, policy_id]
 $$;
 
 -- The one place that decides which policies a request counts on (admit, a late settle, status),
@@ -101,7 +110,7 @@ LANGUAGE sql STABLE AS $$
                                                     AND b.subject_id IN (SELECT g.group_id FROM groups g))
                                   ELSE false END), 0)
     FROM kept k
-    ORDER BY k.axis <> 'channel', (k.policy).policy_id
+    ORDER BY quota.lock_order(k.axis, (k.policy).policy_id)
 $$;
 
 -- One window contains any instant: tell the planner (its default guess for a set-returning

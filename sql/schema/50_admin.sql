@@ -135,8 +135,8 @@ BEGIN
         FROM expired e
     ), holds AS (  -- summed per counter, numbered in lock order
         SELECT h.policy_id, h.scope_id, sum(h.amount) AS amount,
-               row_number() OVER (ORDER BY quota.policy_axis(p.subject_type) <> 'channel',
-                                           h.policy_id, h.scope_id) AS n
+               row_number() OVER (ORDER BY quota.lock_order(quota.policy_axis(p.subject_type), h.policy_id),
+                                           h.scope_id) AS n
         FROM expired e, unnest(e.hold_policy, e.hold_scope, e.hold_amount) AS h(policy_id, scope_id, amount)
         LEFT JOIN quota.policy p ON p.policy_id = h.policy_id
         GROUP BY h.policy_id, h.scope_id, p.subject_type
@@ -174,7 +174,7 @@ BEGIN
                                                  CASE a.axis WHEN 'channel' THEN c.scope_id END, v_now) f
                          WHERE (f.policy).policy_id = p.policy_id)
               END
-        ORDER BY a.axis <> 'channel', c.policy_id, c.scope_id
+        ORDER BY quota.lock_order(a.axis, c.policy_id), c.scope_id
         FOR UPDATE OF c SKIP LOCKED
     LOOP
         IF quota.recover_window(v_ended.policy_id, v_ended.scope_id,

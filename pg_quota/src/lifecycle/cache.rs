@@ -87,7 +87,7 @@ const POLICIES: &str = concat!(
     policy_columns!(),
     ", f.scope_id, f.axis, f.limit_key, f.effective_limit
 FROM quota.policies_for($1, $2, $3, $4, $5) f, LATERAL (SELECT (f.policy).*) p
-ORDER BY f.axis <> 'channel', p.policy_id"
+ORDER BY quota.lock_order(f.axis, p.policy_id)"
 );
 
 // The boost boundaries around $1: the selection made at $1 holds between them.

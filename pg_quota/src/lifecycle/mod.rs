@@ -12,9 +12,9 @@
 //! pinned search_path, live in `sql/schema/40_lifecycle.sql`.
 //!
 //! Lock order, as everywhere in the engine: the reservation row, the counters (the channel's
-//! first, then by policy_id), the day's rollup row (settle only), then the api_key row. Rows
-//! that no other request shares (reservation, ledger) are written before the counters, so a
-//! busy key's counter rows stay locked only from their update to the commit.
+//! first, then by policy_id: `quota.lock_order`), the day's rollup row (settle only), then the
+//! api_key row. Rows that no other request shares (reservation, ledger) are written before the
+//! counters, so a busy key's counter rows stay locked only from their update to the commit.
 /// The select list that [`Policy::read`] reads (12 columns), for a `quota.policy` row `p`.
 macro_rules! policy_columns {
     () => {

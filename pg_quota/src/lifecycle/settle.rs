@@ -39,7 +39,7 @@ const LATE_HOLDS: &str = "\
 SELECT (f.policy).policy_id, f.scope_id, f.effective_limit, (f.policy).exclusive AND f.axis = 'key',
        (f.policy).exclusive AND f.axis = 'user'
 FROM quota.policies_for($1, $2, $3, $4, $5) f
-ORDER BY f.axis <> 'channel', (f.policy).policy_id";
+ORDER BY quota.lock_order(f.axis, (f.policy).policy_id)";
 
 // Writes the ledger row (its trigger adds it to the day's rollup) and moves each hold to its
 // window's usage, rolling a stale window first, in the order given (the lock order). The ledger

@@ -181,6 +181,17 @@ VALUES ('channel', :free, 'tokens', 'day', 1000, 'disable');
 ROLLBACK TO cap;
 SELECT quota.create_user('eve') AS eve \gset
 SELECT quota.create_key(:eve, 'eve') AS eve_key \gset
+-- Holds are taken in lock order (quota.lock_order): the channel's counters first, even one whose
+-- policy is newer than the user's, then by policy_id.
+SAVEPOINT lock_order;
+INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit)
+VALUES ('user', :eve, 'tokens', 'day', 100000) RETURNING policy_id AS eve_day \gset
+INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit)
+VALUES ('channel', :free, 'cost', 'week', 100000) RETURNING policy_id AS free_week \gset
+SELECT allowed FROM quota.admit(:'eve_key', 'c0', 'gpt-s', 10, 10, :free);
+SELECT hold_policy = ARRAY[:free_cap, :free_week, :eve_day]::bigint[] AS channels_first_then_by_id
+FROM quota.reservation WHERE request_id = 'c0';
+ROLLBACK TO lock_order;
 SELECT allowed, channel_id = :free AS free, upstream_base_url, upstream_api_key, upstream_model
 FROM quota.admit(:'eve_key', 'c1', 'gpt-s', 300, 200);
 SELECT settled FROM quota.settle('c1', 300, 200);
