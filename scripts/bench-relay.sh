@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Relay overhead benchmark: the mock upstream called directly vs through the relay (admit
 # before, settle after, on a throwaway cluster), both release builds, non-streaming chat
-# completions. Latency at a fixed moderate rate (hey -q, one worker per key, 4 keys);
-# throughput at max rate (wrk, a random key of 64 per request). Also the relay's floor: the
-# same relay on a database whose admit and settle make only the data model's row writes
-# (tests/bench/relay_floor.sql), with durable commits and without WAL flushes. Prints one small
-# table and the mean quota.admit round trip the relay saw next to a committed single-row
-# UPDATE's at the same rate; asserts nothing. BENCH_PG_EXTRA adds postgres
-# settings, e.g. BENCH_PG_EXTRA=synchronous_commit=off to see the figures without WAL flushes.
+# completions. Latency at a fixed moderate rate (hey -q, one worker per key, 4 keys; the
+# targets take turns in rounds); throughput at max rate (wrk, a random key of 64 per request).
+# Also the relay's floor: the same relay on a database whose admit and settle make only the
+# data model's row writes (tests/bench/relay_floor.sql), with durable commits and without WAL
+# flushes. Prints one small table, with the mean admit round trip and upstream call that each
+# relay saw, and one database round trip at the same rate; asserts nothing. BENCH_PG_EXTRA
+# adds postgres settings, e.g. BENCH_PG_EXTRA=synchronous_commit=off to see the figures
+# without WAL flushes everywhere.
 set -euo pipefail
 LOG_TAG=bench
 source "$(dirname "$0")/lib.sh"
@@ -79,29 +80,25 @@ end
 LUA
 } >"$WORK/post.lua"
 
-# latency URL -> "p50_ms p99_ms" at $RATE requests/s for $DURATION s, after a 2 s warm-up:
-# 4 hey processes, one worker and one key each, at RATE/4 requests/s each.
-latency() {
+# sample NAME URL SECONDS: one latency round at $RATE requests/s: 4 hey processes, one worker
+# and one key each, at RATE/4 requests/s each; the response times (ms) are added to NAME's.
+sample() {
   local i pids=()
   for i in 0 1 2 3; do
-    hey -z 2s -c 1 -q $((RATE / 4)) -m POST -T application/json -D "$WORK/body.json" \
-      -H "Authorization: Bearer ${KEYS[$i]}" "$1" >/dev/null &
+    hey -z "$3s" -c 1 -q $((RATE / 4)) -o csv -m POST -T application/json -D "$WORK/body.json" \
+      -H "Authorization: Bearer ${KEYS[$i]}" "$2" >"$WORK/hey$i.csv" &
     pids+=($!)
   done
-  wait "${pids[@]}" || fail "hey warm-up on $1"
-  pids=()
-  for i in 0 1 2 3; do
-    hey -z "${DURATION}s" -c 1 -q $((RATE / 4)) -o csv -m POST -T application/json -D "$WORK/body.json" \
-      -H "Authorization: Bearer ${KEYS[$i]}" "$1" >"$WORK/hey$i.csv" &
-    pids+=($!)
-  done
-  wait "${pids[@]}" || fail "hey on $1"
+  wait "${pids[@]}" || fail "hey on $2"
   # columns: response-time (s), ..., status-code (7th)
   grep -h '^[0-9]' "$WORK"/hey?.csv >"$WORK/latency.csv"
   local bad; bad=$(awk -F, '$7 != 200' "$WORK/latency.csv" | wc -l)
-  [ "$bad" -eq 0 ] || fail "$bad answers other than 200 from $1"
-  cut -d, -f1 "$WORK/latency.csv" | sort -n | awk '{t[NR] = $1 * 1000}
-    END {printf "%.2f %.2f", t[int(NR * 0.50 + 0.5)], t[int(NR * 0.99 + 0.5)]}'
+  [ "$bad" -eq 0 ] || fail "$bad answers other than 200 from $2"
+  awk -F, '{print $1 * 1000}' "$WORK/latency.csv" >>"$WORK/$1.ms"
+}
+# percentiles NAME -> "p50_ms p99_ms" of all of NAME's samples
+percentiles() {
+  sort -n "$WORK/$1.ms" | awk '{t[NR] = $1} END {printf "%.2f %.2f", t[int(NR * 0.50 + 0.5)], t[int(NR * 0.99 + 0.5)]}'
 }
 # throughput URL -> requests/s at max rate (2 threads, 32 connections)
 throughput() {
@@ -109,17 +106,8 @@ throughput() {
   ! grep -Eq 'Non-2xx|Socket errors' "$WORK/wrk.out" || { cat "$WORK/wrk.out" >&2; fail "errors from $1"; }
   awk '/^Requests\/sec:/ {printf "%.0f", $2}' "$WORK/wrk.out"
 }
-# through RELAY_URL -> "p50_ms p99_ms admit_ms upstream_ms": the latency run through one relay,
-# with the mean quota.admit round trip and upstream call (to its response headers) that the
-# relay's own histograms saw during it
-through() {
-  local before after lat
-  before=$(relay_seconds "$1")
-  lat=$(latency "$1/v1/chat/completions")
-  after=$(relay_seconds "$1")
-  echo "$lat $before $after" | awk '{printf "%s %s %.2f %.2f", $1, $2,
-    ($7 - $3) / ($8 - $4) * 1000, ($9 - $5) / ($10 - $6) * 1000}'
-}
+# "admit_sum admit_count upstream_sum upstream_count" of a relay's own histograms (the admit
+# call, and the upstream call to its response headers), as they stand now
 relay_seconds() {
   curl -s "$1/metrics" | awk '/^pgq_relay_admit_seconds_sum\{result="ok"\}/ {s = $2}
     /^pgq_relay_admit_seconds_count\{result="ok"\}/ {c = $2}
@@ -134,11 +122,31 @@ pgbench_ms() {
     | awk '/^latency average = / {printf "%.2f", $4}'
 }
 
-say "latency at $RATE requests/s, $DURATION s each; then max rate, $DURATION s each"
-read -r direct_p50 direct_p99 <<<"$(latency "$MOCK/v1/chat/completions")"
-read -r relay_p50 relay_p99 admit_ms upstream_ms <<<"$(through "$RELAY")"
-read -r floor_p50 floor_p99 floor_admit floor_upstream <<<"$(through "$FLOOR")"
-read -r nosync_p50 nosync_p99 nosync_admit nosync_upstream <<<"$(through "$FLOOR_NOSYNC")"
+# The four targets take turns, a round each, so that the machine's drift (its wake-up latency
+# moves by 1.5x within minutes) falls on all of them alike; each relay is driven only in its
+# rounds, so its histograms' change over the whole phase is its rounds' means.
+ROUNDS=${BENCH_ROUNDS:-3}
+say "latency at $RATE requests/s, $ROUNDS rounds of $DURATION s in all per target; then max rate, $DURATION s each"
+declare -A URL=([direct]="$MOCK" [relay]="$RELAY" [floor]="$FLOOR" [nosync]="$FLOOR_NOSYNC")
+declare -A BEFORE
+for t in direct relay floor nosync; do
+  sample warmup "${URL[$t]}/v1/chat/completions" 1
+  BEFORE[$t]=$(relay_seconds "${URL[$t]}")
+done
+for round in $(seq 1 "$ROUNDS"); do
+  for t in direct relay floor nosync; do
+    sample "$t" "${URL[$t]}/v1/chat/completions" $(( (DURATION + ROUNDS - 1) / ROUNDS ))
+  done
+done
+# TARGET -> "p50 p99 admit_ms upstream_ms"
+figures() {
+  echo "$(percentiles "$1") ${BEFORE[$1]} $(relay_seconds "${URL[$1]}")" | awk '{
+    printf "%s %s %.2f %.2f", $1, $2, ($7 - $3) / ($8 - $4) * 1000, ($9 - $5) / ($10 - $6) * 1000}'
+}
+read -r direct_p50 direct_p99 <<<"$(percentiles direct)"
+read -r relay_p50 relay_p99 admit_ms upstream_ms <<<"$(figures relay)"
+read -r floor_p50 floor_p99 floor_admit floor_upstream <<<"$(figures floor)"
+read -r nosync_p50 nosync_p99 nosync_admit nosync_upstream <<<"$(figures nosync)"
 # What one database round trip costs on this machine right now, at the same rate: a committed
 # single-row UPDATE, and a SELECT 1 (the machine's wake-up latency moves by 1.5x between runs,
 # so the admit figures are only meaningful next to these).
@@ -161,7 +169,7 @@ printf "  %-42s %7.2f %7.2f\n" "mock upstream, direct" "$direct_p50" "$direct_p9
 row "through the relay, pg_quota" "$relay_p50" "$relay_p99" "$admit_ms" "$upstream_ms"
 row "through the relay, floor (relay_floor.sql)" "$floor_p50" "$floor_p99" "$floor_admit" "$floor_upstream"
 row "  the same without WAL flushes" "$nosync_p50" "$nosync_p99" "$nosync_admit" "$nosync_upstream"
-echo "  (latency at $RATE req/s; +: added to the direct call; goals: +p50 < 1 ms, +p99 < 5 ms)"
+echo "  (latency at $RATE req/s, $ROUNDS rounds taking turns; +: added to the direct call; goals: +p50 < 1 ms, +p99 < 5 ms)"
 echo "  one database round trip at the same rate (pgbench): committed UPDATE $update_ms ms, SELECT 1 $select_ms ms"
 awk -v d="$direct_rps" -v r="$relay_rps" 'BEGIN {
   printf "  max rate: direct %d req/s, through the relay %d req/s, ratio %.3f\n", d, r, r / d }'
