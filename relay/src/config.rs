@@ -207,8 +207,7 @@ pub fn read_pem_certificates(
     path: &std::path::Path,
 ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
     use rustls::pki_types::pem::PemObject;
-    let shown = path.display();
-    let pem = std::fs::read(path).map_err(|e| format!("{flag} {shown}: cannot read it: {e}"))?;
+    let (pem, shown) = (read_named_file(flag, path)?, path.display());
     let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{flag} {shown}: not a PEM certificate bundle: {e}"))?;
@@ -224,10 +223,14 @@ pub fn read_pem_private_key(
     path: &std::path::Path,
 ) -> Result<rustls::pki_types::PrivateKeyDer<'static>, String> {
     use rustls::pki_types::pem::PemObject;
-    let shown = path.display();
-    let pem = std::fs::read(path).map_err(|e| format!("{flag} {shown}: cannot read it: {e}"))?;
+    let (pem, shown) = (read_named_file(flag, path)?, path.display());
     rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem)
         .map_err(|e| format!("{flag} {shown}: holds no PEM private key: {e}"))
+}
+
+/// The bytes of the file that the flag named `flag` names; failing, an error naming both.
+fn read_named_file(flag: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{flag} {}: cannot read it: {e}", path.display()))
 }
 
 #[cfg(test)]
