@@ -10,8 +10,8 @@ use pgrx::AnyNumeric;
 
 use super::cache::{self, Applicable};
 use super::{
-    clock, col, fail, first, key_refused, mark_exhausted, metric_amount, recover_window, refuses, rolling_used, row,
-    run, EngineError, Policy, Recovered,
+    clock, col, fail, first, key_refused, mark_exhausted, metric_amount, recover_window, refuses, row, run,
+    window_used, EngineError, Policy, Recovered,
 };
 
 /// The columns of `quota.admission`, in order.
@@ -453,11 +453,7 @@ fn decide(
             recover_window(client, &h.policy, h.scope_id, who, Recovered::WindowReset(h.ws), now);
         }
         seen.push(Seen {
-            used: if h.policy.rolling() {
-                rolling_used(client, h.policy.policy_id, h.scope_id, h.ws)
-            } else {
-                used
-            },
+            used: window_used(client, &h.policy, h.scope_id, h.ws, used),
             reserved: reserved_now - h.amount.clone(), // as it was before this hold
             marked_spent,
         });
@@ -702,10 +698,10 @@ fn counters_now(
     let mut seen: Vec<Seen> = Vec::with_capacity(windows.len());
     for ((policy, scope_id, ws), (marked_spent, used, reserved)) in windows.iter().zip(counters) {
         seen.push(Seen {
-            used: if policy.rolling() && (marked_spent || !rolling_if_marked) {
-                rolling_used(client, policy.policy_id, *scope_id, *ws)
-            } else {
+            used: if rolling_if_marked && !marked_spent {
                 used
+            } else {
+                window_used(client, policy, *scope_id, *ws, used)
             },
             reserved,
             marked_spent,
@@ -793,13 +789,8 @@ fn channel_blocked_until(
                 ],
             );
         };
-        let used = if a.policy.rolling() {
-            rolling_used(client, a.policy.policy_id, a.scope_id, ws)
-        } else if window_start == ws {
-            used
-        } else {
-            AnyNumeric::from(0)
-        };
+        let used = if window_start == ws { used } else { AnyNumeric::from(0) };
+        let used = window_used(client, &a.policy, a.scope_id, ws, used);
         if refuses(&a.policy.boundary, a.effective_limit.clone(), used, reserved, amount) {
             let frees = frees_at(client, a.policy.policy_id, a.scope_id, ws, we, now);
             if blocked

@@ -247,6 +247,23 @@ const ROLLING_USED: &str = "\
 SELECT coalesce(sum(r.used), 0) FROM quota.rolling_usage r
 WHERE r.policy_id = $1 AND r.scope_id = $2 AND r.bucket >= $3";
 
+/// Settled usage of a policy's window starting at `ws` for a scope, given the counter's usage in
+/// it (`counter_used`: 0 when the counter holds another window): a rolling window's is the sum of
+/// its buckets instead. The same rule as `quota.window_used` in SQL.
+pub(crate) fn window_used(
+    client: &mut SpiClient<'_>,
+    policy: &Policy,
+    scope_id: i64,
+    ws: TimestampWithTimeZone,
+    counter_used: AnyNumeric,
+) -> AnyNumeric {
+    if policy.rolling() {
+        rolling_used(client, policy.policy_id, scope_id, ws)
+    } else {
+        counter_used
+    }
+}
+
 /// Settled usage of a rolling window starting at `window_start`: the sum of its buckets.
 pub(crate) fn rolling_used(
     client: &mut SpiClient<'_>,
