@@ -131,7 +131,7 @@ declare -A URL=([direct]="$MOCK" [relay]="$RELAY" [floor]="$FLOOR" [nosync]="$FL
 declare -A BEFORE
 for t in direct relay floor nosync; do
   sample warmup "${URL[$t]}/v1/chat/completions" 1
-  BEFORE[$t]=$(relay_seconds "${URL[$t]}")
+  [ "$t" = direct ] || BEFORE[$t]=$(relay_seconds "${URL[$t]}")
 done
 for round in $(seq 1 "$ROUNDS"); do
   for t in direct relay floor nosync; do

@@ -3,9 +3,9 @@
 -- SQL helpers here serve them, refund, the sweep and the admin views, so that every rule has one
 -- home. Lock order everywhere: the reservation row, then the counters (channel counters first,
 -- then the rest in policy_id order: quota.lock_order, the order of quota.policies_for and of a
--- reservation's holds), then the day's rollup row (settle: the ledger trigger runs at the end of the
--- statement that updates the counters), then the api_key row, so concurrent calls cannot
--- deadlock.
+-- reservation's holds), then the day's rollup row (settle: the ledger trigger runs at the end
+-- of the statement that updates the counters), then the api_key row, so concurrent calls
+-- cannot deadlock.
 --
 -- The entry points force generic plans: their statements' parameters never change the best plan
 -- (every lookup is by key), and custom plans would re-plan every statement of every call.
