@@ -65,3 +65,63 @@ async fn relay_role(dsn: &str, name: &str) {
         .expect("run psql");
     assert!(out.status.success(), "relay_role.sql failed: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// The first requests of the day for a model without a price, from many connections at once:
+/// exactly one `unpriced_model` event (the day's marker row decides), every request admitted
+/// and settled unbilled, and the next day logs it again.
+#[tokio::test]
+async fn concurrent_first_requests_of_an_unpriced_model_log_it_once() {
+    let dsn = fresh_database("pgq_engine_unpriced").await;
+    let db = connect(&dsn).await;
+    let key = key_with_policy(&db, "unpriced", "'requests', 'day', 1000, 'strict'").await;
+    let admits: Vec<_> = (0..16)
+        .map(|i| {
+            let (dsn, secret) = (dsn.clone(), key.secret.clone());
+            tokio::spawn(async move {
+                let c = connect(&dsn).await;
+                c.batch_execute("SET pg_quota.fake_now = '2026-06-01 12:00:00+00'").await.unwrap();
+                let id = format!("u{i}");
+                let allowed: bool = c
+                    .query_one("SELECT allowed FROM quota.admit($1, $2, 'local-llama', 10, 10)", &[&secret, &id])
+                    .await
+                    .unwrap()
+                    .get(0);
+                let billed: bool = c
+                    .query_one("SELECT billed FROM quota.settle($1, 10, 10)", &[&id])
+                    .await
+                    .unwrap()
+                    .get(0);
+                (allowed, billed)
+            })
+        })
+        .collect();
+    for a in admits {
+        assert_eq!(a.await.unwrap(), (true, false), "admitted, settled unbilled");
+    }
+    let events = |day: &'static str| {
+        let db = &db;
+        async move {
+            db.query_one(
+                "SELECT count(*) FROM quota.event WHERE kind = 'unpriced_model' AND detail ->> 'model' = 'local-llama' \
+                 AND (at AT TIME ZONE 'UTC')::date = $1::text::date",
+                &[&day],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(events("2026-06-01").await, 1);
+    db.batch_execute("SET pg_quota.fake_now = '2026-06-02 00:00:01+00'").await.unwrap();
+    db.query_one("SELECT allowed FROM quota.admit($1, 'next-day', 'local-llama', 10, 10)", &[&key.secret])
+        .await
+        .unwrap();
+    assert_eq!(events("2026-06-02").await, 1);
+    let unbilled: i64 = db
+        .query_one("SELECT unbilled_requests FROM quota.status($1)", &[&key.key_id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unbilled, 0, "a new day's window has no unbilled request yet");
+    assert_no_drift(&db).await;
+}
