@@ -129,7 +129,8 @@ CREATE TRIGGER channel_log_change AFTER INSERT OR UPDATE OR DELETE ON quota.chan
 
 -- The lifecycle keeps policy rows, policy selections and which models channels serve per backend
 -- (src/lifecycle/cache.rs) while this value stays the same. Every change to what
--- quota.policies_for reads (policies, boosts, group memberships) or to the models of channels
+-- quota.policies_for reads (policies, boosts, group memberships, which models are priced and
+-- aliased) or to the models of channels
 -- sets a new value in the same transaction, drawn from a sequence so
 -- that no value is ever used twice, not even after a rollback or a reinstall.
 CREATE SEQUENCE quota.policy_generation_seq;
@@ -155,9 +156,16 @@ CREATE TRIGGER policy_generation_bump AFTER INSERT OR UPDATE OR DELETE OR TRUNCA
     FOR EACH STATEMENT EXECUTE FUNCTION quota.policy_generation_bump();
 CREATE TRIGGER policy_generation_bump AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.channel_model
     FOR EACH STATEMENT EXECUTE FUNCTION quota.policy_generation_bump();
+-- Which model a snapshot or alias is priced as decides its model group (quota.policies_for).
+CREATE TRIGGER policy_generation_bump AFTER INSERT OR UPDATE OF model OR DELETE OR TRUNCATE ON quota.model_price
+    FOR EACH STATEMENT EXECUTE FUNCTION quota.policy_generation_bump();
+CREATE TRIGGER policy_generation_bump AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.model_alias
+    FOR EACH STATEMENT EXECUTE FUNCTION quota.policy_generation_bump();
 -- ALWAYS: also when rows arrive by logical replication (session_replication_role = replica).
 ALTER TABLE quota.policy ENABLE ALWAYS TRIGGER policy_generation_bump;
 ALTER TABLE quota.boost ENABLE ALWAYS TRIGGER policy_generation_bump;
 ALTER TABLE quota.user_group_member ENABLE ALWAYS TRIGGER policy_generation_bump;
 ALTER TABLE quota.model_group_member ENABLE ALWAYS TRIGGER policy_generation_bump;
 ALTER TABLE quota.channel_model ENABLE ALWAYS TRIGGER policy_generation_bump;
+ALTER TABLE quota.model_price ENABLE ALWAYS TRIGGER policy_generation_bump;
+ALTER TABLE quota.model_alias ENABLE ALWAYS TRIGGER policy_generation_bump;

@@ -40,6 +40,10 @@ INSERT INTO quota.policy (subject_type, subject_id, model_group, metric, period,
 VALUES ('user', :mallory, :frontier, 'tokens', 'day', 1000);
 SELECT model_group, metric FROM quota.status(:kid, 'gpt-4o-2024-08-06') ORDER BY policy_id;
 SELECT http_status, error_code FROM quota.admit(:'key', 'pr-p5', 'gpt-4o-2024-08-06', 1000, 1000);
+-- A price of its own takes the snapshot out of gpt-4o's group, from the next request on.
+INSERT INTO quota.model_price (model, input_per_mtok, output_per_mtok) VALUES ('gpt-4o-2024-08-06', 2.50, 10);
+SELECT http_status, error_code FROM quota.admit(:'key', 'pr-p6', 'gpt-4o-2024-08-06', 1000, 1000);
+SELECT quota.refund('pr-p6');
 -- An alias must name a priced model.
 SAVEPOINT a;
 INSERT INTO quota.model_alias (alias, model) VALUES ('mystery', 'no-such-price');
