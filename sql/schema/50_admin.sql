@@ -110,9 +110,7 @@ CREATE FUNCTION quota.charge_expired(expired quota.reservation[], now_ts timesta
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     v record;
-    v_used numeric;
-    v_marked boolean;
-    v_ended boolean;
+    v_counter quota.counter;
 BEGIN
     FOR v IN
         WITH holds AS (
@@ -130,16 +128,17 @@ BEGIN
         GROUP BY h.p, h.axis, h.scope_id, h.window_start, h.window_end
         ORDER BY quota.lock_order(h.axis, (h.p).policy_id), h.scope_id
     LOOP
+        -- rolls a stale window as settle does (roll_window! in src/lifecycle/mod.rs)
         UPDATE quota.counter c SET
             used = CASE WHEN c.window_start = v.counter_window THEN c.used ELSE 0 END
                    + CASE WHEN (v.p).window_mode = 'rolling' THEN 0 ELSE v.amount END,
             window_start = v.counter_window,
             reserved = c.reserved - v.amount
         WHERE c.policy_id = (v.p).policy_id AND c.scope_id = v.scope_id
-        RETURNING c.used, coalesce(c.exhausted_at >= c.window_start, false), coalesce(c.exhausted_at < c.window_start, false)
-        INTO v_used, v_marked, v_ended;
+        RETURNING c.* INTO v_counter;
         CONTINUE WHEN NOT FOUND;
-        IF v_ended THEN
+        -- a mark from before the window is the ended window's: its recovery is logged first
+        IF v_counter.exhausted_at < v_counter.window_start THEN
             PERFORM quota.recover_window((v.p).policy_id, v.scope_id,
                                          CASE v.axis WHEN 'key' THEN v.scope_id END,
                                          CASE v.axis WHEN 'user' THEN v.scope_id END,
@@ -149,10 +148,9 @@ BEGIN
             INSERT INTO quota.rolling_usage AS r (policy_id, scope_id, bucket, used)
             VALUES ((v.p).policy_id, v.scope_id, quota.minute_bucket(now_ts), v.amount)
             ON CONFLICT (policy_id, scope_id, bucket) DO UPDATE SET used = r.used + EXCLUDED.used;
-            v_used := (SELECT coalesce(sum(r.used), 0) FROM quota.rolling_usage r
-                        WHERE r.policy_id = (v.p).policy_id AND r.scope_id = v.scope_id AND r.bucket >= v.window_start);
         END IF;
-        IF v_used >= v.lim AND NOT v_marked THEN
+        IF quota.window_used(v.p, v_counter, v.window_start) >= v.lim
+           AND NOT coalesce(v_counter.exhausted_at >= v_counter.window_start, false) THEN
             PERFORM quota.mark_exhausted(v.p, v.scope_id, CASE v.axis WHEN 'key' THEN v.scope_id ELSE v.key_id END,
                                          CASE v.axis WHEN 'user' THEN v.scope_id ELSE v.user_id END,
                                          v.window_start, v.window_end, now_ts);

@@ -19,6 +19,9 @@ pub const MAX_REQUEST_ID_BYTES: usize = 200;
 /// Largest token count of one request (a trillion): far beyond any model's context, and small
 /// enough that the daily rollups (bigint sums) cannot overflow.
 pub const MAX_TOKENS: i64 = 1_000_000_000_000;
+// The largest sums the engine forms (est + max_out; input + output + cached) cannot overflow,
+// nor can a day's rollup of more than nine million requests at the bound.
+const _: () = assert!(MAX_TOKENS.checked_mul(3).is_some() && i64::MAX / MAX_TOKENS > 9_000_000);
 
 /// An argument of a lifecycle call that is refused, with its name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,13 +157,5 @@ mod tests {
         assert!(check_settle("r", None, None, None).is_ok());
         let e = check_admit("r", "m", 1, i64::MAX).unwrap_err();
         assert_eq!(e.to_string(), format!("max_output_tokens: must be at most {MAX_TOKENS}, got {}", i64::MAX));
-    }
-
-    #[test]
-    fn within_the_bounds_no_sum_overflows() {
-        // the largest sums the engine forms: est + max_out, input + output (+ cached)
-        assert!((3 * MAX_TOKENS).checked_add(0).is_some());
-        // and a day of them in a rollup: more than nine million requests at the bound
-        assert!(i64::MAX / MAX_TOKENS > 9_000_000);
     }
 }
