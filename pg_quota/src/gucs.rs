@@ -6,7 +6,8 @@ use std::ffi::CString;
 /// so a client cannot move its own windows.
 pub static FAKE_NOW: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
-/// Reservations older than this are released by quota.sweep(): a crashed relay's leftovers.
+/// Reservations older than this are expired by quota.sweep() (charged or released, as
+/// pg_quota.expired_reservations says): a crashed relay's leftovers, a lost settle.
 pub static RESERVATION_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(600);
 
 /// Rows of quota.released (refunds, expired reservations) older than this are deleted by
@@ -72,7 +73,7 @@ pub fn register() {
     );
     GucRegistry::define_int_guc(
         c"pg_quota.reservation_ttl",
-        c"Age after which quota.sweep() releases a reservation that was never settled.",
+        c"Age after which quota.sweep() expires a reservation that was never settled (see pg_quota.expired_reservations).",
         c"Longer than the slowest upstream request you allow; the relay's own timeout is shorter.",
         &RESERVATION_TTL_S,
         1,
@@ -83,7 +84,7 @@ pub fn register() {
     GucRegistry::define_int_guc(
         c"pg_quota.released_retention",
         c"Age after which quota.sweep() deletes the record of a refunded or expired reservation (0 = never).",
-        c"The record keeps refunds idempotent and lets a late settle charge an expired reservation; \
+        c"The record keeps refunds idempotent and lets a late settle charge a released reservation; \
           keep it well beyond the relay's settle retry window.",
         &RELEASED_RETENTION_S,
         0,

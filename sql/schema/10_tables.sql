@@ -223,7 +223,8 @@ CREATE TABLE quota.reservation (
 -- No index but the primary key: the table holds only requests in flight, and every index is
 -- written twice per request (admit inserts, settle deletes); the sweep scans it whole.
 
--- Requests whose reservation was released without a settle: refunded, or expired by the sweep.
+-- Requests whose reservation was released without a settle: refunded, or expired by the sweep
+-- with pg_quota.expired_reservations = 'release' (by default it charges them: quota.usage_ledger).
 -- The sweep deletes rows older than pg_quota.released_retention (by released_at).
 CREATE TABLE quota.released (
     request_id   text PRIMARY KEY,
