@@ -64,7 +64,10 @@ if [ ! -s "$RUNDIR/demo-key" ]; then
 fi
 DEMO_KEY=$(tail -n1 "$RUNDIR/demo-key")
 
-DATABASE_URL="host=127.0.0.1 port=$PGQ_PORT user=postgres dbname=pg_quota"
+# The relay logs in as pgq_relay, a member of quota_relay and never a superuser, whose bind
+# parameters (API keys) are never written to the server log (sql/examples/relay_role.sql).
+"${PSQL[@]}" -d pg_quota -v relay_role=pgq_relay -f sql/examples/relay_role.sql || fail "creating the relay role pgq_relay"
+DATABASE_URL="host=127.0.0.1 port=$PGQ_PORT user=pgq_relay dbname=pg_quota"
 spawn_listening "$RUNDIR/mock.log" target/release/pg-quota-relay mock-upstream --listen "$MOCK_LISTEN"
 MOCK_URL=$SPAWNED_URL
 DATABASE_URL=$DATABASE_URL spawn_listening "$RUNDIR/relay.log" target/release/pg-quota-relay serve \

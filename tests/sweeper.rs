@@ -1,12 +1,12 @@
 //! The background worker (library in shared_preload_libraries; the harness sets
-//! pg_quota.sweep_database = pgq_sweeper and pg_quota.sweep_interval = 1s) releases a crashed
+//! pg_quota.sweep_database = pgq_sweeper and pg_quota.sweep_interval = 1s) charges a crashed
 //! relay's reservation without anyone calling quota.sweep(), says so in the server log, and
 //! comes back when it is terminated while the server runs.
 use pg_quota_tests::*;
 use std::time::{Duration, Instant};
 
 #[tokio::test]
-async fn background_worker_releases_stale_reservations_by_itself() {
+async fn background_worker_charges_stale_reservations_by_itself() {
     let (db, key) = an_hour_ago().await;
     let logged_before = server_log().len();
     // A relay admitted this an hour ago and then died: nobody will settle or refund it.
@@ -18,21 +18,25 @@ async fn background_worker_releases_stale_reservations_by_itself() {
     assert!(allowed);
 
     wait_expired(&db, "orphan").await;
-    let reserved: bool = db
-        .query_one("SELECT reserved = 0 FROM quota.counter", &[])
+    // Charged at its reservation (pg_quota.expired_reservations = 'charge', the default): the
+    // hold became usage, like a settle of the estimate.
+    let (used, reserved): (String, String) = db
+        .query_one("SELECT used::text, reserved::text FROM quota.counter", &[])
         .await
-        .unwrap()
-        .get(0);
-    assert!(reserved, "the hold must be given back");
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((used.as_str(), reserved.as_str()), ("1", "0"), "the hold is charged, not given back");
     let logged: i64 = db
         .query_one("SELECT count(*) FROM quota.event WHERE kind = 'reservation_expired'", &[])
         .await
         .unwrap()
         .get(0);
     assert_eq!(logged, 1);
+    assert_no_drift(&db).await;
     // The operator reads what the sweep did in the server log, every count of it.
-    let line = "pg_quota sweep: 1 stale reservations released, 0 keys resumed, 0 spent windows recovered; \
-                pruned 0 rolling buckets, 0 records of released reservations and 0 events";
+    let line = "pg_quota sweep: 1 stale reservations expired (charged at their reservation), 0 keys resumed, \
+                0 spent windows recovered; pruned 0 rolling buckets, 0 records of released reservations \
+                and 0 events";
     eventually("the sweep's line in the server log", Duration::from_secs(5), || async {
         String::from_utf8_lossy(&server_log()[logged_before..]).contains(line)
     })
@@ -57,19 +61,19 @@ async fn an_hour_ago() -> (tokio_postgres::Client, String) {
     (db, key)
 }
 
-/// Waits (up to 30 s) for the sweeper to release `request_id` as expired.
+/// Waits (up to 30 s) for the sweeper to charge `request_id` as expired (its ledger row).
 async fn wait_expired(db: &tokio_postgres::Client, request_id: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let row = db
-            .query_opt("SELECT kind FROM quota.released WHERE request_id = $1", &[&request_id])
+            .query_opt("SELECT settled_by FROM quota.usage_ledger WHERE request_id = $1", &[&request_id])
             .await
             .unwrap();
         if let Some(row) = row {
-            assert_eq!(row.get::<_, String>(0), "expired");
+            assert_eq!(row.get::<_, String>(0), "sweep");
             return;
         }
-        assert!(Instant::now() < deadline, "the sweeper did not release {request_id} within 30 s");
+        assert!(Instant::now() < deadline, "the sweeper did not charge {request_id} within 30 s");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

@@ -1,12 +1,13 @@
 //! Every GUC the extension defines, in one place.
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::CString;
 
 /// When set, the engine's clock reads this timestamptz instead of `now()`. Superuser only,
 /// so a client cannot move its own windows.
 pub static FAKE_NOW: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
-/// Reservations older than this are released by quota.sweep(): a crashed relay's leftovers.
+/// Reservations older than this are expired by quota.sweep() (charged or released, as
+/// pg_quota.expired_reservations says): a crashed relay's leftovers, a lost settle.
 pub static RESERVATION_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(600);
 
 /// Rows of quota.released (refunds, expired reservations) older than this are deleted by
@@ -15,6 +16,33 @@ pub static RELEASED_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(30 * 8
 
 /// Events (quota.event) older than this are deleted by quota.sweep(); 0 keeps them for ever.
 pub static EVENT_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+/// What admit does with a model that has no price (quota.price_for finds none).
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum UnpricedModels {
+    /// admitted, settled unbilled (price_not_found), logged once a day per model
+    #[name = c"allow"]
+    Allow,
+    /// refused (400 model_not_priced) for keys that a cost policy applies to
+    #[name = c"refuse"]
+    Refuse,
+}
+
+pub static UNPRICED_MODELS: GucSetting<UnpricedModels> = GucSetting::<UnpricedModels>::new(UnpricedModels::Allow);
+
+/// What quota.sweep() does with a reservation older than pg_quota.reservation_ttl.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ExpiredReservations {
+    /// charged at its reservation, like a settle of the estimate (a late settle corrects it)
+    #[name = c"charge"]
+    Charge,
+    /// its holds given back uncharged
+    #[name = c"release"]
+    Release,
+}
+
+pub static EXPIRED_RESERVATIONS: GucSetting<ExpiredReservations> =
+    GucSetting::<ExpiredReservations>::new(ExpiredReservations::Charge);
 
 /// Seconds between two sweeps of the background worker; 0 turns it off.
 pub static SWEEP_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(60);
@@ -45,7 +73,7 @@ pub fn register() {
     );
     GucRegistry::define_int_guc(
         c"pg_quota.reservation_ttl",
-        c"Age after which quota.sweep() releases a reservation that was never settled.",
+        c"Age after which quota.sweep() expires a reservation that was never settled (see pg_quota.expired_reservations).",
         c"Longer than the slowest upstream request you allow; the relay's own timeout is shorter.",
         &RESERVATION_TTL_S,
         1,
@@ -56,7 +84,7 @@ pub fn register() {
     GucRegistry::define_int_guc(
         c"pg_quota.released_retention",
         c"Age after which quota.sweep() deletes the record of a refunded or expired reservation (0 = never).",
-        c"The record keeps refunds idempotent and lets a late settle charge an expired reservation; \
+        c"The record keeps refunds idempotent and lets a late settle charge a released reservation; \
           keep it well beyond the relay's settle retry window.",
         &RELEASED_RETENTION_S,
         0,
@@ -73,6 +101,24 @@ pub fn register() {
         i32::MAX,
         GucContext::Suset,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_enum_guc(
+        c"pg_quota.unpriced_models",
+        c"What quota.admit does with a model that has no price: allow (unbilled, logged) or refuse.",
+        c"refuse answers 400 model_not_priced to keys that an enabled cost policy (or the chosen \
+          channel's cost cap) applies to; other keys pass, unbilled.",
+        &UNPRICED_MODELS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"pg_quota.expired_reservations",
+        c"What quota.sweep() does with a reservation older than pg_quota.reservation_ttl: charge or release.",
+        c"charge bills it at its reservation (estimated input plus max output) and a late settle \
+          corrects it to the measured usage; release gives the holds back uncharged.",
+        &EXPIRED_RESERVATIONS,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_string_guc(
         c"pg_quota.fake_now",

@@ -10,6 +10,7 @@ use pgrx::prelude::*;
 mod clock;
 mod gucs;
 mod lifecycle;
+mod pricing;
 mod sweeper;
 mod window;
 
@@ -21,7 +22,11 @@ extension_sql_file!(
     requires = ["tables", window::policy_window_problem]
 );
 extension_sql_file!("../../sql/schema/25_scopes.sql", name = "scopes", requires = ["policy"]);
-extension_sql_file!("../../sql/schema/30_keys.sql", name = "keys", requires = ["tables"]);
+extension_sql_file!(
+    "../../sql/schema/30_keys.sql",
+    name = "keys",
+    requires = ["tables", pricing::price_prefixes]
+);
 extension_sql_file!(
     "../../sql/schema/40_lifecycle.sql",
     name = "lifecycle",
@@ -29,6 +34,7 @@ extension_sql_file!(
         "keys",
         window::window_bounds,
         window::approx_duration,
+        window::minute_bucket,
         lifecycle::refuses,
         lifecycle::metric_amount,
         lifecycle::key_refusal

@@ -95,8 +95,12 @@ fn sweep_once() {
     });
     if let Ok([expired, resumed, recovered, buckets, released, events]) = counts.as_deref() {
         if counts.iter().flatten().any(|n| *n > 0) {
+            let expired_action = match crate::gucs::EXPIRED_RESERVATIONS.get() {
+                crate::gucs::ExpiredReservations::Charge => "charged at their reservation",
+                crate::gucs::ExpiredReservations::Release => "released",
+            };
             log!(
-                "pg_quota sweep: {expired} stale reservations released, {resumed} keys resumed, \
+                "pg_quota sweep: {expired} stale reservations expired ({expired_action}), {resumed} keys resumed, \
                  {recovered} spent windows recovered; pruned {buckets} rolling buckets, {released} records \
                  of released reservations and {events} events"
             );

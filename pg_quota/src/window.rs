@@ -90,6 +90,12 @@ pub(crate) fn policy_window_problem(
         .map(|e| vec![e.field.to_string(), e.to_string()])
 }
 
+/// The one-minute bucket of a rolling window that usage at `at` counts in (`quota.rolling_usage`).
+#[pg_extern(immutable, parallel_safe, strict)]
+pub(crate) fn minute_bucket(at: TimestampWithTimeZone) -> TimestampWithTimeZone {
+    to_pg(WindowSpec::bucket_of(to_utc(at)))
+}
+
 /// An approximate duration in words ("about 3 hours"), for messages that must not leak amounts.
 #[pg_extern(immutable, parallel_safe, strict)]
 pub(crate) fn approx_duration(seconds: i64) -> String {

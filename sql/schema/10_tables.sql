@@ -30,13 +30,33 @@ CREATE INDEX ON quota.api_key (suspended_until) WHERE suspended_until IS NOT NUL
 COMMENT ON COLUMN quota.api_key.suspended_until IS
     'Set when an on_exhausted = ''disable'' policy is exhausted; cleared lazily by admit or by quota.sweep() once passed.';
 
--- Prices per million tokens, exact decimals. cached_input NULL means "same as input".
+-- Prices per million tokens, exact decimals. cached_input NULL means "same as input". A price
+-- is a finite number (NaN compares above every number, and Infinity would block every request).
+-- A model without a row of its own is priced by an alias or by its base name (quota.price_for).
 CREATE TABLE quota.model_price (
     model                  text PRIMARY KEY CHECK (model <> ''),
-    input_per_mtok         numeric NOT NULL CHECK (input_per_mtok >= 0),
-    output_per_mtok        numeric NOT NULL CHECK (output_per_mtok >= 0),
-    cached_input_per_mtok  numeric CHECK (cached_input_per_mtok >= 0),
+    input_per_mtok         numeric NOT NULL CHECK (input_per_mtok >= 0 AND input_per_mtok < 'Infinity'),
+    output_per_mtok        numeric NOT NULL CHECK (output_per_mtok >= 0 AND output_per_mtok < 'Infinity'),
+    cached_input_per_mtok  numeric CHECK (cached_input_per_mtok >= 0 AND cached_input_per_mtok < 'Infinity'),
     updated_at             timestamptz NOT NULL DEFAULT now()
+);
+
+-- Other names of priced models (a gateway's alias, a renamed snapshot): a request for `alias`
+-- is held and charged at the price of `model`.
+CREATE TABLE quota.model_alias (
+    alias  text PRIMARY KEY CHECK (alias <> ''),
+    model  text NOT NULL REFERENCES quota.model_price ON UPDATE CASCADE ON DELETE CASCADE
+);
+COMMENT ON TABLE quota.model_alias IS
+    'A request for alias is priced as model. An exact price of the alias itself wins; see quota.price_for.';
+
+-- The days on which a model without a price was requested: the first request of the day writes
+-- the row and an unpriced_model event; the primary key makes that once, whatever the
+-- concurrency. The sweep deletes rows older than yesterday.
+CREATE TABLE quota.unpriced_model_day (
+    day    date NOT NULL,
+    model  text NOT NULL,
+    PRIMARY KEY (day, model)
 );
 
 -- User groups: a group's policies apply to each member on its own (per-member amounts).
@@ -80,6 +100,16 @@ CREATE TABLE quota.channel (
 COMMENT ON TABLE quota.channel IS
     'Upstream accounts. Routing picks, among enabled channels serving the model and under all their caps (policies with subject_type = ''channel''), the highest priority, then at random by weight.';
 COMMENT ON COLUMN quota.channel.api_key IS 'The upstream secret; readable only through quota.admit.';
+
+-- Who may pin a channel (quota.admit's channel_id): a key, a user (all of its keys) or a user
+-- group (all of its members' keys). Without a grant a pinned request gets 403
+-- channel_not_allowed; routing by priority needs none.
+CREATE TABLE quota.channel_grant (
+    channel_id    bigint NOT NULL REFERENCES quota.channel ON DELETE CASCADE,
+    subject_type  text NOT NULL,
+    subject_id    bigint NOT NULL,
+    PRIMARY KEY (channel_id, subject_type, subject_id)
+);
 
 -- The models a channel serves; upstream_model renames the model on the way out (NULL: same name).
 CREATE TABLE quota.channel_model (
@@ -193,7 +223,8 @@ CREATE TABLE quota.reservation (
 -- No index but the primary key: the table holds only requests in flight, and every index is
 -- written twice per request (admit inserts, settle deletes); the sweep scans it whole.
 
--- Requests whose reservation was released without a settle: refunded, or expired by the sweep.
+-- Requests whose reservation was released without a settle: refunded, or expired by the sweep
+-- with pg_quota.expired_reservations = 'release' (by default it charges them: quota.usage_ledger).
 -- The sweep deletes rows older than pg_quota.released_retention (by released_at).
 CREATE TABLE quota.released (
     request_id   text PRIMARY KEY,
@@ -207,10 +238,15 @@ CREATE TABLE quota.released (
 );
 CREATE INDEX ON quota.released (released_at);
 
--- Append-only: one row per settled request. counted_* say what each policy counter received.
+-- Append-only: one row per settled request. counted_* say what each policy counter received:
+-- counted_window is the window's start (fixed windows) or the minute bucket (rolling windows).
+-- settled_by: 'settle' (measured usage), 'sweep' (an expired reservation charged at its
+-- estimate), 'correction' (a late settle or refund of a swept request: the difference between
+-- the measured usage and the sweep's charge, which may be negative; it adds no request).
 CREATE TABLE quota.usage_ledger (
     ledger_id        bigint GENERATED ALWAYS AS IDENTITY,  -- insertion order; not indexed
-    request_id       text PRIMARY KEY,
+    request_id       text NOT NULL,
+    settled_by       text NOT NULL DEFAULT 'settle' CHECK (settled_by IN ('settle', 'sweep', 'correction')),
     key_id           bigint NOT NULL,
     user_id          bigint NOT NULL,
     channel_id       bigint,
@@ -218,7 +254,7 @@ CREATE TABLE quota.usage_ledger (
     input_tokens     bigint NOT NULL,
     output_tokens    bigint NOT NULL,
     cached_tokens    bigint NOT NULL,
-    cost             numeric NOT NULL CHECK (cost >= 0),
+    cost             numeric NOT NULL CHECK (cost >= 0 OR settled_by = 'correction'),
     billed           boolean NOT NULL,
     unbilled_reason  text CHECK (billed = (unbilled_reason IS NULL)),
     -- false when an exclusive model-group policy of that axis took the spend (billing isolation)
@@ -228,7 +264,8 @@ CREATE TABLE quota.usage_ledger (
     counted_scope    bigint[] NOT NULL,
     counted_window   timestamptz[] NOT NULL,
     counted_amount   numeric[] NOT NULL,
-    settled_at       timestamptz NOT NULL
+    settled_at       timestamptz NOT NULL,
+    PRIMARY KEY (request_id, settled_by)
 );
 CREATE INDEX ON quota.usage_ledger (key_id, settled_at);
 -- quota.drift reads the ledger of the current windows. Rows arrive in settled_at order, so a
@@ -258,7 +295,9 @@ CREATE TABLE quota.event (
     kind       text NOT NULL CHECK (kind IN ('exhausted', 'recovered', 'disabled', 'resumed', 'reset',
                                              'policy_created', 'policy_changed', 'policy_deleted',
                                              'reservation_expired', 'boost_created', 'boost_changed',
-                                             'boost_deleted')),
+                                             'boost_deleted', 'unpriced_model', 'channel_created',
+                                             'channel_changed', 'channel_deleted', 'channel_grant_created',
+                                             'channel_grant_changed', 'channel_grant_deleted')),
     policy_id  bigint,
     key_id     bigint,
     user_id    bigint,
@@ -270,6 +309,9 @@ CREATE INDEX ON quota.event (at);
 SELECT pg_catalog.pg_extension_config_dump('quota.app_user', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.api_key', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.model_price', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.model_alias', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.unpriced_model_day', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.channel_grant', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.user_group', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.user_group_member', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.model_group', '');

@@ -23,10 +23,9 @@ BEGIN
 END
 $$;
 
--- The checks policies and boosts share: a known subject type that names an existing subject,
--- and a known metric. Refuses naming the field, like quota.refuse_row.
-CREATE FUNCTION quota.check_subject_and_metric(tbl text, subject_types text[], subject_type text,
-                                               subject_id bigint, metric text)
+-- The check policies, boosts and channel grants share: a known subject type that names an
+-- existing subject. Refuses naming the field, like quota.refuse_row.
+CREATE FUNCTION quota.check_subject(tbl text, subject_types text[], subject_type text, subject_id bigint)
 RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
@@ -38,6 +37,16 @@ BEGIN
         PERFORM quota.refuse_row(tbl, 'subject_id', format('invalid %s: subject_id: no %s with id %s',
             tbl, replace(subject_type, '_', ' '), coalesce(subject_id::text, 'NULL')));
     END IF;
+END
+$$;
+
+-- quota.check_subject, and a known metric (policies and boosts).
+CREATE FUNCTION quota.check_subject_and_metric(tbl text, subject_types text[], subject_type text,
+                                               subject_id bigint, metric text)
+RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    PERFORM quota.check_subject(tbl, subject_types, subject_type, subject_id);
     IF metric IS NULL OR metric NOT IN ('cost', 'tokens', 'requests') THEN
         PERFORM quota.refuse_row(tbl, 'metric', format(
             'invalid %s: metric: %L is not one of cost, tokens, requests', tbl, metric));
@@ -69,6 +78,11 @@ BEGIN
     IF NEW.quota_limit IS NULL THEN
         PERFORM quota.refuse_row('policy', 'quota_limit',
             'invalid policy: quota_limit: required; a policy without a limit would enforce nothing');
+    END IF;
+    -- NaN compares above every number and Infinity is no limit: either would remove the limit.
+    IF NEW.quota_limit IN ('NaN', 'Infinity') THEN
+        PERFORM quota.refuse_row('policy', 'quota_limit', format(
+            'invalid policy: quota_limit: must be a finite number, got %s', NEW.quota_limit));
     END IF;
     IF NEW.quota_limit <= 0 THEN
         PERFORM quota.refuse_row('policy', 'quota_limit', format(
@@ -102,9 +116,10 @@ $$;
 CREATE TRIGGER policy_validate BEFORE INSERT OR UPDATE ON quota.policy
     FOR EACH ROW EXECUTE FUNCTION quota.policy_validate();
 
--- Logs every change of an admin-managed row (policies, boosts) as <table>_created/_changed/
--- _deleted with the old and new row. SECURITY DEFINER: admins change those rows but cannot write
--- the event log directly.
+-- Logs every change of an admin-managed row (policies, boosts, channels, channel grants) as
+-- <table>_created/_changed/_deleted with the old and new row. A row's api_key (a channel's
+-- upstream secret) is never logged: only whether an edit changed it. SECURITY DEFINER: admins
+-- change those rows but cannot write the event log directly.
 CREATE FUNCTION quota.log_change() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -115,7 +130,10 @@ BEGIN
     VALUES (quota.clock(),
             TG_TABLE_NAME || CASE TG_OP WHEN 'INSERT' THEN '_created' WHEN 'UPDATE' THEN '_changed' ELSE '_deleted' END,
             (coalesce(v_new, v_old) ->> 'policy_id')::bigint,
-            jsonb_strip_nulls(jsonb_build_object('old', v_old, 'new', v_new)));
+            jsonb_strip_nulls(jsonb_build_object(
+                'old', v_old - 'api_key', 'new', v_new - 'api_key',
+                'api_key_changed', CASE WHEN TG_OP = 'UPDATE' AND v_old ? 'api_key'
+                                        THEN (v_old -> 'api_key') IS DISTINCT FROM (v_new -> 'api_key') END)));
     RETURN NULL;
 END
 $$;

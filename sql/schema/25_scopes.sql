@@ -48,6 +48,10 @@ BEGIN
         PERFORM quota.refuse_row('boost', 'amount', format(
             'invalid boost: amount: must be greater than zero, got %s', coalesce(NEW.amount::text, 'NULL')));
     END IF;
+    IF NEW.amount IN ('NaN', 'Infinity') THEN
+        PERFORM quota.refuse_row('boost', 'amount', format(
+            'invalid boost: amount: must be a finite number, got %s', NEW.amount));
+    END IF;
     IF NEW.starts_at IS NULL OR NEW.expires_at IS NULL OR NEW.expires_at <= NEW.starts_at THEN
         PERFORM quota.refuse_row('boost', 'expires_at',
             'invalid boost: expires_at: must be after starts_at');
@@ -66,7 +70,7 @@ CREATE TRIGGER boost_validate BEFORE INSERT OR UPDATE ON quota.boost
 CREATE TRIGGER boost_log_change AFTER INSERT OR UPDATE OR DELETE ON quota.boost
     FOR EACH ROW EXECUTE FUNCTION quota.log_change();
 
--- Subjects are polymorphic, so no foreign key removes their policies and boosts: this trigger
+-- Subjects are polymorphic, so no foreign key removes their policies, boosts and channel grants: this trigger
 -- does, when a key, user, user group or channel is deleted (each policy deletion is logged).
 CREATE FUNCTION quota.forget_subject() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -75,6 +79,7 @@ DECLARE
 BEGIN
     DELETE FROM quota.policy p WHERE p.subject_type = TG_ARGV[0] AND p.subject_id = v_id;
     DELETE FROM quota.boost b WHERE b.subject_type = TG_ARGV[0] AND b.subject_id = v_id;
+    DELETE FROM quota.channel_grant g WHERE g.subject_type = TG_ARGV[0] AND g.subject_id = v_id;
     RETURN NULL;
 END
 $$;
@@ -88,9 +93,44 @@ CREATE TRIGGER forget_subject AFTER DELETE ON quota.user_group
 CREATE TRIGGER forget_subject AFTER DELETE ON quota.channel
     FOR EACH ROW EXECUTE FUNCTION quota.forget_subject('channel', 'channel_id');
 
+-- Channel grants name an existing key, user or user group.
+CREATE FUNCTION quota.channel_grant_validate() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM quota.check_subject('channel_grant', ARRAY['key', 'user', 'user_group'], NEW.subject_type, NEW.subject_id);
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER channel_grant_validate BEFORE INSERT OR UPDATE ON quota.channel_grant
+    FOR EACH ROW EXECUTE FUNCTION quota.channel_grant_validate();
+CREATE TRIGGER channel_grant_log_change AFTER INSERT OR UPDATE OR DELETE ON quota.channel_grant
+    FOR EACH ROW EXECUTE FUNCTION quota.log_change();
+
+-- A channel's upstream key is write-only: admins cannot read it, and cannot send it elsewhere
+-- either. A new base_url needs a new api_key in the same statement (the key of one upstream
+-- is no credential for another). Every insert, edit and delete of a channel is logged, without
+-- the key (quota.log_change).
+CREATE FUNCTION quota.channel_key_follows_url() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.base_url IS DISTINCT FROM OLD.base_url AND NEW.api_key IS NOT DISTINCT FROM OLD.api_key THEN
+        PERFORM quota.refuse_row('channel', 'base_url',
+            'invalid channel: base_url: a new base_url needs a new api_key in the same statement (the upstream key is never sent to another host)');
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER channel_key_follows_url BEFORE UPDATE ON quota.channel
+    FOR EACH ROW EXECUTE FUNCTION quota.channel_key_follows_url();
+CREATE TRIGGER channel_log_change AFTER INSERT OR UPDATE OR DELETE ON quota.channel
+    FOR EACH ROW EXECUTE FUNCTION quota.log_change();
+
 -- The lifecycle keeps policy rows, policy selections and which models channels serve per backend
 -- (src/lifecycle/cache.rs) while this value stays the same. Every change to what
--- quota.policies_for reads (policies, boosts, group memberships) or to the models of channels
+-- quota.policies_for reads (policies, boosts, group memberships, which models are priced and
+-- aliased) or to the models of channels
 -- sets a new value in the same transaction, drawn from a sequence so
 -- that no value is ever used twice, not even after a rollback or a reinstall.
 CREATE SEQUENCE quota.policy_generation_seq;
@@ -116,9 +156,16 @@ CREATE TRIGGER policy_generation_bump AFTER INSERT OR UPDATE OR DELETE OR TRUNCA
     FOR EACH STATEMENT EXECUTE FUNCTION quota.policy_generation_bump();
 CREATE TRIGGER policy_generation_bump AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.channel_model
     FOR EACH STATEMENT EXECUTE FUNCTION quota.policy_generation_bump();
+-- Which model a snapshot or alias is priced as decides its model group (quota.policies_for).
+CREATE TRIGGER policy_generation_bump AFTER INSERT OR UPDATE OF model OR DELETE OR TRUNCATE ON quota.model_price
+    FOR EACH STATEMENT EXECUTE FUNCTION quota.policy_generation_bump();
+CREATE TRIGGER policy_generation_bump AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.model_alias
+    FOR EACH STATEMENT EXECUTE FUNCTION quota.policy_generation_bump();
 -- ALWAYS: also when rows arrive by logical replication (session_replication_role = replica).
 ALTER TABLE quota.policy ENABLE ALWAYS TRIGGER policy_generation_bump;
 ALTER TABLE quota.boost ENABLE ALWAYS TRIGGER policy_generation_bump;
 ALTER TABLE quota.user_group_member ENABLE ALWAYS TRIGGER policy_generation_bump;
 ALTER TABLE quota.model_group_member ENABLE ALWAYS TRIGGER policy_generation_bump;
 ALTER TABLE quota.channel_model ENABLE ALWAYS TRIGGER policy_generation_bump;
+ALTER TABLE quota.model_price ENABLE ALWAYS TRIGGER policy_generation_bump;
+ALTER TABLE quota.model_alias ENABLE ALWAYS TRIGGER policy_generation_bump;

@@ -49,3 +49,26 @@ LANGUAGE sql IMMUTABLE AS $$
             + least(cached_tokens, input_tokens) * coalesce(p.cached_input_per_mtok, p.input_per_mtok)
             + output_tokens * p.output_per_mtok) / 1000000)
 $$;
+
+-- The price a model is charged at (the rule of pg_quota_core::pricing): its own row; else its
+-- alias's (quota.model_alias); else that of the longest priced model whose name it starts with,
+-- followed by '-', '@' or ':' (quota.price_prefixes, longest first). No row: the model has no
+-- price. The branches run in order and the first row ends the search (an exactly priced model
+-- costs one index probe); inlined into the lifecycle's statements.
+CREATE FUNCTION quota.price_for(model text) RETURNS SETOF quota.model_price
+LANGUAGE sql STABLE ROWS 1 AS $$
+    (SELECT p.* FROM quota.model_price p WHERE p.model = price_for.model)
+    UNION ALL
+    (SELECT p.* FROM quota.model_alias a JOIN quota.model_price p ON p.model = a.model
+     WHERE a.alias = price_for.model)
+    UNION ALL
+    (SELECT p.* FROM unnest(quota.price_prefixes(price_for.model)) WITH ORDINALITY c(name, n)
+     JOIN quota.model_price p ON p.model = c.name ORDER BY c.n LIMIT 1)
+    LIMIT 1
+$$;
+
+-- The priced model a model is charged as (quota.price_for), or NULL: for admins.
+CREATE FUNCTION quota.price_model(model text) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT p.model FROM quota.price_for(model) p
+$$;

@@ -66,7 +66,8 @@ $$;
 --                    MAX) plus the boosts active at `at` for that axis, model group, metric and
 --                    period. A limit admits a request when any of its policies does.
 -- model = NULL lists every policy the key is subject to, for any model. Otherwise only global
--- policies and those of the model's group apply, and an exclusive model-group policy takes the
+-- policies and those of the model's group (or, for a model not in a group, the group of the
+-- model it is priced as: quota.price_for) apply, and an exclusive model-group policy takes the
 -- request out of the global policies of its axis (billing isolation).
 CREATE FUNCTION quota.policies_for(key_id bigint, user_id bigint, model text, channel_id bigint,
                                    at timestamptz)
@@ -83,8 +84,12 @@ LANGUAGE sql STABLE AS $$
                OR (p.subject_type = 'user_group' AND p.subject_id IN (SELECT g.group_id FROM groups g))
                OR (p.subject_type = 'channel' AND p.subject_id = policies_for.channel_id))
           AND (policies_for.model IS NULL OR p.model_group IS NULL
-               OR p.model_group = (SELECT mg.model_group_id FROM quota.model_group_member mg
-                                    WHERE mg.model = policies_for.model))
+               OR p.model_group = coalesce(
+                      (SELECT mg.model_group_id FROM quota.model_group_member mg
+                        WHERE mg.model = policies_for.model),
+                      -- a snapshot or alias counts in the group of the model it is priced as
+                      (SELECT mg.model_group_id FROM quota.model_group_member mg
+                        WHERE mg.model = quota.price_model(policies_for.model))))
     ), kept AS (
         SELECT m.policy, m.axis,
                concat_ws('/', m.axis, coalesce((m.policy).model_group::text, '*'), (m.policy).metric,
@@ -291,6 +296,81 @@ BEGIN
 END
 $$;
 
+-- A late settle (or refund) of a request that the sweep charged at its reservation: corrects
+-- the charge to the measured usage (input/output/cached; a refund's is zero) with one
+-- correction row in the ledger, the difference per counted policy. The difference reaches a
+-- window only while it is the window the sweep charged (a fixed window still current, a rolling
+-- window's bucket still inside it) and was not cleared since (quota.reset, an edit of what the
+-- policy measures); an ended window keeps what it was charged. Only the first correction
+-- counts: returns NULL when the request has one already or was not charged by the sweep, else
+-- the request's cost after the correction and whether it is billed. Locks the counters in the
+-- order of the sweep's row (the lock order), then the day's rollup row.
+CREATE FUNCTION quota.correct_swept(request_id text, input_tokens bigint, output_tokens bigint,
+                                    cached_tokens bigint, now_ts timestamptz,
+                                    OUT cost numeric, OUT billed boolean)
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    s quota.usage_ledger;
+    p quota.policy;
+    v_cost numeric;  -- the measured usage's cost; NULL without a price
+    v_actual numeric;
+    v_delta numeric;
+    v_ws timestamptz;
+    v_policies bigint[] := '{}';
+    v_scopes bigint[] := '{}';
+    v_windows timestamptz[] := '{}';
+    v_amounts numeric[] := '{}';
+    i integer;
+BEGIN
+    SELECT l.* INTO s FROM quota.usage_ledger l
+    WHERE l.request_id = correct_swept.request_id AND l.settled_by = 'sweep'
+      AND NOT EXISTS (SELECT 1 FROM quota.usage_ledger c
+                      WHERE c.request_id = correct_swept.request_id AND c.settled_by = 'correction')
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    SELECT quota.cost_of(mp, input_tokens, output_tokens, cached_tokens) INTO v_cost FROM quota.price_for(s.model) mp;
+    FOR i IN 1 .. coalesce(array_length(s.counted_policy, 1), 0) LOOP
+        SELECT * INTO p FROM quota.policy x WHERE x.policy_id = s.counted_policy[i];
+        CONTINUE WHEN NOT FOUND;
+        v_actual := quota.metric_amount(p.metric, v_cost, input_tokens, output_tokens);
+        v_delta := coalesce(v_actual, 0) - s.counted_amount[i];
+        CONTINUE WHEN v_delta = 0;
+        v_ws := (SELECT w.window_start FROM quota.policy_window(p, now_ts) w);
+        IF p.window_mode = 'rolling' THEN
+            PERFORM 1 FROM quota.counter c
+            WHERE c.policy_id = p.policy_id AND c.scope_id = s.counted_scope[i]
+              AND coalesce(c.reset_at, '-infinity') <= s.settled_at AND s.counted_window[i] >= v_ws
+            FOR UPDATE;
+            CONTINUE WHEN NOT FOUND;
+            UPDATE quota.rolling_usage r SET used = r.used + v_delta
+            WHERE r.policy_id = p.policy_id AND r.scope_id = s.counted_scope[i] AND r.bucket = s.counted_window[i];
+        ELSE
+            UPDATE quota.counter c SET used = c.used + v_delta
+            WHERE c.policy_id = p.policy_id AND c.scope_id = s.counted_scope[i]
+              AND c.window_start = s.counted_window[i] AND c.window_start = v_ws
+              AND coalesce(c.reset_at, '-infinity') <= s.settled_at;
+        END IF;
+        CONTINUE WHEN NOT FOUND;
+        v_policies := v_policies || p.policy_id;
+        v_scopes := v_scopes || s.counted_scope[i];
+        v_windows := v_windows || s.counted_window[i];
+        v_amounts := v_amounts || v_delta;
+    END LOOP;
+    INSERT INTO quota.usage_ledger (request_id, settled_by, key_id, user_id, channel_id, model, input_tokens,
+                                    output_tokens, cached_tokens, cost, billed, unbilled_reason,
+                                    counted_in_key_global, counted_in_user_global,
+                                    counted_policy, counted_scope, counted_window, counted_amount, settled_at)
+    VALUES (s.request_id, 'correction', s.key_id, s.user_id, s.channel_id, s.model,
+            input_tokens - s.input_tokens, output_tokens - s.output_tokens, cached_tokens - s.cached_tokens,
+            coalesce(v_cost, 0) - s.cost, v_cost IS NOT NULL, CASE WHEN v_cost IS NULL THEN 'price_not_found' END,
+            s.counted_in_key_global, s.counted_in_user_global, v_policies, v_scopes, v_windows, v_amounts, now_ts);
+    cost := coalesce(v_cost, 0);
+    billed := v_cost IS NOT NULL;
+END
+$$;
+
 -- Planned like admit and settle (see above quota.admit).
 CREATE FUNCTION quota.refund(request_id text, reason text DEFAULT NULL) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -309,6 +389,11 @@ BEGIN
     -- Nothing is ever released twice: a second refund (or one after expiry) changes nothing.
     IF EXISTS (SELECT 1 FROM quota.released r WHERE r.request_id = refund.request_id) THEN
         RETURN false;
+    END IF;
+    -- The sweep charged it at its reservation, and the upstream failed after all: the charge is
+    -- corrected to nothing, once (a second refund changes nothing).
+    IF EXISTS (SELECT 1 FROM quota.usage_ledger l WHERE l.request_id = refund.request_id AND l.settled_by = 'sweep') THEN
+        RETURN (SELECT c.cost IS NOT NULL FROM quota.correct_swept(refund.request_id, 0, 0, 0, quota.clock()) c);
     END IF;
     IF EXISTS (SELECT 1 FROM quota.usage_ledger l WHERE l.request_id = refund.request_id) THEN
         RAISE EXCEPTION 'refund: request_id % was already settled; a settled request cannot be refunded',

@@ -37,12 +37,15 @@ $$;
 -- policies a request for that model counts on (model groups and billing isolation applied);
 -- without, every policy the key is subject to: its own, its user's, its user's groups'.
 -- effective_limit is what the request is judged against (several sources merged by MAX, plus
--- active boosts); limit_key groups the policies that form one limit.
+-- active boosts); limit_key groups the policies that form one limit. unbilled_requests: the
+-- key's requests settled in the window without a price or without usage (cost policies could
+-- not count them; see the unpriced_model events).
 CREATE FUNCTION quota.status(key_id bigint, model text DEFAULT NULL)
 RETURNS TABLE (policy_id bigint, subject_type text, subject_id bigint, model_group text, metric text,
                period text, window_mode text, quota_limit numeric, boost numeric, effective_limit numeric,
                used numeric, reserved numeric, remaining numeric, window_start timestamptz,
-               next_reset timestamptz, state text, exclusive boolean, limit_key text)
+               next_reset timestamptz, state text, exclusive boolean, limit_key text,
+               unbilled_requests bigint)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     WITH k AS (SELECT * FROM quota.api_key k WHERE k.key_id = status.key_id),
     now_ts AS (SELECT quota.clock() AS t)
@@ -56,7 +59,10 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
            CASE WHEN s.used < f.effective_limit THEN 'ok'
                 WHEN k.suspended_by = (f.policy).policy_id AND k.suspended_until > n.t THEN 'suspended'
                 ELSE 'exhausted' END,
-           (f.policy).exclusive, f.limit_key
+           (f.policy).exclusive, f.limit_key,
+           (SELECT count(*) FROM quota.usage_ledger l
+             WHERE l.key_id = k.key_id AND l.settled_at >= s.window_start AND l.settled_at <= n.t
+               AND NOT l.billed AND l.settled_by <> 'correction')
     FROM k CROSS JOIN now_ts n
     CROSS JOIN LATERAL quota.policies_for(k.key_id, k.user_id, status.model, NULL, n.t) f
     CROSS JOIN LATERAL quota.window_state(f.policy, f.scope_id, f.effective_limit, n.t) s
@@ -92,7 +98,94 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     ORDER BY ch.priority DESC, ch.channel_id, (k.policy).policy_id
 $$;
 
--- Releases reservations older than pg_quota.reservation_ttl (a crashed relay's), resumes keys
+-- Charges expired reservations as a settle of their estimate would (an unknown outcome is not
+-- free): each hold moves to the usage of its policy's current window (a rolling window's: the
+-- minute's bucket), summed per counter and in lock order (a request that holds one counter
+-- while it waits for the next cannot be waiting for the sweep); a window that this spends is
+-- marked, logged and acted on like a settle's. Then one ledger row per reservation (settled_by
+-- 'sweep': the estimate, est_input_tokens + max_output_tokens at the model's price; unbilled
+-- only for a model without a price), whose trigger adds it to the day's rollups, after the
+-- counters as in a settle. A late settle corrects the charge (quota.correct_swept).
+CREATE FUNCTION quota.charge_expired(expired quota.reservation[], now_ts timestamptz) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    v record;
+    v_counter quota.counter;
+BEGIN
+    FOR v IN
+        WITH holds AS (
+            SELECT p, quota.policy_axis(p.subject_type) AS axis, h.scope_id, h.amount, h.lim, e.key_id, e.user_id,
+                   w.window_start, w.window_end
+            FROM unnest(expired) e,
+                 unnest(e.hold_policy, e.hold_scope, e.hold_amount, e.hold_limit) AS h(policy_id, scope_id, amount, lim)
+            JOIN quota.policy p ON p.policy_id = h.policy_id
+            CROSS JOIN LATERAL quota.policy_window(p, now_ts) w
+        )
+        SELECT h.p, h.axis, h.scope_id, h.window_start, h.window_end, sum(h.amount) AS amount, max(h.lim) AS lim,
+               min(h.key_id) AS key_id, min(h.user_id) AS user_id,
+               CASE WHEN (h.p).window_mode = 'rolling' THEN '-infinity' ELSE h.window_start END AS counter_window
+        FROM holds h
+        GROUP BY h.p, h.axis, h.scope_id, h.window_start, h.window_end
+        ORDER BY quota.lock_order(h.axis, (h.p).policy_id), h.scope_id
+    LOOP
+        -- rolls a stale window as settle does (roll_window! in src/lifecycle/mod.rs)
+        UPDATE quota.counter c SET
+            used = CASE WHEN c.window_start = v.counter_window THEN c.used ELSE 0 END
+                   + CASE WHEN (v.p).window_mode = 'rolling' THEN 0 ELSE v.amount END,
+            window_start = v.counter_window,
+            reserved = c.reserved - v.amount
+        WHERE c.policy_id = (v.p).policy_id AND c.scope_id = v.scope_id
+        RETURNING c.* INTO v_counter;
+        CONTINUE WHEN NOT FOUND;
+        -- a mark from before the window is the ended window's: its recovery is logged first
+        IF v_counter.exhausted_at < v_counter.window_start THEN
+            PERFORM quota.recover_window((v.p).policy_id, v.scope_id,
+                                         CASE v.axis WHEN 'key' THEN v.scope_id END,
+                                         CASE v.axis WHEN 'user' THEN v.scope_id END,
+                                         v.counter_window, now_ts, 'window_reset');
+        END IF;
+        IF (v.p).window_mode = 'rolling' THEN
+            INSERT INTO quota.rolling_usage AS r (policy_id, scope_id, bucket, used)
+            VALUES ((v.p).policy_id, v.scope_id, quota.minute_bucket(now_ts), v.amount)
+            ON CONFLICT (policy_id, scope_id, bucket) DO UPDATE SET used = r.used + EXCLUDED.used;
+        END IF;
+        IF quota.window_used(v.p, v_counter, v.window_start) >= v.lim
+           AND NOT coalesce(v_counter.exhausted_at >= v_counter.window_start, false) THEN
+            PERFORM quota.mark_exhausted(v.p, v.scope_id, CASE v.axis WHEN 'key' THEN v.scope_id ELSE v.key_id END,
+                                         CASE v.axis WHEN 'user' THEN v.scope_id ELSE v.user_id END,
+                                         v.window_start, v.window_end, now_ts);
+        END IF;
+    END LOOP;
+
+    INSERT INTO quota.usage_ledger (request_id, settled_by, key_id, user_id, channel_id, model, input_tokens,
+                                    output_tokens, cached_tokens, cost, billed, unbilled_reason,
+                                    counted_in_key_global, counted_in_user_global,
+                                    counted_policy, counted_scope, counted_window, counted_amount, settled_at)
+    SELECT e.request_id, 'sweep', e.key_id, e.user_id, e.channel_id, e.model, e.est_input_tokens,
+           e.max_output_tokens, 0, coalesce(c.cost, 0), c.cost IS NOT NULL,
+           CASE WHEN c.cost IS NULL THEN 'price_not_found' END,
+           e.counted_in_key_global, e.counted_in_user_global,
+           coalesce(k.policies, '{}'), coalesce(k.scopes, '{}'), coalesce(k.windows, '{}'), coalesce(k.amounts, '{}'),
+           now_ts
+    FROM unnest(expired) e
+    LEFT JOIN LATERAL (SELECT quota.cost_of(mp, e.est_input_tokens, e.max_output_tokens, 0) AS cost
+                       FROM quota.price_for(e.model) mp) c ON true
+    LEFT JOIN LATERAL (
+        SELECT array_agg(h.policy_id ORDER BY h.n) AS policies, array_agg(h.scope_id ORDER BY h.n) AS scopes,
+               array_agg(CASE WHEN p.window_mode = 'rolling' THEN quota.minute_bucket(now_ts) ELSE w.window_start END
+                         ORDER BY h.n) AS windows,
+               array_agg(h.amount ORDER BY h.n) AS amounts
+        FROM unnest(e.hold_policy, e.hold_scope, e.hold_amount) WITH ORDINALITY AS h(policy_id, scope_id, amount, n)
+        JOIN quota.policy p ON p.policy_id = h.policy_id
+        CROSS JOIN LATERAL quota.policy_window(p, now_ts) w) k ON true
+    -- the rollup rows in one order (the day is the same for all)
+    ORDER BY e.key_id, e.model, coalesce(e.channel_id, 0), e.request_id;
+END
+$$;
+
+-- Charges reservations older than pg_quota.reservation_ttl (a crashed relay's, a lost settle)
+-- at their reservation (quota.charge_expired), or with pg_quota.expired_reservations =
+-- 'release' gives their holds back uncharged; either is logged (reservation_expired). Resumes keys
 -- whose suspension ran out, logs the recovery of spent windows that time has given room (fixed
 -- ones that have ended, rolling ones whose usage has aged out: requests log it too, lazily, but
 -- a window may recover with no request to see it), prunes rolling buckets
@@ -109,43 +202,52 @@ DECLARE
     v_ttl interval := current_setting('pg_quota.reservation_ttl')::interval;
     v_retention interval := current_setting('pg_quota.released_retention')::interval;
     v_event_retention interval := current_setting('pg_quota.event_retention')::interval;
+    v_charge boolean := current_setting('pg_quota.expired_reservations') = 'charge';
+    v_expired quota.reservation[];
     v_policies bigint[];  -- the holds of the expired reservations, summed per counter
     v_scopes bigint[];
     v_amounts numeric[];
     v_key bigint;
     v_ended record;
 BEGIN
-    -- The expired reservations' holds are given back per counter, in lock order (a request that
-    -- holds one counter while it waits for the next cannot be waiting for the sweep).
     WITH expired AS (
         DELETE FROM quota.reservation r
         WHERE r.request_id IN (SELECT r2.request_id FROM quota.reservation r2
                                WHERE r2.created_at < v_now - v_ttl
                                ORDER BY r2.request_id FOR UPDATE SKIP LOCKED)
         RETURNING r.*
-    ), recorded AS (
-        INSERT INTO quota.released (request_id, key_id, user_id, channel_id, model, kind, reason, released_at)
-        SELECT e.request_id, e.key_id, e.user_id, e.channel_id, e.model, 'expired',
-               format('reservation older than %s s', extract(epoch FROM v_ttl)), v_now
-        FROM expired e
     ), logged AS (
         INSERT INTO quota.event (at, kind, key_id, user_id, detail)
         SELECT v_now, 'reservation_expired', e.key_id, e.user_id,
-               jsonb_build_object('request_id', e.request_id, 'created_at', e.created_at)
+               jsonb_build_object('request_id', e.request_id, 'created_at', e.created_at,
+                                  'action', CASE WHEN v_charge THEN 'charged' ELSE 'released' END)
         FROM expired e
-    ), holds AS (  -- summed per counter, numbered in lock order
-        SELECT h.policy_id, h.scope_id, sum(h.amount) AS amount,
-               row_number() OVER (ORDER BY quota.lock_order(quota.policy_axis(p.subject_type), h.policy_id),
-                                           h.scope_id) AS n
-        FROM expired e, unnest(e.hold_policy, e.hold_scope, e.hold_amount) AS h(policy_id, scope_id, amount)
-        LEFT JOIN quota.policy p ON p.policy_id = h.policy_id
-        GROUP BY h.policy_id, h.scope_id, p.subject_type
     )
-    SELECT (SELECT count(*) FROM expired), array_agg(h.policy_id ORDER BY h.n),
-           array_agg(h.scope_id ORDER BY h.n), array_agg(h.amount ORDER BY h.n)
-    INTO expired_reservations, v_policies, v_scopes, v_amounts
-    FROM holds h;
-    PERFORM quota.release_holds(v_policies, v_scopes, v_amounts);
+    SELECT coalesce(array_agg(e ORDER BY e.request_id), '{}') INTO v_expired FROM expired e;
+    expired_reservations := cardinality(v_expired);
+
+    IF v_charge THEN
+        PERFORM quota.charge_expired(v_expired, v_now);
+    ELSE
+        -- The expired reservations' holds are given back per counter, in lock order (a request
+        -- that holds one counter while it waits for the next cannot be waiting for the sweep).
+        INSERT INTO quota.released (request_id, key_id, user_id, channel_id, model, kind, reason, released_at)
+        SELECT e.request_id, e.key_id, e.user_id, e.channel_id, e.model, 'expired',
+               format('reservation older than %s s', extract(epoch FROM v_ttl)), v_now
+        FROM unnest(v_expired) e;
+        WITH holds AS (  -- summed per counter, numbered in lock order
+            SELECT h.policy_id, h.scope_id, sum(h.amount) AS amount,
+                   row_number() OVER (ORDER BY quota.lock_order(quota.policy_axis(p.subject_type), h.policy_id),
+                                               h.scope_id) AS n
+            FROM unnest(v_expired) e, unnest(e.hold_policy, e.hold_scope, e.hold_amount) AS h(policy_id, scope_id, amount)
+            LEFT JOIN quota.policy p ON p.policy_id = h.policy_id
+            GROUP BY h.policy_id, h.scope_id, p.subject_type
+        )
+        SELECT array_agg(h.policy_id ORDER BY h.n), array_agg(h.scope_id ORDER BY h.n), array_agg(h.amount ORDER BY h.n)
+        INTO v_policies, v_scopes, v_amounts
+        FROM holds h;
+        PERFORM quota.release_holds(v_policies, v_scopes, v_amounts);
+    END IF;
 
     -- Past the expiry, the sweep waits for no row: it already holds counters, and a request
     -- holding a row the sweep would wait for may be waiting for one of those. A row that a
@@ -197,6 +299,9 @@ BEGIN
     USING quota.policy p, LATERAL quota.policy_window(p, v_now) w
     WHERE r.policy_id = p.policy_id AND r.bucket < w.window_start;
     GET DIAGNOSTICS pruned_buckets = ROW_COUNT;
+
+    -- the markers of unpriced models' first request of a day are needed for that day only
+    DELETE FROM quota.unpriced_model_day d WHERE d.day < (v_now AT TIME ZONE 'UTC')::date - 1;
 
     pruned_released := 0;
     IF v_retention > interval '0' THEN
@@ -258,7 +363,7 @@ BEGIN
           AND l.settled_at >= coalesce(c.reset_at, '-infinity')
           AND CASE c.window_mode
                   WHEN 'fixed' THEN x.window_start = c.current_start
-                  ELSE to_timestamp(floor(extract(epoch FROM l.settled_at) / 60) * 60) >= c.current_start
+                  ELSE x.window_start >= c.current_start  -- a rolling window counts in a minute bucket
               END
         GROUP BY 1, 2
     ),

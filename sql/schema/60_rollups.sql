@@ -1,14 +1,17 @@
--- Daily rollups per key/user/model/channel, kept by a trigger in the settle transaction.
+-- Daily rollups per key/user/model/channel, kept by a trigger in the settle transaction. A
+-- correction row (a late settle of a swept request) corrects amounts and adds no request.
 CREATE FUNCTION quota.usage_daily_add() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_request integer := CASE WHEN NEW.settled_by = 'correction' THEN 0 ELSE 1 END;
 BEGIN
     INSERT INTO quota.usage_daily AS d (day, key_id, user_id, model, channel_id, requests, input_tokens,
                                         output_tokens, cached_tokens, cost, unbilled)
     VALUES ((NEW.settled_at AT TIME ZONE 'UTC')::date, NEW.key_id, NEW.user_id, NEW.model,
-            coalesce(NEW.channel_id, 0), 1, NEW.input_tokens, NEW.output_tokens, NEW.cached_tokens,
-            NEW.cost, CASE WHEN NEW.billed THEN 0 ELSE 1 END)
+            coalesce(NEW.channel_id, 0), v_request, NEW.input_tokens, NEW.output_tokens, NEW.cached_tokens,
+            NEW.cost, CASE WHEN NEW.billed THEN 0 ELSE v_request END)
     ON CONFLICT (day, key_id, model, channel_id) DO UPDATE SET
-        requests      = d.requests + 1,
+        requests      = d.requests + EXCLUDED.requests,
         input_tokens  = d.input_tokens + EXCLUDED.input_tokens,
         output_tokens = d.output_tokens + EXCLUDED.output_tokens,
         cached_tokens = d.cached_tokens + EXCLUDED.cached_tokens,

@@ -1,7 +1,8 @@
 -- Least privilege. Runs last, after every function exists.
 --   quota_relay: may only run the request lifecycle (admit, settle, refund, models).
 --   quota_admin: manages users, keys, prices and policies; reads counters, ledger, events.
--- Grant them to login roles: GRANT quota_relay TO relay_login;
+-- Grant them to login roles: GRANT quota_relay TO relay_login; the relay's login role also
+-- needs the logging settings of sql/examples/relay_role.sql (no bind parameters in the log).
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'quota_relay') THEN
@@ -27,14 +28,14 @@ TO quota_relay;
 
 GRANT SELECT, INSERT, UPDATE, DELETE ON quota.policy, quota.model_price, quota.app_user, quota.user_group,
     quota.user_group_member, quota.model_group, quota.model_group_member, quota.channel_model,
-    quota.boost TO quota_admin;
+    quota.boost, quota.model_alias, quota.channel_grant TO quota_admin;
 -- Channels: admins write the upstream api_key but never read it back; only quota.admit does.
 GRANT INSERT, UPDATE, DELETE ON quota.channel TO quota_admin;
 GRANT SELECT (channel_id, name, base_url, priority, weight, status, created_at) ON quota.channel TO quota_admin;
 GRANT SELECT, DELETE, UPDATE (name, enabled, expires_at, suspended_until, suspended_by) ON quota.api_key
     TO quota_admin;
 GRANT SELECT ON quota.counter, quota.rolling_usage, quota.reservation, quota.released,
-                quota.usage_ledger, quota.usage_daily, quota.event TO quota_admin;
+                quota.usage_ledger, quota.usage_daily, quota.event, quota.unpriced_model_day TO quota_admin;
 GRANT EXECUTE ON FUNCTION
     quota.create_user(text),
     quota.create_key(bigint, text, timestamptz),
@@ -52,5 +53,9 @@ GRANT EXECUTE ON FUNCTION
     quota.policy_window_problem(text, integer, text, text, integer, integer),
     quota.refuse_row(text, text, text),
     quota.subject_exists(text, bigint),
-    quota.check_subject_and_metric(text, text[], text, bigint, text)
+    quota.check_subject(text, text[], text, bigint),
+    quota.check_subject_and_metric(text, text[], text, bigint, text),
+    quota.price_for(text),
+    quota.price_model(text),
+    quota.price_prefixes(text)
 TO quota_admin;

@@ -1,7 +1,7 @@
 //! `quota.admit`: authenticate, route to a channel, then check and reserve the estimate on every
 //! policy the request counts on, all or nothing, in the caller's transaction. A request that
-//! its own limits refuse already (a window marked spent) is refused before routing, without a
-//! lock or a write.
+//! its own limits refuse (a window spent, or an estimate that would overshoot a strict one) is
+//! refused before routing, without locking a channel's counters.
 use pg_quota_core::approx_duration;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
@@ -13,6 +13,7 @@ use super::{
     clock, col, fail, first, key_refused, mark_exhausted, metric_amount, recover_window, refuses, row, run,
     window_used, EngineError, Policy, Recovered,
 };
+use crate::gucs::{UnpricedModels, UNPRICED_MODELS};
 
 /// The columns of `quota.admission`, in order.
 #[derive(Default)]
@@ -148,7 +149,27 @@ SELECT k.key_id, k.user_id, k.enabled, u.enabled, k.expires_at, k.suspended_unti
        OR EXISTS (SELECT 1 FROM quota.released r WHERE r.request_id = $2),
        quota.cost_of(mp, $4, $5, 0), (SELECT g.generation FROM quota.policy_generation g), k.suspended_by
 FROM quota.key_for_secret($1) k JOIN quota.app_user u ON u.user_id = k.user_id
-LEFT JOIN quota.model_price mp ON mp.model = $3";
+LEFT JOIN LATERAL quota.price_for($3) mp ON true";
+
+// Whether a key may pin a channel: a grant to the key, its user or one of the user's groups.
+const GRANTED: &str = "\
+SELECT EXISTS (SELECT 1 FROM quota.channel_grant g
+               WHERE g.channel_id = $1
+                 AND (   (g.subject_type = 'key' AND g.subject_id = $2)
+                      OR (g.subject_type = 'user' AND g.subject_id = $3)
+                      OR (g.subject_type = 'user_group'
+                          AND g.subject_id IN (SELECT m.group_id FROM quota.user_group_member m
+                                               WHERE m.user_id = $3))))";
+
+// The first request of a day for a model without a price: marks the day (once, whatever the
+// concurrency: the marker's primary key) and logs it with the model and the key.
+const UNPRICED_SEEN: &str = "\
+WITH seen AS (
+    INSERT INTO quota.unpriced_model_day (day, model) VALUES (($4 AT TIME ZONE 'UTC')::date, $1)
+    ON CONFLICT DO NOTHING RETURNING 1
+)
+INSERT INTO quota.event (at, kind, key_id, user_id, detail)
+SELECT $4, 'unpriced_model', $2, $3, jsonb_build_object('model', $1) FROM seen";
 
 // Routing: the pinned channel, or among enabled channels under all their caps the highest
 // priority, then at random by weight (smallest -ln(u)/weight wins).
@@ -274,14 +295,18 @@ fn admit(
 ) -> pgrx::composite_type!('static, "quota.admission") {
     let decision = Spi::connect_mut(|client| {
         let (request_id, model, est, max_out) = match (request_id, model, est_input_tokens, max_output_tokens) {
-            (Some(r), Some(m), Some(e), Some(o)) if !r.is_empty() && !m.is_empty() && e >= 0 && o >= 0 => (r, m, e, o),
+            (Some(r), Some(m), Some(e), Some(o)) => (r, m, e, o),
             _ => {
                 return fail(
                     b"PQ400",
-                    "admit: request_id and model are required and token estimates must be >= 0".into(),
+                    "admit: request_id, model, est_input_tokens and max_output_tokens are required".into(),
                 )
             }
         };
+        // bounded before anything is read or written (pg_quota_core::request)
+        if let Err(e) = pg_quota_core::request::check_admit(request_id, model, est, max_out) {
+            return fail(b"PQ400", format!("admit: {e}"));
+        }
         decide(
             client,
             api_key.unwrap_or(""),
@@ -367,10 +392,20 @@ fn decide(
         return fail(b"PQ409", format!("admit: request_id {request_id} was already used"));
     }
 
+    // A model without a price is never silent (logged, the first request of a day), and where
+    // pg_quota.unpriced_models says so it is refused to keys that a cost policy applies to.
+    let own_subject = (Some(key_id), Some(user_id), Some(model.to_string()), None);
+    if cost.is_none() {
+        log_unpriced(client, model, (key_id, user_id), now);
+        if let Some(refused) = unpriced_refusal(model, &cache::policies_for(client, own_subject.clone(), now)) {
+            return Ok(with_key(refused));
+        }
+    }
     // Routing locks the counters of capped channels, which every customer of a channel shares:
-    // a request that its own limits refuse already is refused before that.
+    // a request that its own limits refuse is refused before that.
     if cache::channels(client, model).capped {
-        if let Some(refused) = refused_before_routing(client, (key_id, user_id), model, &cost, est, max_out, now) {
+        let own = cache::policies_for(client, own_subject, now);
+        if let Some(refused) = refused_by_own_limits(client, own, (key_id, user_id), &cost, est, max_out, now) {
             return Ok(with_key(Admission {
                 channel_id: pinned,
                 ..refused
@@ -381,7 +416,7 @@ fn decide(
         channel_id: pinned,
         ..Default::default()
     });
-    let channel = match route(client, &mut out, model, pinned, &cost, est, max_out, now) {
+    let channel = match route(client, &mut out, (key_id, user_id), model, pinned, &cost, est, max_out, now) {
         Ok(channel) => channel,
         Err(refused) => {
             return Ok(with_key(Admission {
@@ -399,6 +434,12 @@ fn decide(
         (Some(key_id), Some(user_id), Some(model.to_string()), channel),
         now,
     );
+    if cost.is_none() {
+        // the channel routed to may have a cost cap
+        if let Some(refused) = unpriced_refusal(model, &applicable) {
+            return Ok(with_key(refused));
+        }
+    }
     let (holds, iso_key, iso_user) = holds_for(applicable, &cost, est, max_out, now_utc);
     let counters: Vec<(i64, AnyNumeric, AnyNumeric, bool, bool)> = run(
         client,
@@ -458,15 +499,7 @@ fn decide(
             marked_spent,
         });
     }
-    let limits = judge(client, &holds, &seen, now, |h, s| {
-        refuses(
-            &h.policy.boundary,
-            h.effective_limit.clone(),
-            s.used.clone(),
-            s.reserved.clone(),
-            h.amount.clone(),
-        )
-    });
+    let limits = judge(client, &holds, &seen, now, hold_refused);
 
     // A window marked spent that is not spent any more (a boost, a rolling window's usage aged
     // out) has recovered too: logged and unmarked, so that it is logged and acted on again when
@@ -561,6 +594,17 @@ fn holds_for(
         });
     }
     (holds, iso_key, iso_user)
+}
+
+/// Whether a hold's policy refuses it, given what its counter shows ([`refuses`]).
+fn hold_refused(h: &Hold, s: &Seen) -> bool {
+    refuses(
+        &h.policy.boundary,
+        h.effective_limit.clone(),
+        s.used.clone(),
+        s.reserved.clone(),
+        h.amount.clone(),
+    )
 }
 
 /// Groups the holds into limits and judges each: a limit admits when any of its policies does
@@ -710,38 +754,53 @@ fn counters_now(
     seen
 }
 
-/// The 429 of a request that its own (key and user) limits refuse by windows a settle has
-/// marked spent, judged without a lock, or None. Such a request is refused before routing, which
-/// locks the counters of channels that every customer of a channel shares: a client retrying
-/// its 429s in a loop slows nobody else down. Reads only; any other refusal (a strict boundary,
-/// a window spent but not yet marked) is left to the full check after routing.
-fn refused_before_routing(
+/// The 429 of a request that its own (key and user) limits refuse, judged completely (a window
+/// spent, or a strict one the estimate would overshoot: the rule of [`refuses`]) on the counters
+/// as they are, without a lock; or None. Such a request is refused before routing, which locks
+/// the counters of channels that every customer of a channel shares: a client retrying its
+/// 429s in a loop slows nobody else down. Writes only to mark a spent window that no settle has
+/// marked (its own counter). A request admitted here is judged again after routing, on locked
+/// counters.
+fn refused_by_own_limits(
     client: &mut SpiClient<'_>,
-    (key_id, user_id): (i64, i64),
-    model: &str,
+    own: Vec<Applicable>,
+    who: (i64, i64),
     cost: &Option<AnyNumeric>,
     est: i64,
     max_out: i64,
     now: TimestampWithTimeZone,
 ) -> Option<Admission> {
-    let own = cache::policies_for(
-        client,
-        (Some(key_id), Some(user_id), Some(model.to_string()), None),
-        now,
-    );
     let (holds, _, _) = holds_for(own, cost, est, max_out, crate::window::to_utc(now));
     if holds.is_empty() {
         return None;
     }
     let windows: Vec<_> = holds.iter().map(|h| (&h.policy, h.scope_id, h.ws)).collect();
-    let seen = counters_now(client, &windows, true);
-    if !seen.iter().any(|s| s.marked_spent) {
-        return None;
-    }
-    let limits = judge(client, &holds, &seen, now, |h, s| {
-        s.marked_spent && s.used >= h.effective_limit
-    });
-    refusal(client, &limits, &holds, (key_id, user_id), None, now)
+    let seen = counters_now(client, &windows, false);
+    let limits = judge(client, &holds, &seen, now, hold_refused);
+    refusal(client, &limits, &holds, who, None, now)
+}
+
+/// Logs the first request of the day (UTC) for a model without a price: an `unpriced_model`
+/// event with the model and the key, once per model and day (the marker row's primary key makes
+/// it once across backends; a later request of the day finds the marker, one index probe, and
+/// writes nothing). Not remembered per backend: a marker rolled back with its transaction must
+/// be written again.
+fn log_unpriced(client: &mut SpiClient<'_>, model: &str, (key_id, user_id): (i64, i64), now: TimestampWithTimeZone) {
+    run(client, UNPRICED_SEEN, &[model.into(), key_id.into(), user_id.into(), now.into()]);
+}
+
+/// The 400 of a request for a model without a price under `pg_quota.unpriced_models = 'refuse'`
+/// when a cost policy among `applicable` would count it (a cost policy cannot judge a request it
+/// cannot price); None otherwise.
+fn unpriced_refusal(model: &str, applicable: &[Applicable]) -> Option<Admission> {
+    let refuse = UNPRICED_MODELS.get() == UnpricedModels::Refuse;
+    (refuse && applicable.iter().any(|a| a.policy.metric == "cost")).then(|| {
+        Admission::denied(
+            400,
+            "model_not_priced",
+            format!("Model {model} has no price, and a spending limit applies to this request: unpriced models are refused."),
+        )
+    })
 }
 
 /// A channel that cannot take a request now: when it can again (all its refusing caps have
@@ -814,6 +873,7 @@ fn channel_blocked_until(
 fn route(
     client: &mut SpiClient<'_>,
     out: &mut Admission,
+    (key_id, user_id): (i64, i64),
     model: &str,
     pinned: Option<i64>,
     cost: &Option<AnyNumeric>,
@@ -821,6 +881,19 @@ fn route(
     max_out: i64,
     now: TimestampWithTimeZone,
 ) -> Result<Option<i64>, Box<Admission>> {
+    // Pinning needs a grant; without one, whether the channel exists is nobody's business.
+    if let Some(p) = pinned {
+        let granted = first(client, GRANTED, &[p.into(), key_id.into(), user_id.into()])
+            .and_then(|r| col::<bool>(&r, 1))
+            .unwrap_or(false);
+        if !granted {
+            return Err(Box::new(Admission::denied(
+                403,
+                "channel_not_allowed",
+                "This API key may not choose its upstream channel.".into(),
+            )));
+        }
+    }
     if pinned.is_none() && !cache::channels(client, model).served {
         return Ok(None);
     }
@@ -864,10 +937,11 @@ fn route(
         return Ok(None);
     }
     Err(Box::new(match (pinned, soonest) {
+        // (granted, so it exists)
         (Some(p), _) if candidates.is_empty() => Admission::denied(
             400,
             "invalid_channel",
-            format!("Channel {p} does not exist or does not serve model {model}."),
+            format!("Channel {p} does not serve model {model}."),
         ),
         (None, None) => Admission::denied(
             503,

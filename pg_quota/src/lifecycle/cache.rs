@@ -8,8 +8,8 @@
 //! first statement. A selection also depends on time through boosts, so it is kept only for
 //! the span between the boost boundaries around the instant it was made.
 use std::cell::RefCell;
-use std::collections::HashMap;
 
+use pg_quota_core::BoundedMap;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::AnyNumeric;
@@ -36,12 +36,22 @@ struct Selection {
     rows: Vec<Applicable>,
 }
 
-#[derive(Default)]
 struct Cache {
     generation: i64,
-    policies: HashMap<i64, Option<Policy>>,
-    selections: HashMap<Subject, Selection>,
-    channels: HashMap<String, Channels>,
+    policies: BoundedMap<i64, Option<Policy>>,
+    selections: BoundedMap<Subject, Selection>,
+    channels: BoundedMap<String, Channels>,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Cache {
+            generation: 0,
+            policies: BoundedMap::new(MAX_ENTRIES, MAX_BYTES),
+            selections: BoundedMap::new(MAX_ENTRIES, MAX_BYTES),
+            channels: BoundedMap::new(MAX_ENTRIES, MAX_BYTES),
+        }
+    }
 }
 
 /// What the channels that serve a model, enabled or not, mean for admit.
@@ -53,8 +63,15 @@ pub(crate) struct Channels {
     pub capped: bool,
 }
 
-/// Beyond this many entries a map starts over: a backend serves a bounded working set.
+/// Beyond this many entries, or this many bytes, a map starts over: a backend serves a bounded
+/// working set (model names are at most 256 bytes, but a selection holds a row per policy).
 const MAX_ENTRIES: usize = 10_000;
+const MAX_BYTES: usize = 4 << 20;
+
+/// What a policy row takes on the heap, roughly: its struct and its strings.
+fn policy_bytes(p: &Policy) -> usize {
+    std::mem::size_of::<Policy>() + p.subject_type.len() + p.metric.len() + p.window_mode.len() + p.boundary.len()
+}
 
 thread_local! {
     static CACHE: RefCell<Cache> = RefCell::new(Cache::default());
@@ -132,18 +149,21 @@ pub(crate) fn policies_for(client: &mut SpiClient<'_>, subject: Subject, at: Tim
     let until: Option<TimestampWithTimeZone> = col(&span, 2);
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
-        if c.selections.len() >= MAX_ENTRIES {
-            c.selections.clear();
-        }
         for a in &rows {
-            c.policies.insert(a.policy.policy_id, Some(a.policy.clone()));
+            c.policies.insert(a.policy.policy_id, Some(a.policy.clone()), policy_bytes(&a.policy));
         }
+        let bytes = std::mem::size_of::<Subject>()
+            + subject.2.as_ref().map_or(0, String::len)
+            + rows
+                .iter()
+                .map(|a| policy_bytes(&a.policy) + a.axis.len() + a.limit_key.len() + 32)
+                .sum::<usize>();
         let selection = Selection {
             from: from.map(|t| t.into_inner()),
             until: until.map(|t| t.into_inner()),
             rows: rows.clone(),
         };
-        c.selections.insert(subject, selection);
+        c.selections.insert(subject, selection, bytes);
     });
     rows
 }
@@ -168,12 +188,10 @@ pub(crate) fn policies_by_id(client: &mut SpiClient<'_>, ids: &[i64]) -> Vec<Opt
             .collect();
         CACHE.with(|c| {
             let mut c = c.borrow_mut();
-            if c.policies.len() >= MAX_ENTRIES {
-                c.policies.clear();
-            }
             for id in missing {
                 let policy = found.iter().find(|p| p.policy_id == id).cloned();
-                c.policies.insert(id, policy);
+                let bytes = policy.as_ref().map_or(16, policy_bytes);
+                c.policies.insert(id, policy, bytes);
             }
         });
     }
@@ -200,10 +218,7 @@ pub(crate) fn channels(client: &mut SpiClient<'_>, model: &str) -> Channels {
     let found = Channels { served, capped };
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
-        if c.channels.len() >= MAX_ENTRIES {
-            c.channels.clear();
-        }
-        c.channels.insert(model.to_string(), found);
+        c.channels.insert(model.to_string(), found, model.len() + 48);
     });
     found
 }

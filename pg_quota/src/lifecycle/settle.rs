@@ -25,13 +25,20 @@ WITH r AS (DELETE FROM quota.reservation r WHERE r.request_id = $1 RETURNING r.*
 SELECT r.key_id, r.user_id, r.channel_id, r.model, r.counted_in_key_global, r.counted_in_user_global,
        r.hold_policy, r.hold_scope, r.hold_amount, r.hold_limit, quota.cost_of(mp, $2, $3, $4),
        (SELECT g.generation FROM quota.policy_generation g)
-FROM r LEFT JOIN quota.model_price mp ON mp.model = r.model";
+FROM r LEFT JOIN LATERAL quota.price_for(r.model) mp ON true";
 
-const SETTLED: &str = "SELECT l.billed, l.unbilled_reason, l.cost FROM quota.usage_ledger l WHERE l.request_id = $1";
+// What the ledger says of a settled request: the latest row's billing, the cost of all its rows
+// (a sweep's charge and its correction), and whether it is a sweep's charge not yet corrected.
+const SETTLED: &str = "\
+SELECT (array_agg(l.billed ORDER BY l.ledger_id DESC))[1], (array_agg(l.unbilled_reason ORDER BY l.ledger_id DESC))[1],
+       sum(l.cost), bool_or(l.settled_by = 'sweep') AND NOT bool_or(l.settled_by = 'correction')
+FROM quota.usage_ledger l WHERE l.request_id = $1 HAVING count(*) > 0";
+
+const CORRECT_SWEPT: &str = "SELECT c.cost, c.billed FROM quota.correct_swept($1, $2, $3, $4, $5) c";
 
 const RELEASED: &str = "\
 SELECT r.kind, r.key_id, r.user_id, r.channel_id, r.model, quota.cost_of(mp, $2, $3, $4)
-FROM quota.released r LEFT JOIN quota.model_price mp ON mp.model = r.model WHERE r.request_id = $1";
+FROM quota.released r LEFT JOIN LATERAL quota.price_for(r.model) mp ON true WHERE r.request_id = $1";
 
 // A reservation the sweep expired while the upstream was still working: the usage is real, so it
 // is charged on the policies that apply now, with no hold left to release.
@@ -99,13 +106,11 @@ fn settle(
     cached_tokens: Option<i64>,
 ) -> pgrx::composite_type!('static, "quota.settlement") {
     let settled = Spi::connect_mut(|client| {
-        if [input_tokens, output_tokens, cached_tokens]
-            .iter()
-            .any(|t| t.is_some_and(|t| t < 0))
-        {
-            return fail(b"PQ400", "settle: token counts must be >= 0".into());
-        }
         let request_id = request_id.unwrap_or("");
+        // bounded before anything is read or written (pg_quota_core::request)
+        if let Err(e) = pg_quota_core::request::check_settle(request_id, input_tokens, output_tokens, cached_tokens) {
+            return fail(b"PQ400", format!("settle: {e}"));
+        }
         settle_in(
             client,
             request_id,
@@ -156,7 +161,7 @@ fn settle_in(
                 cost: col(&r, 11),
             }
         }
-        None => match not_reserved(client, request_id, &usage, now)? {
+        None => match not_reserved(client, request_id, &usage, (input, output, cached), now)? {
             Ok(taken) => taken,
             Err(replay) => return Ok(replay),
         },
@@ -204,6 +209,8 @@ fn settle_in(
     }
 
     let zero = AnyNumeric::from(0);
+    // A rolling window counts in the minute's bucket: the ledger row names the bucket.
+    let bucket = crate::window::to_pg(pg_quota_core::WindowSpec::bucket_of(now_utc));
     let rows: Vec<(i64, AnyNumeric, bool, bool)> = run(
         client,
         COUNT,
@@ -223,7 +230,11 @@ fn settle_in(
             taken.counted_in_user_global.into(),
             counts.iter().map(|c| c.policy.policy_id).collect::<Vec<_>>().into(),
             counts.iter().map(|c| c.scope_id).collect::<Vec<_>>().into(),
-            counts.iter().map(|c| c.ws).collect::<Vec<_>>().into(),
+            counts
+                .iter()
+                .map(|c| if c.policy.rolling() { bucket } else { c.ws })
+                .collect::<Vec<_>>()
+                .into(),
             counts.iter().map(|c| c.actual.clone()).collect::<Vec<_>>().into(),
             now.into(),
             counts
@@ -269,7 +280,6 @@ fn settle_in(
         let mut used = counter_used;
         if c.policy.rolling() {
             if c.actual > zero {
-                let bucket = crate::window::to_pg(pg_quota_core::WindowSpec::bucket_of(now_utc));
                 let args = [
                     c.policy.policy_id.into(),
                     c.scope_id.into(),
@@ -293,16 +303,34 @@ fn settle_in(
     })
 }
 
-/// No reservation for `request_id`: the earlier answer (inner Err) when it was settled, an error
-/// when it is unknown or refunded, and the policies that apply now when the sweep expired it.
+/// No reservation for `request_id`: the earlier answer (inner Err) when it was settled; when the
+/// sweep charged it at its reservation, the charge corrected to this measured usage (once:
+/// quota.correct_swept); an error when it is unknown or refunded; and the policies that apply
+/// now when the sweep released it (pg_quota.expired_reservations = 'release').
 fn not_reserved(
     client: &mut SpiClient<'_>,
     request_id: &str,
     usage: &[DatumWithOid],
+    (input, output, cached): (Option<i64>, Option<i64>, i64),
     now: TimestampWithTimeZone,
 ) -> Result<Result<Taken, Settlement>, EngineError> {
-    // Settled before (or by a concurrent call that committed first): the same answer again.
     if let Some(l) = first(client, SETTLED, &[request_id.into()]) {
+        let uncorrected_sweep: bool = col(&l, 4).unwrap_or(false);
+        if let (true, Some(input), Some(output)) = (uncorrected_sweep, input, output) {
+            let args = [request_id.into(), input.into(), output.into(), cached.into(), now.into()];
+            let corrected = first(client, CORRECT_SWEPT, &args)
+                .and_then(|c| Some((col::<AnyNumeric>(&c, 1)?, col::<bool>(&c, 2)?)));
+            if let Some((cost, billed)) = corrected {
+                return Ok(Err(Settlement {
+                    billed,
+                    unbilled_reason: (!billed).then(|| "price_not_found".to_string()),
+                    cost,
+                    replay: false,
+                }));
+            }
+        }
+        // Settled before (or by a concurrent call that committed first): the same answer again.
+        let l = first(client, SETTLED, &[request_id.into()]).expect("the ledger has the request");
         let reason: Option<String> = col(&l, 2);
         return Ok(Err(Settlement {
             billed: col(&l, 1).unwrap(),

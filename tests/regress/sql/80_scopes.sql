@@ -181,6 +181,9 @@ VALUES ('channel', :free, 'tokens', 'day', 1000, 'disable');
 ROLLBACK TO cap;
 SELECT quota.create_user('eve') AS eve \gset
 SELECT quota.create_key(:eve, 'eve') AS eve_key \gset
+-- eve may pin these channels (a pinned request without a grant is refused: 93_channels).
+INSERT INTO quota.channel_grant (channel_id, subject_type, subject_id)
+VALUES (:free, 'user', :eve), (:paid, 'user', :eve), (:off, 'user', :eve);
 -- Holds are taken in lock order (quota.lock_order): the channel's counters first, even one whose
 -- policy is newer than the user's, then by policy_id.
 SAVEPOINT lock_order;
@@ -207,7 +210,8 @@ SELECT name, status, models, metric, used, remaining, next_reset, state FROM quo
 SELECT allowed, http_status, error_code, retry_after_s, message, ratelimit_limit, ratelimit_remaining,
        ratelimit_metric, ratelimit_reset_at
 FROM quota.admit(:'eve_key', 'c4', 'gpt-s', 10, 10, :free);
--- Pinned to a disabled channel, to one that does not serve the model, to one that does not exist.
+-- Pinned to a disabled channel, to one that does not serve the model, to one that does not exist
+-- (no grant can name it: refused like any channel the key may not pin).
 SELECT http_status, error_code FROM quota.admit(:'eve_key', 'c5', 'gpt-s', 10, 10, :off);
 SELECT http_status, error_code FROM quota.admit(:'eve_key', 'c6', 'claude-s', 10, 10, :paid);
 SELECT http_status, error_code FROM quota.admit(:'eve_key', 'c7', 'gpt-s', 10, 10, 424242);
