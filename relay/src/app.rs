@@ -1,7 +1,6 @@
-//! Shared state and the router: `fn app(state) -> Router`, used by `serve` and by the unit
-//! tests (`oneshot`).
+//! The router: `fn app(state) -> Router`, used by `serve` and by the unit tests (`oneshot`),
+//! and the handlers that are not a relayed request (health, metrics).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -9,54 +8,14 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use deadpool_postgres::Pool;
 use serde_json::json;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::RelayConfig;
 use crate::db;
 use crate::error::AppError;
-use crate::estimate::Endpoint;
-use crate::metrics::Metrics;
-use crate::proxy;
-
-pub struct Relay {
-    pub pool: Pool,
-    pub http: reqwest::Client,
-    pub config: RelayConfig,
-    pub metrics: Metrics,
-    /// Lifecycle tasks (admit → forward → settle); shutdown waits for them.
-    pub tasks: TaskTracker,
-}
-
-pub type AppState = Arc<Relay>;
-
-impl Relay {
-    pub fn new(pool: Pool, config: RelayConfig) -> Result<AppState, reqwest::Error> {
-        // https upstreams go through rustls, trusting the system's store, the built-in public
-        // roots and --upstream-ca-file
-        let mut http = reqwest::Client::builder();
-        for ca in &config.upstream_ca {
-            http = http.add_root_certificate(ca.clone());
-        }
-        let http = http
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(config.upstream_timeout)
-            // the relay talks to its upstreams directly; an ambient HTTP_PROXY must not
-            // reroute (or see) upstream keys
-            .no_proxy()
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build()?;
-        Ok(Arc::new(Relay {
-            pool,
-            http,
-            config,
-            metrics: Metrics::new(),
-            tasks: TaskTracker::new(),
-        }))
-    }
-}
+use crate::openai::Endpoint;
+use crate::proxy::{lifecycle, models::list_models};
+use crate::state::{new_request_id, AppState};
 
 pub fn app(state: AppState) -> Router {
     Router::new()
@@ -84,10 +43,6 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-pub fn new_request_id() -> String {
-    format!("req_{}", uuid::Uuid::now_v7().simple())
-}
-
 async fn relay(State(state): State<AppState>, endpoint: Endpoint, req: Request) -> Response {
     let request_id = new_request_id();
     let span = tracing::info_span!(
@@ -98,7 +53,7 @@ async fn relay(State(state): State<AppState>, endpoint: Endpoint, req: Request) 
         user_id = tracing::field::Empty,
         channel_id = tracing::field::Empty,
     );
-    let result = proxy::handle(state.clone(), endpoint, request_id.clone(), req)
+    let result = lifecycle::handle(state.clone(), endpoint, request_id.clone(), req)
         .instrument(span.clone())
         .await;
     let mut response = match result {
@@ -153,7 +108,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 async fn models(State(state): State<AppState>, req: Request) -> Response {
     let request_id = new_request_id();
-    let mut response = match proxy::list_models(&state, &request_id, req.headers()).await {
+    let mut response = match list_models(&state, &request_id, req.headers()).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
@@ -163,34 +118,10 @@ async fn models(State(state): State<AppState>, req: Request) -> Response {
     response
 }
 
-/// A relay whose database refuses connections (nothing listens on port 1).
-#[cfg(test)]
-pub(crate) fn test_relay(
-    fail_open: bool,
-    upstream_url: Option<String>,
-    upstream_timeout: Duration,
-) -> AppState {
-    let pg = db::parse_database_url("host=127.0.0.1 port=1 user=relay dbname=quota").unwrap();
-    let (pool, _) = db::build_pool(pg, 2, Default::default()).unwrap();
-    Relay::new(
-        pool,
-        RelayConfig {
-            upstream_url,
-            upstream_api_key: Some("sk-upstream-test".into()),
-            upstream_ca: vec![],
-            max_body_bytes: 1024,
-            default_max_output_tokens: 1024,
-            fail_open,
-            upstream_timeout,
-            settle_retry: Duration::from_secs(1),
-        },
-    )
-    .unwrap()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::test_relay;
     use axum::body::Body;
     use bytes::Bytes;
     use http_body_util::BodyExt;

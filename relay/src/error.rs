@@ -5,6 +5,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::openai::error_body;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     /// Missing, garbled or unknown API key.
@@ -120,35 +122,6 @@ impl AppError {
     }
 }
 
-/// The `type` field, by HTTP status, following the names the official OpenAI SDKs and API use
-/// (the SDKs pick their exception class from the status: 401 AuthenticationError, 403
-/// PermissionDeniedError, 429 RateLimitError, 5xx InternalServerError).
-pub fn error_type(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        403 => "permission_error",
-        429 => "rate_limit_error",
-        500..=599 => "server_error",
-        _ => "invalid_request_error",
-    }
-}
-
-/// `{"error":{"message","type","param","code"}}`
-pub fn error_body(
-    status: StatusCode,
-    message: &str,
-    code: Option<&str>,
-    param: Option<&str>,
-) -> serde_json::Value {
-    json!({
-        "error": {
-            "message": message,
-            "type": error_type(status),
-            "param": param,
-            "code": code,
-        }
-    })
-}
-
 /// "error connecting to server: Connection refused (os error 111)": the message and its causes.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -162,6 +135,96 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+/// A failed database call, as the relay tells its kinds apart.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DbError {
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("SQLSTATE {code}: {message}")]
+    Sql { code: String, message: String },
+    /// The key may not be used (SQLSTATE PQ403): the engine's message, and its error code
+    /// (key_disabled, user_disabled, key_expired) from DETAIL.
+    #[error("forbidden ({code}): {message}")]
+    Forbidden { code: String, message: String },
+}
+
+impl DbError {
+    /// A transaction PostgreSQL rolled back to resolve a conflict (deadlock, serialization).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, DbError::Sql { code, .. } if code.starts_with("40"))
+    }
+
+    /// Worth trying again: connection trouble or a transaction conflict.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Unavailable(_) => true,
+            DbError::Sql { code, .. } => code.starts_with("40") || code.starts_with("08"),
+            DbError::Forbidden { .. } => false,
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        match e.as_db_error() {
+            Some(db) => {
+                let code = db.code().code().to_string();
+                // connection exceptions, shutdown, too many connections: the database is away
+                if code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") {
+                    DbError::Unavailable(format!("{code}: {}", db.message()))
+                } else if code == "PQ403" {
+                    DbError::Forbidden {
+                        code: db.detail().unwrap_or("permission_denied").to_string(),
+                        message: db.message().to_string(),
+                    }
+                } else {
+                    DbError::Sql {
+                        code,
+                        message: db.message().to_string(),
+                    }
+                }
+            }
+            None => DbError::Unavailable(error_chain(&e)),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            other => DbError::Unavailable(error_chain(&other)),
+        }
+    }
+}
+
+impl From<DbError> for AppError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Unavailable(_) => AppError::DatabaseUnavailable,
+            DbError::Forbidden { code, message } => AppError::Denied {
+                status: axum::http::StatusCode::FORBIDDEN,
+                code,
+                message,
+                retry_after_s: None,
+            },
+            DbError::Sql { code, message } if code.starts_with("PQ") => {
+                AppError::RejectedByEngine {
+                    sqlstate: code,
+                    message,
+                }
+            }
+            DbError::Sql { code, .. } if code == "28000" => {
+                AppError::InvalidApiKey("Incorrect API key provided.".into())
+            }
+            DbError::Sql { code, message } => {
+                tracing::error!(sqlstate = %code, %message, "unexpected SQL error");
+                AppError::Internal
+            }
+        }
+    }
 }
 
 impl IntoResponse for AppError {
@@ -292,6 +355,39 @@ mod tests {
                 "{msg}"
             );
         }
+    }
+
+    #[test]
+    fn sql_errors_map_to_client_statuses() {
+        let pq: AppError = DbError::Sql {
+            code: "PQ001".into(),
+            message: "est_input_tokens must be >= 0".into(),
+        }
+        .into();
+        assert_eq!(pq.status_code(), 400);
+        assert_eq!(pq.to_string(), "est_input_tokens must be >= 0");
+        let auth: AppError = DbError::Sql {
+            code: "28000".into(),
+            message: "x".into(),
+        }
+        .into();
+        assert_eq!(auth.status_code(), 401);
+        let other: AppError = DbError::Sql {
+            code: "42883".into(),
+            message: "function quota.admit does not exist".into(),
+        }
+        .into();
+        assert_eq!(other.status_code(), 500);
+        assert!(!other.to_string().contains("quota.admit"));
+        let forbidden: AppError = DbError::Forbidden {
+            code: "key_expired".into(),
+            message: "This API key has expired.".into(),
+        }
+        .into();
+        assert_eq!(forbidden.status_code(), 403);
+        assert_eq!(forbidden.code().as_deref(), Some("key_expired"));
+        let down: AppError = DbError::Unavailable("connection refused".into()).into();
+        assert_eq!(down.status_code(), 503);
     }
 
     #[tokio::test]

@@ -9,42 +9,7 @@
 use serde_json::Value;
 
 use crate::error::AppError;
-
-/// Which endpoint a request is for; decides where its text and limits live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    ChatCompletions,
-    Completions,
-    Embeddings,
-    Responses,
-}
-
-impl Endpoint {
-    /// Path below the upstream's base URL (which ends in `/v1`).
-    pub fn upstream_path(self) -> &'static str {
-        match self {
-            Endpoint::ChatCompletions => "/chat/completions",
-            Endpoint::Completions => "/completions",
-            Endpoint::Embeddings => "/embeddings",
-            Endpoint::Responses => "/responses",
-        }
-    }
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Endpoint::ChatCompletions => "chat_completions",
-            Endpoint::Completions => "completions",
-            Endpoint::Embeddings => "embeddings",
-            Endpoint::Responses => "responses",
-        }
-    }
-
-    /// Whether `stream_options.include_usage` exists on this endpoint (the Responses API always
-    /// reports usage in `response.completed` and rejects unknown stream options).
-    pub fn supports_include_usage(self) -> bool {
-        matches!(self, Endpoint::ChatCompletions | Endpoint::Completions)
-    }
-}
+use crate::openai::Endpoint;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tokenizer {

@@ -14,16 +14,20 @@ mod error;
 mod estimate;
 mod metrics;
 mod mock;
+mod openai;
 mod proxy;
-mod stream;
+mod server;
+mod state;
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 
 use crate::config::{Cli, Command, RelayConfig, ServeArgs};
+use crate::error::DbError;
+use crate::server::{announce, shutdown_signal};
 
 /// Exit code for "the database cannot be reached" and invalid configuration.
 const EXIT_CONFIG: u8 = 2;
@@ -52,35 +56,6 @@ fn main() -> ExitCode {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::MockUpstream(args) => runtime.block_on(mock::run(args)),
     }
-}
-
-/// The one line tests wait for, flushed at once.
-pub fn announce(line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-}
-
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
-    }
-    tracing::info!("shutdown requested: no new connections; finishing in-flight requests");
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
@@ -113,7 +88,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             let cause = match e {
-                db::DbError::Unavailable(c) => c,
+                DbError::Unavailable(c) => c,
                 other => other.to_string(),
             };
             return fail(format!("cannot reach the database at {target}: {cause}"));
@@ -136,7 +111,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     // the BPE tables take a moment to load; do it before the first request needs them
     tokio::task::spawn_blocking(estimate::Tokenizer::warm_up);
 
-    let state = match app::Relay::new(pool.clone(), config) {
+    let state = match state::Relay::new(pool.clone(), config) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot build the HTTP client: {e}")),
     };

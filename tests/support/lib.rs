@@ -1,6 +1,11 @@
 //! Shared helpers for the out-of-process tests: a real cluster started by `scripts/test.sh`
 //! (its DSN in `PGQ_TEST_DSN`, its server log in `PGQ_SERVER_LOG`), the real relay binary
-//! (`PGQ_RELAY_BIN`), the mock upstream.
+//! (`PGQ_RELAY_BIN`), the mock upstream. The relay's own harness is in `relay` and `tls`.
+mod relay;
+mod tls;
+pub use relay::*;
+pub use tls::*;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};

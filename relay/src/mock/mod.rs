@@ -25,8 +25,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::config::MockArgs;
-use crate::error::error_body;
-use crate::estimate::Endpoint;
+use crate::openai::{error_body, Endpoint};
 
 /// Requests kept for `/_mock/requests`.
 const RECORDED: usize = 1000;
@@ -366,9 +365,9 @@ pub async fn run(args: MockArgs) -> std::process::ExitCode {
         }
     };
     let addr = listener.local_addr().expect("bound socket has an address");
-    crate::announce(&format!("mock-upstream listening on http://{addr}"));
+    crate::server::announce(&format!("mock-upstream listening on http://{addr}"));
     let served = axum::serve(listener, app(args))
-        .with_graceful_shutdown(crate::shutdown_signal())
+        .with_graceful_shutdown(crate::server::shutdown_signal())
         .await;
     match served {
         Ok(()) => std::process::ExitCode::SUCCESS,

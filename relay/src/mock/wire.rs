@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::estimate::Endpoint;
+use crate::openai::Endpoint;
 
 /// Words the mock "generates", one per completion token.
 const WORDS: &[&str] = &[

@@ -1,0 +1,208 @@
+//! Settlement: what a finished request costs (its outcome) and the settle or refund call that
+//! records it, retried while the database is away.
+
+use std::time::{Duration, Instant};
+
+use crate::db;
+use crate::estimate::Tokenizer;
+use crate::openai::Usage;
+use crate::proxy::streaming::{SseFilter, StreamEnd};
+use crate::state::AppState;
+
+/// Backoff between settlement attempts: from the first, times four, at most the last.
+const SETTLE_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+/// What the relay does with the reservation once the upstream has answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Settle(Usage),
+    Refund(&'static str),
+}
+
+/// What a finished stream costs: the upstream's usage when it sent one; otherwise the estimated
+/// input plus the output counted so far. A stream that failed upstream before producing
+/// anything is refunded; a client who left is charged for what was produced.
+pub fn stream_outcome(
+    end: StreamEnd,
+    filter: &SseFilter,
+    est_input: i64,
+    tokenizer: Tokenizer,
+) -> Outcome {
+    if let Some(usage) = filter.usage {
+        return Outcome::Settle(usage);
+    }
+    if end == StreamEnd::UpstreamFailed && filter.content_events == 0 {
+        return Outcome::Refund("upstream_stream_failed");
+    }
+    Outcome::Settle(Usage {
+        input_tokens: est_input,
+        output_tokens: tokenizer.count(&filter.text),
+        cached_tokens: 0,
+    })
+}
+
+/// Settle or refund, retrying transient failures (database unreachable, a conflict) with
+/// backoff for `--settle-retry-s`. A settle that arrives after the sweep released the
+/// reservation is still charged by the engine, and a repeated call changes nothing, so retrying
+/// is always safe. Given up, the request is never charged: logged at ERROR and counted.
+pub async fn settle_or_refund(
+    state: &AppState,
+    request_id: &str,
+    outcome: Outcome,
+) -> Option<db::Settlement> {
+    let call = match outcome {
+        Outcome::Settle(_) => "settle",
+        Outcome::Refund(_) => "refund",
+    };
+    let (mut delay, max_delay) = SETTLE_BACKOFF;
+    let give_up = Instant::now() + state.config.settle_retry;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let started = Instant::now();
+        let result = match outcome {
+            Outcome::Settle(u) => db::settle(
+                &state.pool,
+                request_id,
+                u.input_tokens,
+                u.output_tokens,
+                u.cached_tokens,
+            )
+            .await
+            .map(Some),
+            Outcome::Refund(reason) => {
+                db::refund(&state.pool, request_id, reason)
+                    .await
+                    .map(|refunded| {
+                        tracing::info!(reason, refunded, "reservation refunded");
+                        None
+                    })
+            }
+        };
+        state
+            .metrics
+            .settle_seconds
+            .with_label_values(&[call])
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(settlement) => {
+                if let Some(s) = &settlement {
+                    tracing::info!(
+                        settled = s.settled,
+                        billed = s.billed,
+                        unbilled_reason = s.unbilled_reason.as_deref().unwrap_or(""),
+                        cost = s.cost.as_deref().unwrap_or(""),
+                        replay = s.replay,
+                        "reservation settled"
+                    );
+                }
+                return settlement;
+            }
+            Err(e) if e.is_transient() && Instant::now() + delay < give_up => {
+                tracing::warn!(call, attempt, error = %e, "settlement failed; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 4).min(max_delay);
+            }
+            Err(e) => {
+                state
+                    .metrics
+                    .settlement_failures
+                    .with_label_values(&[call])
+                    .inc();
+                tracing::error!(
+                    call,
+                    attempt,
+                    error = %e,
+                    ?outcome,
+                    "SETTLEMENT LOST: the reservation stays until quota.sweep() releases it"
+                );
+                return None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::test_relay;
+
+    #[tokio::test]
+    async fn a_settlement_is_retried_for_settle_retry_then_given_up_and_counted() {
+        // the test relay's database refuses connections; it retries settlements for 1 s
+        let state = test_relay(false, None, Duration::from_secs(10));
+        let started = Instant::now();
+        let usage = Usage {
+            input_tokens: 1,
+            output_tokens: 1,
+            cached_tokens: 0,
+        };
+        assert!(settle_or_refund(&state, "req_x", Outcome::Settle(usage))
+            .await
+            .is_none());
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(500) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        let failures = state
+            .metrics
+            .settlement_failures
+            .with_label_values(&["settle"])
+            .get();
+        assert_eq!(failures, 1);
+    }
+
+    #[test]
+    fn stream_outcomes_charge_what_was_produced() {
+        let tok = Tokenizer::Approx;
+        // usage chunk wins, whatever happened to the connection
+        let mut f = SseFilter::new(true);
+        f.push(
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}\n\n",
+        );
+        assert_eq!(
+            stream_outcome(StreamEnd::ClientGone, &f, 100, tok),
+            Outcome::Settle(Usage {
+                input_tokens: 5,
+                output_tokens: 2,
+                cached_tokens: 0
+            })
+        );
+        // client left after some content: estimated input + counted output, never a refund
+        let mut f = SseFilter::new(true);
+        f.push(b"data: {\"choices\":[{\"delta\":{\"content\":\"abcdefgh\"}}]}\n\n");
+        assert_eq!(
+            stream_outcome(StreamEnd::ClientGone, &f, 100, tok),
+            Outcome::Settle(Usage {
+                input_tokens: 100,
+                output_tokens: 2,
+                cached_tokens: 0
+            })
+        );
+        // upstream failed after content: still charged
+        assert_eq!(
+            stream_outcome(StreamEnd::UpstreamFailed, &f, 100, tok),
+            Outcome::Settle(Usage {
+                input_tokens: 100,
+                output_tokens: 2,
+                cached_tokens: 0
+            })
+        );
+        // upstream failed before any content: refunded
+        let empty = SseFilter::new(true);
+        assert_eq!(
+            stream_outcome(StreamEnd::UpstreamFailed, &empty, 100, tok),
+            Outcome::Refund("upstream_stream_failed")
+        );
+        // client left before any content: the input was still processed
+        assert_eq!(
+            stream_outcome(StreamEnd::ClientGone, &empty, 100, tok),
+            Outcome::Settle(Usage {
+                input_tokens: 100,
+                output_tokens: 0,
+                cached_tokens: 0
+            })
+        );
+    }
+}
