@@ -256,7 +256,7 @@ async fn graceful_window_admits_the_request_that_crosses_it_and_refuses_the_next
     let r = relayed("pgq_e2e_graceful", "'tokens', 'day', 1000, 'graceful'", &[]).await;
     let first = r
         .chat(
-            chat_body(100),
+            chat_body(200),
             &[
                 ("x-mock-input-tokens", "300"),
                 ("x-mock-output-tokens", "200"),
@@ -387,6 +387,77 @@ async fn upstream_500_is_a_502_and_the_reservation_is_refunded() {
         r.status().await,
         [("tokens".into(), "0".into(), "0".into())]
     );
+    assert_no_drift(&r.db).await;
+}
+
+#[tokio::test]
+async fn a_strict_window_caps_what_the_upstream_may_write() {
+    // Reproduced: a strict 5,000 tokens a day, requests without max_tokens, an upstream that
+    // would write 50,000 tokens. The relay tells the upstream the output it reserved.
+    let r = relayed("pgq_e2e_output_cap", "'tokens', 'day', 5000, 'strict'", &[]).await;
+    let plain = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "Write forever."}]});
+    let mut streamed = plain.clone();
+    streamed["stream"] = json!(true);
+    let endless = [("x-mock-output-tokens", "50000"), ("x-mock-chunk-delay-ms", "0")];
+    let mut answered = 0;
+    for n in 0..10 {
+        let body = if n % 2 == 0 { plain.clone() } else { streamed.clone() };
+        let resp = r.chat(body, &endless).send().await.unwrap();
+        if resp.status() == 429 {
+            break;
+        }
+        assert_eq!(resp.status(), 200);
+        let id = request_id(&resp);
+        let text = resp.text().await.unwrap();
+        if n == 0 {
+            let answer: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(answer["choices"][0]["finish_reason"], "length", "cut at the limit");
+        }
+        r.ledger_row(&id).await;
+        answered += 1;
+    }
+    assert!(answered >= 2, "{answered} requests answered");
+    let used: i64 = r
+        .db
+        .query_one("SELECT used::bigint FROM quota.status($1)", &[&r.key.key_id])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(used <= 5000, "a strict window of 5,000 tokens ends at {used} used");
+    let seen = mock_requests(&r.mock).await;
+    assert_eq!(seen[0]["body"]["max_tokens"], 1024, "the reserved output, written for the upstream");
+    assert_no_drift(&r.db).await;
+}
+
+#[tokio::test]
+async fn every_endpoint_tells_the_upstream_the_output_it_reserved() {
+    let r = relayed("pgq_e2e_output_fields", "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    let post = |path: &str, body: Value| {
+        r.http
+            .post(format!("{}/v1/{path}", r.relay.url))
+            .bearer_auth(&r.key.secret)
+            .json(&body)
+            .send()
+    };
+    let cases = [
+        ("chat/completions", json!({"model": "gpt-4o", "messages": []}), "max_tokens"),
+        ("chat/completions", json!({"model": "o3-mini", "messages": []}), "max_completion_tokens"),
+        ("completions", json!({"model": "gpt-4o", "prompt": "a"}), "max_tokens"),
+        ("responses", json!({"model": "gpt-4o", "input": "a"}), "max_output_tokens"),
+    ];
+    for (path, body, _) in &cases {
+        assert_eq!(post(path, body.clone()).await.unwrap().status(), 200, "{path}");
+    }
+    // a limit the client gives is the one reserved and passed on as it is
+    let given = json!({"model": "gpt-4o", "max_completion_tokens": 77, "messages": []});
+    assert_eq!(post("chat/completions", given).await.unwrap().status(), 200);
+    let seen = mock_requests(&r.mock).await;
+    for (n, (path, _, field)) in cases.iter().enumerate() {
+        assert_eq!(seen[n]["body"][field], 1024, "{path}: {}", seen[n]["body"]);
+    }
+    assert_eq!(seen[4]["body"]["max_completion_tokens"], 77);
+    assert!(seen[4]["body"].get("max_tokens").is_none(), "{}", seen[4]["body"]);
+    r.wait_ledger_rows(5).await;
     assert_no_drift(&r.db).await;
 }
 

@@ -141,3 +141,110 @@ async fn relayed_responses_carry_ratelimit_headers_and_the_request_id() {
     assert_eq!(upstream_ids, ids, "the upstream sees the same request id");
 }
 
+#[tokio::test]
+async fn large_bodies_without_a_valid_key_cannot_stall_the_relay() {
+    // Reproduced: a bogus key and a 250 KB body whose message is one long word took 37 s of
+    // relay CPU before its 401. Eight at once, with a key that is no key and with one of the
+    // right shape that no database row knows, are all answered within 2 s, and /healthz
+    // answers meanwhile.
+    let r = relayed("pgq_e2e_dos", "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    let word = "a".repeat(250_000);
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": word}]}).to_string();
+    let forged = format!("sk-pgq-{}-{}", "0".repeat(12), "0".repeat(64));
+    for key in ["nonsense", forged.as_str()] {
+        let started = Instant::now();
+        let flood: Vec<_> = (0..8)
+            .map(|_| {
+                tokio::spawn(
+                    r.http
+                        .post(format!("{}/v1/chat/completions", r.relay.url))
+                        .bearer_auth(key)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .timeout(Duration::from_secs(10))
+                        .send(),
+                )
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let health = r
+            .http
+            .get(format!("{}/healthz", r.relay.url))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("/healthz answers during the flood");
+        assert_eq!(health.status(), 200);
+        for request in flood {
+            let resp = request.await.unwrap().expect("answered");
+            openai_error(resp, 401, "invalid_request_error", "invalid_api_key").await;
+        }
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "{key}: 8 requests took {took:?}");
+    }
+    assert_eq!(r.reservations().await, 0);
+    assert!(mock_requests(&r.mock).await.is_empty());
+}
+
+#[tokio::test]
+async fn only_allowed_client_headers_reach_the_upstream() {
+    let r = relayed("pgq_e2e_forwarded", "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    let upstream = format!("{}/v1", r.mock.url);
+    let relay = Server::relay_bare(&r.dsn, &upstream, &[]).await;
+    let r = Relayed { relay, ..r };
+    let sent = [
+        ("user-agent", "OpenAI/Python 1.99.0"),
+        ("x-stainless-lang", "python"),
+        ("openai-beta", "assistants=v2"),
+        ("idempotency-key", "stainless-retry-1"),
+        ("x-forwarded-for", "203.0.113.9"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-http-method-override", "DELETE"),
+        ("x-amz-security-token", "t0k3n"),
+        ("x-mock-output-tokens", "7"),
+        ("x-custom", "1"),
+    ];
+    let mut req = r.chat(chat_body(100), &[]);
+    for (name, value) in sent {
+        req = req.header(name, value);
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    let seen = mock_requests(&r.mock).await;
+    let headers = seen[0]["headers"].as_object().unwrap();
+    for passed in ["user-agent", "x-stainless-lang", "openai-beta", "idempotency-key"] {
+        assert!(headers.contains_key(passed), "{passed} is on the allow list: {headers:?}");
+    }
+    for held in [
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-http-method-override",
+        "x-amz-security-token",
+        "x-mock-output-tokens",
+        "x-custom",
+    ] {
+        assert!(!headers.contains_key(held), "{held} must not reach the upstream: {headers:?}");
+    }
+    assert_eq!(headers["user-agent"], "OpenAI/Python 1.99.0");
+    // so a client cannot report its own usage to the upstream: the mock's default output
+    let (_, output, _, _, _) = r.ledger_row(&id).await;
+    assert_eq!(output, 16);
+
+    // An operator extends the list with --forward-header (the tests' mock controls).
+    let extend = ["--forward-header", "x-mock-*", "--forward-header", "x-custom"];
+    let relay = Server::relay_bare(&r.dsn, &upstream, &extend).await;
+    let r = Relayed { relay, ..r };
+    let mut req = r.chat(chat_body(100), &[]);
+    for (name, value) in sent {
+        req = req.header(name, value);
+    }
+    let resp = req.send().await.unwrap();
+    let id = request_id(&resp);
+    let (_, output, _, _, _) = r.ledger_row(&id).await;
+    assert_eq!(output, 7, "x-mock-output-tokens reached the mock");
+    let seen = mock_requests(&r.mock).await;
+    let headers = seen[1]["headers"].as_object().unwrap();
+    assert!(headers.contains_key("x-custom"));
+    assert!(!headers.contains_key("x-http-method-override"));
+}

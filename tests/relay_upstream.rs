@@ -26,7 +26,7 @@ async fn channels_route_with_their_key_and_model_name_and_a_full_channel_is_429(
     .unwrap();
 
     let usage = [("x-mock-input-tokens", "400"), ("x-mock-output-tokens", "600")];
-    let resp = r.chat(chat_body(100), &usage).send().await.unwrap();
+    let resp = r.chat(chat_body(600), &usage).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     r.wait_ledger_rows(1).await;
     let seen = mock_requests(&r.mock).await;

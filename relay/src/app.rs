@@ -128,6 +128,11 @@ mod tests {
     use serde_json::Value;
     use tower::ServiceExt;
 
+    const BEARER: &str = concat!(
+        "Bearer sk-pgq-0123456789ab-",
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    );
+
     fn relay_without_db(fail_open: bool, upstream_url: Option<String>) -> AppState {
         test_relay(fail_open, upstream_url, Duration::from_secs(10))
     }
@@ -176,7 +181,7 @@ mod tests {
             r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
             "x".repeat(2000)
         );
-        let (status, _, body) = send(&state, chat(Some("Bearer sk-a"), big.clone())).await;
+        let (status, _, body) = send(&state, chat(Some(BEARER), big.clone())).await;
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(body["error"]["code"], "request_too_large");
         // without a Content-Length the limit still holds while streaming the body in
@@ -186,26 +191,25 @@ mod tests {
                 .map(|c| Ok::<_, std::io::Error>(Bytes::copy_from_slice(c)))
                 .collect::<Vec<_>>(),
         );
-        let (status, _, _) =
-            send(&state, chat(Some("Bearer sk-a"), Body::from_stream(stream))).await;
+        let (status, _, _) = send(&state, chat(Some(BEARER), Body::from_stream(stream))).await;
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     }
 
     #[tokio::test]
     async fn malformed_json_and_missing_model_are_400() {
         let state = relay_without_db(false, None);
-        let (status, _, body) = send(&state, chat(Some("Bearer sk-a"), "{not json")).await;
+        let (status, _, body) = send(&state, chat(Some(BEARER), "{not json")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(body["error"]["code"], "invalid_json");
         assert_eq!(body["error"]["type"], "invalid_request_error");
-        let (status, _, body) = send(&state, chat(Some("Bearer sk-a"), r#"{"messages":[]}"#)).await;
+        let (status, _, body) = send(&state, chat(Some(BEARER), r#"{"messages":[]}"#)).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(body["error"]["param"], "model");
-        let (status, _, _) = send(&state, chat(Some("Bearer sk-a"), "[1,2]")).await;
+        let (status, _, _) = send(&state, chat(Some(BEARER), "[1,2]")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         let (status, _, body) = send(
             &state,
-            chat(Some("Bearer sk-a"), r#"{"model":"m","max_tokens":-5}"#),
+            chat(Some(BEARER), r#"{"model":"m","max_tokens":-5}"#),
         )
         .await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -215,11 +219,8 @@ mod tests {
     #[tokio::test]
     async fn database_down_fails_closed_with_503() {
         let state = relay_without_db(false, Some("http://127.0.0.1:1/v1".into()));
-        let (status, _, body) = send(
-            &state,
-            chat(Some("Bearer sk-a"), r#"{"model":"m","messages":[]}"#),
-        )
-        .await;
+        let (status, _, body) =
+            send(&state, chat(Some(BEARER), r#"{"model":"m","messages":[]}"#)).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["error"]["code"], "quota_database_unavailable");
         assert_eq!(body["error"]["type"], "server_error");
@@ -248,7 +249,7 @@ mod tests {
         let (status, headers, body) = send(
             &state,
             chat(
-                Some("Bearer sk-client"),
+                Some(BEARER),
                 r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
             ),
         )
@@ -259,10 +260,7 @@ mod tests {
         // streaming passes through untouched: no include_usage injected, no accounting
         let (status, headers, body) = send(
             &state,
-            chat(
-                Some("Bearer sk-client"),
-                r#"{"model":"m","stream":true,"messages":[]}"#,
-            ),
+            chat(Some(BEARER), r#"{"model":"m","stream":true,"messages":[]}"#),
         )
         .await;
         assert_eq!(status, StatusCode::OK);

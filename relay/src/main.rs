@@ -105,7 +105,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
             "--upstream-url is not set: requests whose channel names no upstream will get 502"
         );
     }
-    if config.fail_open {
+    if config.fail_open.enabled {
         tracing::warn!("--fail-open: if the database becomes unreachable, requests are forwarded WITHOUT quota accounting");
     }
     // the BPE tables take a moment to load; do it before the first request needs them

@@ -33,6 +33,43 @@ impl Endpoint {
         }
     }
 
+    /// The request fields that limit the output, in the order they take precedence.
+    pub fn output_limit_fields(self) -> &'static [&'static str] {
+        match self {
+            Endpoint::ChatCompletions => &["max_completion_tokens", "max_tokens"],
+            Endpoint::Completions => &["max_tokens"],
+            Endpoint::Responses => &["max_output_tokens"],
+            Endpoint::Embeddings => &[],
+        }
+    }
+
+    /// The field in which to tell `model` its output limit: chat models of OpenAI's reasoning
+    /// families (o1, o3, o4, gpt-5) refuse `max_tokens` and take `max_completion_tokens`;
+    /// other chat models, here and at every OpenAI-compatible upstream, take `max_tokens`.
+    pub fn output_limit_field(self, model: &str) -> Option<&'static str> {
+        match self {
+            Endpoint::ChatCompletions => {
+                let m = model
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or(model)
+                    .to_ascii_lowercase();
+                let reasoning = ["o1", "o3", "o4", "gpt-5"].iter().any(|family| {
+                    m.strip_prefix(family)
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['-', '.']))
+                });
+                Some(if reasoning {
+                    "max_completion_tokens"
+                } else {
+                    "max_tokens"
+                })
+            }
+            Endpoint::Completions => Some("max_tokens"),
+            Endpoint::Responses => Some("max_output_tokens"),
+            Endpoint::Embeddings => None,
+        }
+    }
+
     /// Whether `stream_options.include_usage` exists on this endpoint (the Responses API always
     /// reports usage in `response.completed` and rejects unknown stream options).
     pub fn supports_include_usage(self) -> bool {
@@ -140,6 +177,28 @@ pub fn error_body(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_limits_are_written_where_each_model_reads_them() {
+        let chat = Endpoint::ChatCompletions;
+        for (model, field) in [
+            ("gpt-4o", "max_tokens"),
+            ("o3-mini", "max_completion_tokens"),
+            ("o1", "max_completion_tokens"),
+            ("openai/o4-mini", "max_completion_tokens"),
+            ("gpt-5", "max_completion_tokens"),
+            ("gpt-5.1-codex", "max_completion_tokens"),
+            ("omni-moderation", "max_tokens"),
+            ("llama-3-70b", "max_tokens"),
+        ] {
+            assert_eq!(chat.output_limit_field(model), Some(field), "{model}");
+        }
+        assert_eq!(
+            Endpoint::Responses.output_limit_field("o3"),
+            Some("max_output_tokens")
+        );
+        assert_eq!(Endpoint::Embeddings.output_limit_field("e"), None);
+    }
 
     #[test]
     fn usage_from_bodies_of_every_endpoint() {

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
+use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
-use crate::config::RelayConfig;
+use crate::config::{FailOpenConfig, RelayConfig};
 use crate::metrics::Metrics;
 
 pub struct Relay {
@@ -17,6 +18,8 @@ pub struct Relay {
     pub metrics: Metrics,
     /// Lifecycle tasks (admit → forward → settle); shutdown waits for them.
     pub tasks: TaskTracker,
+    /// Large bodies parsed and estimated at once on the blocking pool: one per core.
+    pub estimators: Semaphore,
 }
 
 pub type AppState = Arc<Relay>;
@@ -43,6 +46,9 @@ impl Relay {
             config,
             metrics: Metrics::new(),
             tasks: TaskTracker::new(),
+            estimators: Semaphore::new(
+                std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+            ),
         }))
     }
 }
@@ -69,7 +75,13 @@ pub(crate) fn test_relay(
             upstream_ca: vec![],
             max_body_bytes: 1024,
             default_max_output_tokens: 1024,
-            fail_open,
+            fail_open: FailOpenConfig {
+                enabled: fail_open,
+                recent: Duration::from_secs(900),
+                max_requests: 1000,
+                max_outage: Duration::from_secs(300),
+            },
+            forward_headers: vec![],
             upstream_timeout,
             settle_retry: Duration::from_secs(1),
         },

@@ -8,13 +8,15 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Map, Value};
 
+use crate::config::HeaderPattern;
 use crate::error::AppError;
-use crate::estimate;
-use crate::openai::Endpoint;
+use crate::estimate::{self, OutputLimit};
+use crate::openai::{Endpoint, Usage};
 use crate::state::AppState;
 
-/// Bodies above this size are estimated on the blocking pool (BPE on megabytes takes a while).
-const BLOCKING_ESTIMATE_BYTES: usize = 256 * 1024;
+/// Bodies above this size are parsed and estimated on the blocking pool, a few at a time, so
+/// that large bodies never hold up the async workers (or `/healthz`).
+const BLOCKING_ESTIMATE_BYTES: usize = 16 * 1024;
 pub const CHANNEL_HEADER: &str = "x-pgq-channel-id";
 
 /// Everything the lifecycle task needs. Not `Debug`: it carries the client's key.
@@ -28,13 +30,38 @@ pub struct Job {
     pub stream: bool,
     pub client_wants_usage: bool,
     pub est_input: i64,
+    /// output tokens reserved: the client's limit, or the default (see `output_cap`)
     pub max_output: i64,
+    /// per choice: the default limit the upstream must be told, when the client named none
+    pub output_cap: Option<i64>,
     /// client headers passed on to the upstream (see `forwarded_headers`)
     pub headers: HeaderMap,
 }
 
-/// Checks the request (key shape, size, JSON, model) and estimates its tokens: everything the
-/// relay knows before it asks the database.
+impl Job {
+    /// The whole reservation as usage: what an unknown outcome is charged.
+    pub fn reservation(&self) -> Usage {
+        Usage {
+            input_tokens: self.est_input,
+            output_tokens: self.max_output,
+            cached_tokens: 0,
+        }
+    }
+}
+
+/// What the body says, parsed and estimated.
+struct Parsed {
+    model: String,
+    body: Map<String, Value>,
+    stream: bool,
+    client_wants_usage: bool,
+    est_input: i64,
+    output: OutputLimit,
+}
+
+/// Checks the request (key, size, JSON, model) and estimates its tokens: everything the relay
+/// knows before it asks the database. The key's shape is checked first, so a request without
+/// a key costs neither a body read nor a tokenizer run.
 pub async fn read_request(
     state: &AppState,
     endpoint: Endpoint,
@@ -43,9 +70,40 @@ pub async fn read_request(
 ) -> Result<Job, AppError> {
     let api_key = bearer_token(req.headers())?;
     let channel_id = channel_header(req.headers())?;
-    let headers = forwarded_headers(req.headers());
+    let headers = forwarded_headers(req.headers(), &state.config.forward_headers);
     let bytes = read_body(req, state.config.max_body_bytes).await?;
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+    let default_output = state.config.default_max_output_tokens;
+    let parsed = if bytes.len() > BLOCKING_ESTIMATE_BYTES {
+        let _permit = state
+            .estimators
+            .acquire()
+            .await
+            .map_err(|_| AppError::Internal)?;
+        tokio::task::spawn_blocking(move || parse(endpoint, &bytes, default_output))
+            .await
+            .map_err(|_| AppError::Internal)??
+    } else {
+        parse(endpoint, &bytes, default_output)?
+    };
+    Ok(Job {
+        request_id,
+        endpoint,
+        api_key,
+        channel_id,
+        model: parsed.model,
+        body: parsed.body,
+        stream: parsed.stream,
+        client_wants_usage: parsed.client_wants_usage,
+        est_input: parsed.est_input,
+        max_output: parsed.output.reserved(),
+        output_cap: (!parsed.output.from_client).then_some(parsed.output.per_choice),
+        headers,
+    })
+}
+
+/// The body as JSON, its model, and its estimates (time linear in its size; see `estimate`).
+fn parse(endpoint: Endpoint, bytes: &[u8], default_output: i64) -> Result<Parsed, AppError> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
         AppError::bad_request(
             "invalid_json",
             format!("We could not parse the JSON body of your request: {e}."),
@@ -72,44 +130,19 @@ pub async fn read_request(
         .get("stream_options")
         .and_then(|o| o.get("include_usage"))
         == Some(&Value::Bool(true));
-    let body_value = Value::Object(body);
-    let max_output = estimate::max_output_tokens(
-        endpoint,
-        &body_value,
-        state.config.default_max_output_tokens,
-    )?;
-    let (est_input, body_value) = if bytes.len() > BLOCKING_ESTIMATE_BYTES {
-        let model = model.clone();
-        tokio::task::spawn_blocking(move || {
-            (
-                estimate::estimate_input_tokens(endpoint, &model, &body_value),
-                body_value,
-            )
-        })
-        .await
-        .map_err(|_| AppError::Internal)?
-    } else {
-        (
-            estimate::estimate_input_tokens(endpoint, &model, &body_value),
-            body_value,
-        )
+    let body = Value::Object(body);
+    let output = estimate::output_limit(endpoint, &body, default_output)?;
+    let est_input = estimate::estimate_input_tokens(endpoint, &model, &body);
+    let Value::Object(body) = body else {
+        unreachable!("an object above")
     };
-    let Value::Object(body) = body_value else {
-        unreachable!("checked above")
-    };
-
-    Ok(Job {
-        request_id,
-        endpoint,
-        api_key,
-        channel_id,
+    Ok(Parsed {
         model,
         body,
         stream,
         client_wants_usage,
         est_input,
-        max_output,
-        headers,
+        output,
     })
 }
 
@@ -135,31 +168,44 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<String, AppError> {
     {
         return Err(garbled());
     }
+    if !is_key_shaped(token) {
+        return Err(AppError::InvalidApiKey(
+            "Incorrect API key provided.".into(),
+        ));
+    }
     Ok(token.to_string())
 }
 
-/// Client headers the upstream may see: `user-agent` and `x-*` extension headers (SDK
-/// telemetry such as `x-stainless-*`, test controls such as `x-mock-*`), never credentials
-/// (`authorization`, `x-api-key`, ...), the relay's own `x-pgq-*`, or hop-by-hop headers.
-fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
-    const NEVER: &[&str] = &[
-        "x-api-key",
-        "x-goog-api-key",
-        "x-request-id",
-        "x-forwarded-for",
-        "x-real-ip",
-    ];
+/// Whether `token` has the shape of the engine's keys, `sk-pgq-<12 hex>-<64 hex>` (what
+/// `quota.create_key` returns): anything else cannot be a key, and is refused at once.
+pub fn is_key_shaped(token: &str) -> bool {
+    let hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit());
+    token.len() == 84
+        && token.starts_with("sk-pgq-")
+        && token.as_bytes()[19] == b'-'
+        && hex(&token[7..19])
+        && hex(&token[20..])
+}
+
+/// Client headers the upstream may see, on top of what the relay sets itself (content type,
+/// accept, authorization, x-request-id): the SDKs' own (`user-agent`, `x-stainless-*`,
+/// `openai-*` such as `openai-beta`), idempotency keys, and what the operator adds with
+/// `--forward-header`. Everything else stays with the relay (`x-forwarded-*`,
+/// `x-http-method-override`, cloud credentials, the mock's `x-mock-*` controls, ...).
+/// `openai-organization` and `openai-project` pick an account of the relay's own key, so they
+/// are not the client's to choose.
+const ALLOWED_NAMES: &[&str] = &["user-agent", "idempotency-key", "x-idempotency-key"];
+const ALLOWED_PREFIXES: &[&str] = &["x-stainless-", "openai-"];
+const NOT_THE_CLIENTS: &[&str] = &["openai-organization", "openai-project"];
+
+fn forwarded_headers(headers: &HeaderMap, extra: &[HeaderPattern]) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (name, value) in headers {
         let n = name.as_str();
-        let pass = n == "user-agent"
-            || (n.starts_with("x-")
-                && !n.starts_with("x-pgq-")
-                && !NEVER.contains(&n)
-                && !["key", "auth", "secret", "cookie", "password"]
-                    .iter()
-                    .any(|w| n.contains(w)));
-        if pass {
+        let allowed = ALLOWED_NAMES.contains(&n)
+            || (ALLOWED_PREFIXES.iter().any(|p| n.starts_with(p)) && !NOT_THE_CLIENTS.contains(&n))
+            || extra.iter().any(|p| p.matches(n));
+        if allowed {
             out.append(name.clone(), value.clone());
         }
     }
@@ -220,7 +266,7 @@ pub fn test_job(
     Job {
         request_id: "req_test".into(),
         endpoint,
-        api_key: "sk-client".into(),
+        api_key: TEST_KEY.into(),
         channel_id: None,
         model: body["model"].as_str().unwrap().into(),
         stream: body.get("stream") == Some(&Value::Bool(true)),
@@ -231,9 +277,15 @@ pub fn test_job(
         body,
         est_input: 10,
         max_output: 100,
+        output_cap: None,
         headers,
     }
 }
+
+/// A key of the engine's shape, for tests that never reach a database.
+#[cfg(test)]
+pub const TEST_KEY: &str =
+    "sk-pgq-0123456789ab-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
 #[cfg(test)]
 mod tests {
@@ -248,9 +300,11 @@ mod tests {
 
     #[test]
     fn bearer_tokens_are_parsed_strictly() {
-        assert_eq!(bearer_token(&headers("Bearer sk-abc")).unwrap(), "sk-abc");
-        assert_eq!(bearer_token(&headers("bearer  sk-abc ")).unwrap(), "sk-abc");
-        for bad in ["sk-abc", "Basic dXNlcjpwYXNz", "Bearer ", "Bearer a b"] {
+        let bearer = format!("Bearer {TEST_KEY}");
+        assert_eq!(bearer_token(&headers(&bearer)).unwrap(), TEST_KEY);
+        let loose = format!("bearer  {TEST_KEY} ");
+        assert_eq!(bearer_token(&headers(&loose)).unwrap(), TEST_KEY);
+        for bad in [TEST_KEY, "Basic dXNlcjpwYXNz", "Bearer ", "Bearer a b"] {
             let e = bearer_token(&headers(bad)).unwrap_err();
             assert_eq!(e.status_code(), 401, "{bad}");
         }
@@ -261,29 +315,66 @@ mod tests {
     }
 
     #[test]
-    fn only_harmless_client_headers_reach_the_upstream() {
+    fn only_strings_of_the_engines_key_shape_are_keys() {
+        assert!(is_key_shaped(TEST_KEY));
+        let upper = TEST_KEY.replace("abcdef", "ABCDEF");
+        assert!(is_key_shaped(&upper), "hex either case");
+        for bad in [
+            "nonsense".to_string(),
+            "sk-abc".to_string(),
+            TEST_KEY[..83].to_string(),
+            format!("{TEST_KEY}0"),
+            TEST_KEY.replacen("sk-pgq-", "sk-xyz-", 1),
+            TEST_KEY.replacen('-', "_", 3),
+            TEST_KEY.replace('f', "g"),
+        ] {
+            assert!(!is_key_shaped(&bad), "{bad}");
+            let e = bearer_token(&headers(&format!("Bearer {bad}"))).unwrap_err();
+            assert_eq!(e.code().as_deref(), Some("invalid_api_key"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_allowed_client_headers_reach_the_upstream() {
         let mut h = headers("Bearer sk-client");
         for (k, v) in [
             ("x-mock-output-tokens", "3"),
             ("x-stainless-lang", "python"),
             ("user-agent", "OpenAI/Python"),
+            ("openai-beta", "assistants=v2"),
+            ("openai-organization", "org-abc"),
+            ("idempotency-key", "k1"),
             ("x-api-key", "sk-client"),
             ("x-pgq-channel-id", "7"),
             ("cookie", "a=b"),
-            ("x-upstream-secret", "t"),
-            ("x-mock-cached-tokens", "2"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-http-method-override", "DELETE"),
+            ("x-amz-security-token", "t"),
             ("connection", "keep-alive"),
         ] {
             h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
-        let out = forwarded_headers(&h);
-        let mut names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
-        names.sort();
+        let names = |out: HeaderMap| {
+            let mut names: Vec<String> = out.keys().map(|n| n.as_str().to_string()).collect();
+            names.sort();
+            names
+        };
         assert_eq!(
-            names,
+            names(forwarded_headers(&h, &[])),
             [
+                "idempotency-key",
+                "openai-beta",
                 "user-agent",
-                "x-mock-cached-tokens",
+                "x-stainless-lang"
+            ]
+        );
+        let extra = [HeaderPattern::parse("x-mock-*").unwrap()];
+        assert_eq!(
+            names(forwarded_headers(&h, &extra)),
+            [
+                "idempotency-key",
+                "openai-beta",
+                "user-agent",
                 "x-mock-output-tokens",
                 "x-stainless-lang"
             ]

@@ -80,7 +80,7 @@ async fn lifecycle(state: AppState, job: Job, reply: oneshot::Sender<Response>) 
 
     let admission = match admitted {
         Ok(a) => a,
-        Err(DbError::Unavailable(cause)) if state.config.fail_open => {
+        Err(DbError::Unavailable(cause)) if state.config.fail_open.enabled => {
             tracing::warn!(
                 request_id = %job.request_id,
                 %cause,

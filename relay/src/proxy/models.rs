@@ -32,7 +32,7 @@ pub async fn list_models(
                 .collect();
             Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
         }
-        Err(DbError::Unavailable(cause)) if state.config.fail_open => {
+        Err(DbError::Unavailable(cause)) if state.config.fail_open.enabled => {
             tracing::warn!(%request_id, %cause, "quota database unavailable: listing the upstream's models WITHOUT key check (--fail-open)");
             let base = state
                 .config

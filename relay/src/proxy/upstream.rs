@@ -47,6 +47,11 @@ pub async fn call_upstream(
     if let Some(model) = &upstream.model {
         body.insert("model".into(), Value::String(model.clone()));
     }
+    // the output reserved is the most the upstream may write: tell it when the client did not
+    let model = upstream.model.as_deref().unwrap_or(&job.model);
+    if let (Some(cap), Some(field)) = (job.output_cap, job.endpoint.output_limit_field(model)) {
+        body.insert(field.into(), Value::from(cap));
+    }
     if accounting && job.stream && job.endpoint.supports_include_usage() && !job.client_wants_usage
     {
         let options = body
