@@ -316,17 +316,20 @@ async fn graceful_window_admits_the_request_that_crosses_it_and_refuses_the_next
 }
 
 #[tokio::test]
-async fn client_hanging_up_mid_stream_is_charged_for_what_was_produced() {
+async fn a_client_hanging_up_mid_stream_is_charged_the_upstreams_whole_usage() {
+    // The upstream goes on generating (and billing) after the client left: the relay reads the
+    // stream to its end for the usage chunk and charges that, hidden reasoning tokens included.
     let r = relayed("pgq_e2e_hangup", "'tokens', 'day', 1000000, 'strict'", &[]).await;
     let mut body = chat_body(500);
     body["stream"] = json!(true);
-    // 200 tokens 50 ms apart: the whole stream would take 10 s.
+    // 100 tokens 20 ms apart: the whole stream takes 2 s.
     let resp = r
         .chat(
             body,
             &[
-                ("x-mock-output-tokens", "200"),
-                ("x-mock-chunk-delay-ms", "50"),
+                ("x-mock-input-tokens", "30"),
+                ("x-mock-output-tokens", "100"),
+                ("x-mock-chunk-delay-ms", "20"),
             ],
         )
         .send()
@@ -338,18 +341,47 @@ async fn client_hanging_up_mid_stream_is_charged_for_what_was_produced() {
     read_sse(&mut chunks, &mut String::new(), Some(4)).await;
     drop(chunks); // the client hangs up
 
-    let (input, output, _, billed, _) = r.ledger_row(&id).await;
-    assert!(billed);
-    assert!(
-        input > 0,
-        "the prompt was processed: charged at the estimate"
-    );
-    assert!(
-        (3..200).contains(&output),
-        "charged for the output produced before the hang-up, not all 200 and not nothing: {output}"
+    let sql = "SELECT input_tokens, output_tokens, billed FROM quota.usage_ledger WHERE request_id = $1";
+    eventually("the settlement after the upstream finished", Duration::from_secs(10), || async {
+        r.db.query_opt(sql, &[&id]).await.unwrap().is_some()
+    })
+    .await;
+    let row = r.db.query_one(sql, &[&id]).await.unwrap();
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, bool>(2)),
+        (30, 100, true),
+        "charged the upstream's own usage, not what the client saw before it left"
     );
     assert_eq!(r.reservations().await, 0, "no reservation may remain");
-    assert_eq!(r.status().await[0].2, "0");
+    assert_no_drift(&r.db).await;
+}
+
+#[tokio::test]
+async fn an_upstream_timeout_or_cut_after_sending_is_charged_the_full_reservation() {
+    // The upstream may bill a request it received even if its answer never arrives: such an
+    // outcome is unknown, and unknown outcomes are charged at their reservation.
+    let r = relayed(
+        "pgq_e2e_unknown_outcome",
+        "'tokens', 'day', 1000000, 'strict'",
+        &["--upstream-timeout-s", "1"],
+    )
+    .await;
+    let resp = r.chat(chat_body(100), &[("x-mock-fail", "timeout")]).send().await.unwrap();
+    let timed_out = request_id(&resp);
+    openai_error(resp, 504, "server_error", "upstream_timeout").await;
+    let mut body = chat_body(100);
+    body["stream"] = json!(true);
+    let resp = r.chat(body, &[("x-mock-fail", "disconnect-mid-stream")]).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let cut = request_id(&resp);
+    resp.text().await.unwrap();
+
+    for id in [timed_out, cut] {
+        let (input, output, _, billed, _) = r.ledger_row(&id).await;
+        assert!(billed && input > 0, "{id}: the input at its estimate");
+        assert_eq!(output, 100, "{id}: the whole output that was reserved (max_tokens)");
+    }
+    assert_eq!(r.reservations().await, 0);
     assert_no_drift(&r.db).await;
 }
 

@@ -7,19 +7,9 @@ async fn channels_route_with_their_key_and_model_name_and_a_full_channel_is_429(
     let r = relayed("pgq_e2e_channels", "'cost', 'day', 100, 'strict'", &[]).await;
     // One channel serves gpt-4o, under a renamed upstream model and its own upstream key, with
     // a strict cap of 1,000 raw tokens a day.
-    let channel: i64 = r
-        .db
-        .query_one(
-            "INSERT INTO quota.channel (name, base_url, api_key) VALUES ('acct-1', $1, 'sk-channel-1')
-             RETURNING channel_id",
-            &[&format!("{}/v1", r.mock.url)],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let channel = r.channel("gpt-4o", "gpt-4o-2024-11-20").await;
     r.db.batch_execute(&format!(
-        "INSERT INTO quota.channel_model VALUES ({channel}, 'gpt-4o', 'gpt-4o-2024-11-20');
-         INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit)
+        "INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit)
          VALUES ('channel', {channel}, 'tokens', 'day', 1000);"
     ))
     .await
@@ -109,3 +99,39 @@ async fn https_upstreams_are_verified_against_the_trusted_cas() {
     std::fs::remove_file(&ca_file).unwrap();
 }
 
+#[tokio::test]
+async fn upstream_errors_never_show_the_operators_account() {
+    let r = relayed("pgq_e2e_upstream_errors", "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    // A channel that serves gpt-4o under the upstream's dated model name.
+    r.channel("gpt-4o", "gpt-4o-2024-11-20").await;
+    let fail = |status: &'static str| r.chat(chat_body(100), &[("x-mock-fail", status)]).send();
+    let shown = |error: &Value| {
+        let text = error.to_string();
+        assert!(!text.contains("org-"), "an organization id reached the client: {text}");
+        assert!(!text.contains("2024-11-20"), "the upstream model reached the client: {text}");
+        assert!(!text.contains("sk-"), "a key reached the client: {text}");
+    };
+
+    // The upstream's 429 names the operator's organization and limits: the relay's own error.
+    let resp = fail("429").await.unwrap();
+    assert_eq!(resp.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+    shown(&openai_error(resp, 429, "rate_limit_error", "upstream_rate_limited").await);
+    // The relay's credentials refused: the client's request is fine, the relay is not.
+    for status in ["401", "403"] {
+        let resp = fail(status).await.unwrap();
+        shown(&openai_error(resp, 502, "server_error", "upstream_auth_failed").await);
+    }
+    // Request errors pass, in the client's own terms.
+    let resp = fail("404").await.unwrap();
+    let error = openai_error(resp, 404, "invalid_request_error", "model_not_found").await;
+    shown(&error);
+    assert!(error["message"].as_str().unwrap().contains("gpt-4o"), "{error}");
+    for status in ["400", "422"] {
+        let resp = fail(status).await.unwrap();
+        shown(&openai_error(resp, status.parse().unwrap(), "invalid_request_error", "invalid_request").await);
+    }
+    r.wait_refunds("upstream_rate_limited", 1).await;
+    assert_eq!(r.reservations().await, 0);
+    assert_eq!(r.ledger_rows().await, 0, "answers without usage are refunded");
+    assert_no_drift(&r.db).await;
+}

@@ -36,7 +36,7 @@ pub const HEALTH_SQL: &str = "SELECT 1";
 /// Short waits: a request should not hang on a dead database, it should get 503.
 const POOL_WAIT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// A database that accepts connections but does not answer counts as unavailable.
+/// A call the database does not answer in time is busy (a dead connection errors instead).
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn bounded<T>(
@@ -44,11 +44,7 @@ async fn bounded<T>(
 ) -> Result<T, DbError> {
     tokio::time::timeout(CALL_TIMEOUT, call)
         .await
-        .unwrap_or_else(|_| {
-            Err(DbError::Unavailable(format!(
-                "no answer within {CALL_TIMEOUT:?}"
-            )))
-        })
+        .unwrap_or_else(|_| Err(DbError::Busy(format!("no answer within {CALL_TIMEOUT:?}"))))
 }
 
 /// Where the database is, for messages: host, port, dbname and user, never the password.

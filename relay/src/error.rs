@@ -44,12 +44,23 @@ pub enum AppError {
         error: serde_json::Value,
         retry_after: Option<HeaderValue>,
     },
+    /// The upstream refused the relay's own credentials: nothing the client can fix.
+    #[error("The upstream refused the relay's credentials.")]
+    UpstreamAuthFailed,
+    /// The upstream rate-limits the relay's account; its body (which names the account and its
+    /// limits) is not passed on, its `Retry-After` is.
+    #[error("The upstream is rate limiting requests; retry later.")]
+    UpstreamRateLimited { retry_after: Option<HeaderValue> },
     #[error("{0}")]
     UpstreamUnavailable(&'static str),
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
     #[error("the quota database is unavailable")]
     DatabaseUnavailable,
+    /// The database is there but did not serve the call in time (pool exhausted, lock or
+    /// statement timeout): not an outage, so never a reason to fail open.
+    #[error("the quota database is busy; retry shortly")]
+    DatabaseBusy,
     #[error("internal error")]
     Internal,
 }
@@ -66,9 +77,13 @@ impl AppError {
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::UpstreamRejected { status, .. } => *status,
+            AppError::UpstreamAuthFailed => StatusCode::BAD_GATEWAY,
+            AppError::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             AppError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            AppError::DatabaseUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::DatabaseUnavailable | AppError::DatabaseBusy => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             AppError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -84,9 +99,12 @@ impl AppError {
             AppError::NotFound => "unknown_url",
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::UpstreamRejected { .. } => return None,
+            AppError::UpstreamAuthFailed => "upstream_auth_failed",
+            AppError::UpstreamRateLimited { .. } => "upstream_rate_limited",
             AppError::UpstreamUnavailable(_) => "upstream_unavailable",
             AppError::UpstreamTimeout => "upstream_timeout",
             AppError::DatabaseUnavailable => "quota_database_unavailable",
+            AppError::DatabaseBusy => "database_busy",
             AppError::Internal => "internal_error",
         };
         Some(code.to_string())
@@ -106,9 +124,12 @@ impl AppError {
             | AppError::NotFound
             | AppError::MethodNotAllowed => "bad_request",
             AppError::UpstreamRejected { .. }
+            | AppError::UpstreamAuthFailed
+            | AppError::UpstreamRateLimited { .. }
             | AppError::UpstreamUnavailable(_)
             | AppError::UpstreamTimeout => "upstream_error",
             AppError::DatabaseUnavailable => "database_unavailable",
+            AppError::DatabaseBusy => "database_busy",
             AppError::Internal => "internal_error",
         }
     }
@@ -140,8 +161,13 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// A failed database call, as the relay tells its kinds apart.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DbError {
+    /// The database cannot be connected to (or dropped the connection): an outage.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// The database is there but did not serve the call in time: the pool's wait, the call's
+    /// time limit, a lock or statement timeout (55P03, 57014), too many connections (53300).
+    #[error("database busy: {0}")]
+    Busy(String),
     #[error("SQLSTATE {code}: {message}")]
     Sql { code: String, message: String },
     /// The key may not be used (SQLSTATE PQ403): the engine's message, and its error code
@@ -156,10 +182,10 @@ impl DbError {
         matches!(self, DbError::Sql { code, .. } if code.starts_with("40"))
     }
 
-    /// Worth trying again: connection trouble or a transaction conflict.
+    /// Worth trying again: connection trouble, a busy database or a transaction conflict.
     pub fn is_transient(&self) -> bool {
         match self {
-            DbError::Unavailable(_) => true,
+            DbError::Unavailable(_) | DbError::Busy(_) => true,
             DbError::Sql { code, .. } => code.starts_with("40") || code.starts_with("08"),
             DbError::Forbidden { .. } => false,
         }
@@ -171,8 +197,14 @@ impl From<tokio_postgres::Error> for DbError {
         match e.as_db_error() {
             Some(db) => {
                 let code = db.code().code().to_string();
-                // connection exceptions, shutdown, too many connections: the database is away
-                if code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") {
+                // lock and statement timeouts, too many connections: there, but loaded
+                if ["55P03", "57014", "53300"].contains(&code.as_str()) {
+                    DbError::Busy(format!("{code}: {}", db.message()))
+                // connection exceptions, shutdown, out of resources: the database is away
+                } else if code.starts_with("08")
+                    || code.starts_with("57P")
+                    || code.starts_with("53")
+                {
                     DbError::Unavailable(format!("{code}: {}", db.message()))
                 } else if code == "PQ403" {
                     DbError::Forbidden {
@@ -195,6 +227,10 @@ impl From<deadpool_postgres::PoolError> for DbError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         match e {
             deadpool_postgres::PoolError::Backend(e) => e.into(),
+            // every connection in use for the whole wait: load, not an outage
+            deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => {
+                DbError::Busy("no pooled connection came free in time".into())
+            }
             other => DbError::Unavailable(error_chain(&other)),
         }
     }
@@ -204,6 +240,7 @@ impl From<DbError> for AppError {
     fn from(e: DbError) -> Self {
         match e {
             DbError::Unavailable(_) => AppError::DatabaseUnavailable,
+            DbError::Busy(_) => AppError::DatabaseBusy,
             DbError::Forbidden { code, message } => AppError::Denied {
                 status: axum::http::StatusCode::FORBIDDEN,
                 code,
@@ -263,6 +300,9 @@ impl IntoResponse for AppError {
             AppError::UpstreamRejected {
                 retry_after: Some(v),
                 ..
+            }
+            | AppError::UpstreamRateLimited {
+                retry_after: Some(v),
             } => {
                 response.headers_mut().insert(header::RETRY_AFTER, v);
             }

@@ -62,6 +62,29 @@ impl Relayed {
         req
     }
 
+    /// A channel `acct-1` on the mock upstream, with its own key `sk-channel-1`, serving
+    /// `model` under the upstream's name `upstream_model`; returns its id.
+    pub async fn channel(&self, model: &str, upstream_model: &str) -> i64 {
+        let channel: i64 = self
+            .db
+            .query_one(
+                "INSERT INTO quota.channel (name, base_url, api_key) VALUES ('acct-1', $1, 'sk-channel-1')
+                 RETURNING channel_id",
+                &[&format!("{}/v1", self.mock.url)],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        self.db
+            .execute(
+                "INSERT INTO quota.channel_model VALUES ($1, $2, $3)",
+                &[&channel, &model, &upstream_model],
+            )
+            .await
+            .unwrap();
+        channel
+    }
+
     /// Waits for the ledger row of `request_id`; returns
     /// (input, output, cached, billed, cost as text).
     pub async fn ledger_row(&self, request_id: &str) -> (i64, i64, i64, bool, String) {

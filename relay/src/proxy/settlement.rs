@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use crate::db;
 use crate::estimate::Tokenizer;
 use crate::openai::Usage;
+use crate::proxy::ingress::Job;
 use crate::proxy::streaming::{SseFilter, StreamEnd};
 use crate::state::AppState;
 
@@ -19,26 +20,22 @@ pub enum Outcome {
     Refund(&'static str),
 }
 
-/// What a finished stream costs: the upstream's usage when it sent one; otherwise the estimated
-/// input plus the output counted so far. A stream that failed upstream before producing
-/// anything is refunded; a client who left is charged for what was produced.
-pub fn stream_outcome(
-    end: StreamEnd,
-    filter: &SseFilter,
-    est_input: i64,
-    tokenizer: Tokenizer,
-) -> Outcome {
+/// What a finished stream costs: the upstream's usage when it sent one. Otherwise, a stream the
+/// upstream completed is charged the estimated input plus the output counted by the relay; one
+/// that broke off upstream or that the client left (the relay then reads it to its end for the
+/// usage) is an unknown outcome, charged its whole reservation.
+pub fn stream_outcome(end: StreamEnd, filter: &SseFilter, job: &Job) -> Outcome {
     if let Some(usage) = filter.usage {
         return Outcome::Settle(usage);
     }
-    if end == StreamEnd::UpstreamFailed && filter.content_events == 0 {
-        return Outcome::Refund("upstream_stream_failed");
+    match end {
+        StreamEnd::Completed => Outcome::Settle(Usage {
+            input_tokens: job.est_input,
+            output_tokens: Tokenizer::for_model(&job.model).count(&filter.text),
+            cached_tokens: 0,
+        }),
+        StreamEnd::UpstreamFailed | StreamEnd::ClientGone => Outcome::Settle(job.reservation()),
     }
-    Outcome::Settle(Usage {
-        input_tokens: est_input,
-        output_tokens: tokenizer.count(&filter.text),
-        cached_tokens: 0,
-    })
 }
 
 /// Settle or refund, retrying transient failures (database unreachable, a conflict) with
@@ -154,55 +151,54 @@ mod tests {
     }
 
     #[test]
-    fn stream_outcomes_charge_what_was_produced() {
-        let tok = Tokenizer::Approx;
+    fn stream_outcomes_charge_usage_else_the_count_or_the_reservation() {
+        let job = crate::proxy::ingress::test_job(
+            crate::openai::Endpoint::ChatCompletions,
+            serde_json::json!({"model": "my-model", "messages": []}),
+            &[],
+        );
+        let reservation = Outcome::Settle(Usage {
+            input_tokens: 10,
+            output_tokens: 100,
+            cached_tokens: 0,
+        });
         // usage chunk wins, whatever happened to the connection
         let mut f = SseFilter::new(true);
         f.push(
             b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}\n\n",
         );
-        assert_eq!(
-            stream_outcome(StreamEnd::ClientGone, &f, 100, tok),
-            Outcome::Settle(Usage {
-                input_tokens: 5,
-                output_tokens: 2,
-                cached_tokens: 0
-            })
-        );
-        // client left after some content: estimated input + counted output, never a refund
+        for end in [
+            StreamEnd::Completed,
+            StreamEnd::ClientGone,
+            StreamEnd::UpstreamFailed,
+        ] {
+            assert_eq!(
+                stream_outcome(end, &f, &job),
+                Outcome::Settle(Usage {
+                    input_tokens: 5,
+                    output_tokens: 2,
+                    cached_tokens: 0
+                })
+            );
+        }
+        // completed without usage: estimated input + counted output
         let mut f = SseFilter::new(true);
         f.push(b"data: {\"choices\":[{\"delta\":{\"content\":\"abcdefgh\"}}]}\n\n");
         assert_eq!(
-            stream_outcome(StreamEnd::ClientGone, &f, 100, tok),
+            stream_outcome(StreamEnd::Completed, &f, &job),
             Outcome::Settle(Usage {
-                input_tokens: 100,
+                input_tokens: 10,
                 output_tokens: 2,
                 cached_tokens: 0
             })
         );
-        // upstream failed after content: still charged
-        assert_eq!(
-            stream_outcome(StreamEnd::UpstreamFailed, &f, 100, tok),
-            Outcome::Settle(Usage {
-                input_tokens: 100,
-                output_tokens: 2,
-                cached_tokens: 0
-            })
-        );
-        // upstream failed before any content: refunded
+        // cut off upstream or left by the client, without usage: the whole reservation,
+        // with or without content
         let empty = SseFilter::new(true);
-        assert_eq!(
-            stream_outcome(StreamEnd::UpstreamFailed, &empty, 100, tok),
-            Outcome::Refund("upstream_stream_failed")
-        );
-        // client left before any content: the input was still processed
-        assert_eq!(
-            stream_outcome(StreamEnd::ClientGone, &empty, 100, tok),
-            Outcome::Settle(Usage {
-                input_tokens: 100,
-                output_tokens: 0,
-                cached_tokens: 0
-            })
-        );
+        for filter in [&f, &empty] {
+            for end in [StreamEnd::UpstreamFailed, StreamEnd::ClientGone] {
+                assert_eq!(stream_outcome(end, filter, &job), reservation);
+            }
+        }
     }
 }

@@ -41,30 +41,48 @@ pub enum StreamEnd {
     Completed,
     /// The upstream failed mid-stream (error, cut connection, timeout).
     UpstreamFailed,
-    /// The client went away; the upstream is not read any further.
+    /// The client went away; the upstream was read on to its end (or its failure).
     ClientGone,
 }
 
-/// Moves whole SSE events from the upstream to the client until either side stops.
+/// Moves whole SSE events from the upstream to the client until the upstream stops. If the
+/// client leaves first, the rest of the stream is still read (not sent), for its usage: the
+/// upstream goes on generating, and billing, after a client hangs up.
 pub async fn pump(
     upstream: reqwest::Response,
     tx: mpsc::Sender<Bytes>,
     filter: &mut SseFilter,
 ) -> StreamEnd {
     let mut chunks = upstream.bytes_stream();
+    let mut client_gone = false;
     loop {
-        let next = tokio::select! {
-            biased;
-            _ = tx.closed() => return StreamEnd::ClientGone,
-            next = chunks.next() => next,
+        let next = if client_gone {
+            chunks.next().await
+        } else {
+            tokio::select! {
+                biased;
+                _ = tx.closed() => {
+                    tracing::info!("client left mid-stream; reading the upstream to its end for usage");
+                    client_gone = true;
+                    continue;
+                }
+                next = chunks.next() => next,
+            }
         };
         match next {
             Some(Ok(bytes)) => {
                 for event in filter.push(&bytes) {
-                    if tx.send(event).await.is_err() {
-                        return StreamEnd::ClientGone;
+                    if !client_gone && tx.send(event).await.is_err() {
+                        tracing::info!(
+                            "client left mid-stream; reading the upstream to its end for usage"
+                        );
+                        client_gone = true;
                     }
                 }
+            }
+            Some(Err(e)) if client_gone => {
+                tracing::warn!(error = %error_chain(&e.without_url()), "upstream stream failed after the client left");
+                return StreamEnd::ClientGone;
             }
             Some(Err(e)) => {
                 let e = e.without_url();
@@ -80,9 +98,15 @@ pub async fn pump(
             }
             None => {
                 if let Some(rest) = filter.finish() {
-                    let _ = tx.send(rest).await;
+                    if !client_gone {
+                        let _ = tx.send(rest).await;
+                    }
                 }
-                return StreamEnd::Completed;
+                return if client_gone {
+                    StreamEnd::ClientGone
+                } else {
+                    StreamEnd::Completed
+                };
             }
         }
     }
