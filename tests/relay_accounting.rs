@@ -493,3 +493,18 @@ async fn every_endpoint_tells_the_upstream_the_output_it_reserved() {
     assert_no_drift(&r.db).await;
 }
 
+#[tokio::test]
+async fn unbilled_settlements_are_counted_in_metrics_by_reason() {
+    let r = relayed("pgq_e2e_unbilled", "'requests', 'day', 1000, 'strict'", &[]).await;
+    let body = json!({"model": "model-without-price", "max_tokens": 10, "messages": []});
+    let resp = r.chat(body, &[]).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    let (_, _, _, billed, _) = r.ledger_row(&id).await;
+    assert!(!billed);
+    let metrics = r.http.get(format!("{}/metrics", r.relay.url)).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains(r#"pgq_relay_unbilled_requests_total{reason="price_not_found"} 1"#),
+        "{metrics}"
+    );
+}

@@ -103,18 +103,31 @@ async fn a_request_in_flight_when_the_database_goes_away_is_charged_once_it_is_b
     let dsn = fresh_database_at(&cluster.dsn(), "pgq_e2e_settle_outage").await;
     let r = relayed_on(&dsn, "'tokens', 'day', 1000000, 'strict'", &[]).await;
     // Admitted, then the database stops while the upstream works (2 s) and stays away for 10 s.
-    let mock = [("x-mock-latency-ms", "2000"), ("x-mock-output-tokens", "9")];
+    let id = answered_while_the_database_stops(&r, &cluster, "2000").await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+
+    cluster.start_again().await;
+    charged_9_output_tokens(&dsn, &id).await;
+    drop(r); // relay and mock go before the cluster
+}
+
+/// Sends a request whose upstream works for `latency_ms` (and writes 9 tokens), stops the
+/// database once the request reached the upstream, and returns the answer's request id.
+async fn answered_while_the_database_stops(r: &Relayed, cluster: &PrivateCluster, latency_ms: &str) -> String {
+    let mock = [("x-mock-latency-ms", latency_ms), ("x-mock-output-tokens", "9")];
     let pending = tokio::spawn(r.chat(chat_body(100), &mock).send());
     let forwarded = || async { mock_requests(&r.mock).await.len() == 1 };
     eventually("the request reached the upstream", Duration::from_secs(5), forwarded).await;
     cluster.stop().await;
     let resp = pending.await.unwrap().unwrap();
     assert_eq!(resp.status(), 200, "the answer does not wait for its settlement");
-    let id = request_id(&resp);
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    request_id(&resp)
+}
 
-    cluster.start_again().await;
-    let db = connect(&dsn).await;
+/// Waits (20 s at most) for the ledger row of `id` in the database of `dsn`; it must charge
+/// 9 output tokens, leave no reservation and no drift.
+async fn charged_9_output_tokens(dsn: &str, id: &str) {
+    let db = connect(dsn).await;
     let sql = "SELECT output_tokens, billed FROM quota.usage_ledger WHERE request_id = $1";
     eventually("the settlement once the database is back", Duration::from_secs(20), || async {
         db.query_opt(sql, &[&id]).await.unwrap().is_some()
@@ -125,7 +138,6 @@ async fn a_request_in_flight_when_the_database_goes_away_is_charged_once_it_is_b
     let reservations: i64 = db.query_one("SELECT count(*) FROM quota.reservation", &[]).await.unwrap().get(0);
     assert_eq!(reservations, 0);
     assert_no_drift(&db).await;
-    drop(r); // relay and mock go before the cluster
 }
 
 #[tokio::test]
@@ -245,3 +257,148 @@ async fn the_database_connection_uses_tls_as_its_sslmode_and_ca_file_say() {
     }
 }
 
+/// Sends SIGTERM to a relay and waits for it to exit; panics unless it exits within `within`.
+async fn terminate(relay: &mut Server, within: Duration) {
+    let pid = relay.child.id().expect("the relay runs").to_string();
+    let kill = tokio::process::Command::new("kill").args(["-TERM", &pid]).status();
+    assert!(kill.await.unwrap().success());
+    let exit = tokio::time::timeout(within, relay.child.wait()).await;
+    exit.expect("the relay exits after SIGTERM").unwrap();
+}
+
+#[tokio::test]
+async fn fail_open_serves_only_keys_seen_recently_and_within_a_budget() {
+    let cluster = PrivateCluster::start("e2e-fail-open").await;
+    let dsn = fresh_database_at(&cluster.dsn(), "pgq_e2e_fail_open").await;
+    let budget = ["--fail-open", "--fail-open-max-requests", "2"];
+    let r = relayed_on(&dsn, "'tokens', 'day', 1000000, 'strict'", &budget).await;
+    // A second key that exists but has not been used through this relay.
+    let other = key_with_policy(&r.db, "bob", "'tokens', 'day', 1000000, 'strict'").await;
+    assert_eq!(r.chat(chat_body(10), &[]).send().await.unwrap().status(), 200);
+    r.wait_ledger_rows(1).await;
+
+    cluster.stop().await;
+    // Unseen keys, and strings that are no key, are refused as with fail-closed.
+    let forged = format!("sk-pgq-{}-{}", "0".repeat(12), "0".repeat(64));
+    for secret in [other.secret.as_str(), forged.as_str()] {
+        let resp = r
+            .http
+            .post(format!("{}/v1/chat/completions", r.relay.url))
+            .bearer_auth(secret)
+            .json(&chat_body(10))
+            .send()
+            .await
+            .unwrap();
+        openai_error(resp, 503, "server_error", "quota_database_unavailable").await;
+    }
+    // The key admitted a moment ago passes, unaccounted and saying so, within the budget ...
+    for _ in 0..2 {
+        let resp = r.chat(chat_body(10), &[]).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-pgq-accounting"], "off");
+    }
+    // ... and then the relay fails closed for the rest of the outage.
+    let resp = r.chat(chat_body(10), &[]).send().await.unwrap();
+    openai_error(resp, 503, "server_error", "quota_database_unavailable").await;
+    assert_eq!(mock_requests(&r.mock).await.len(), 3, "only the known key was forwarded");
+    let metrics = r.http.get(format!("{}/metrics", r.relay.url)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"outcome="fail_open"} 2"#), "{metrics}");
+
+    // The database is back: accounting again.
+    cluster.start_again().await;
+    eventually("requests are accounted again", Duration::from_secs(20), || async {
+        let resp = r.chat(chat_body(10), &[]).send().await.unwrap();
+        resp.status() == 200 && resp.headers().get("x-pgq-accounting").is_none()
+    })
+    .await;
+    drop(r);
+}
+
+#[tokio::test]
+async fn settlements_pending_at_shutdown_are_replayed_at_the_next_start() {
+    let cluster = PrivateCluster::start("e2e-journal").await;
+    let dsn = fresh_database_at(&cluster.dsn(), "pgq_e2e_journal").await;
+    let state_dir = std::env::temp_dir().join(format!("pgq-e2e-journal-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state_dir);
+    let args = ["--shutdown-grace-s", "1", "--state-dir", state_dir.to_str().unwrap()];
+    let mut r = relayed_on(&dsn, "'tokens', 'day', 1000000, 'strict'", &args).await;
+    // Admitted, then the database stops while the upstream works.
+    let id = answered_while_the_database_stops(&r, &cluster, "1500").await;
+    // The relay stops while its settlement still waits for the database ...
+    terminate(&mut r.relay, Duration::from_secs(10)).await;
+    assert!(state_dir.join("settlements.journal").exists(), "the journal was written");
+    // ... and both come back.
+    cluster.start_again().await;
+    r.relay = Server::relay(&dsn, &format!("{}/v1", r.mock.url), &args).await;
+    charged_9_output_tokens(&dsn, &id).await;
+    drop(r);
+    let _ = std::fs::remove_dir_all(&state_dir);
+}
+
+#[tokio::test]
+async fn settlements_that_hit_lock_or_statement_timeouts_are_retried() {
+    for (n, setting) in ["lock_timeout", "statement_timeout"].into_iter().enumerate() {
+        let dsn = fresh_database(&format!("pgq_e2e_settle_timeout{n}")).await;
+        let relay_dsn = format!("{dsn} options='-c {setting}=200ms'");
+        let db = connect(&dsn).await;
+        db.batch_execute(
+            "INSERT INTO quota.model_price (model, input_per_mtok, output_per_mtok) VALUES ('gpt-4o', 2.50, 10.00)",
+        )
+        .await
+        .unwrap();
+        let key = key_with_policy(&db, "alice", "'tokens', 'day', 1000000, 'strict'").await;
+        let mock = Server::mock_upstream().await;
+        let relay = Server::relay(&relay_dsn, &format!("{}/v1", mock.url), &[]).await;
+        let http = reqwest::Client::new();
+        let r = Relayed { dsn: dsn.clone(), db, key, mock, relay, http };
+        let pending = tokio::spawn(r.chat(chat_body(100), &[("x-mock-latency-ms", "1000")]).send());
+        let forwarded = || async { mock_requests(&r.mock).await.len() == 1 };
+        eventually("the request reached the upstream", Duration::from_secs(5), forwarded).await;
+        // Another transaction holds the key's counters while the settlement comes.
+        let locker = connect(&dsn).await;
+        locker.batch_execute("BEGIN; SELECT 1 FROM quota.counter FOR UPDATE").await.unwrap();
+        let resp = pending.await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200);
+        let id = request_id(&resp);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        locker.batch_execute("COMMIT").await.unwrap();
+        let (_, output, _, billed, _) = r.ledger_row(&id).await;
+        assert_eq!((output, billed), (16, true), "{setting}");
+        assert_eq!(r.reservations().await, 0);
+        assert_no_drift(&r.db).await;
+    }
+}
+
+#[tokio::test]
+async fn a_saturated_pool_is_busy_not_an_outage_even_with_fail_open() {
+    let r = relayed(
+        "pgq_e2e_busy",
+        "'tokens', 'day', 1000000, 'strict'",
+        &["--fail-open", "--pool-size", "1"],
+    )
+    .await;
+    assert_eq!(r.chat(chat_body(10), &[]).send().await.unwrap().status(), 200);
+    r.wait_ledger_rows(1).await;
+    // The only connection waits at admit for a lock another transaction holds ...
+    let locker = connect(&r.dsn).await;
+    locker.batch_execute("BEGIN; SELECT 1 FROM quota.counter FOR UPDATE").await.unwrap();
+    let first = tokio::spawn(r.chat(chat_body(10), &[]).send());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ... so the next request waits for the pool, and is told the database is busy: it is
+    // there, so nothing is forwarded without accounting.
+    let forged = format!("sk-pgq-{}-{}", "0".repeat(12), "0".repeat(64));
+    let resp = r
+        .http
+        .post(format!("{}/v1/chat/completions", r.relay.url))
+        .bearer_auth(&forged)
+        .json(&chat_body(10))
+        .send()
+        .await
+        .unwrap();
+    openai_error(resp, 503, "server_error", "database_busy").await;
+    locker.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    r.wait_ledger_rows(2).await;
+    assert_eq!(mock_requests(&r.mock).await.len(), 2, "nothing was forwarded unaccounted");
+    assert_no_drift(&r.db).await;
+}

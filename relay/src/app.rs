@@ -246,6 +246,13 @@ mod tests {
     async fn fail_open_forwards_without_accounting_and_says_so() {
         let mock = crate::mock::spawn_for_tests(3).await;
         let state = relay_without_db(true, Some(format!("{mock}/v1")));
+        // a key never admitted is refused as with fail-closed
+        let (status, _, body) =
+            send(&state, chat(Some(BEARER), r#"{"model":"m","messages":[]}"#)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["error"]["code"], "quota_database_unavailable");
+        // one admitted a moment ago passes
+        state.fail_open.admitted(&BEARER["Bearer ".len()..], 7);
         let (status, headers, body) = send(
             &state,
             chat(
@@ -274,6 +281,10 @@ mod tests {
         );
         assert!(seen[1]["body"].get("stream_options").is_none());
         assert!(state.metrics.render().contains(r#"outcome="fail_open"} 2"#));
+        assert!(state
+            .metrics
+            .render()
+            .contains(r#"outcome="database_unavailable"} 1"#));
     }
 
     #[tokio::test]

@@ -345,6 +345,52 @@ mod tests {
         assert!(took < std::time::Duration::from_secs(5), "{took:?}");
     }
 
+    /// The README's worst-case figure: `cargo test --release -p pg-quota-relay
+    /// worst_case_estimate -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn worst_case_estimate_of_a_4_mib_body() {
+        const SIZE: usize = 4 * 1024 * 1024;
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut random = |alphabet: &[u8]| -> String {
+            (0..SIZE)
+                .map(|_| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    alphabet[(rng % alphabet.len() as u64) as usize] as char
+                })
+                .collect()
+        };
+        let shapes = [
+            ("one word", "a".repeat(SIZE)),
+            (
+                "random letters",
+                random(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"),
+            ),
+            (
+                "random bytes of text",
+                random(b"abc XYZ 0123 !?.,;:-_()[]{}\t\n"),
+            ),
+            ("punctuation", "!?".repeat(SIZE / 2)),
+            ("digits", "7".repeat(SIZE)),
+            ("whitespace", " \t".repeat(SIZE / 2)),
+            ("newlines", "\n ".repeat(SIZE / 2)),
+            ("two-byte letters", "é".repeat(SIZE / 2)),
+            ("short words", "ab ".repeat(SIZE / 3)),
+        ];
+        let mut worst = std::time::Duration::ZERO;
+        for (name, text) in shapes {
+            let body = serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": text}]});
+            let started = std::time::Instant::now();
+            let n = estimate_input_tokens(Endpoint::ChatCompletions, "gpt-4o", &body);
+            let took = started.elapsed();
+            worst = worst.max(took);
+            println!("{name:>22}: {n:>9} tokens in {took:?}");
+        }
+        println!("worst: {worst:?}");
+    }
+
     #[test]
     fn approximation_is_ceil_chars_over_four() {
         assert_eq!(Tokenizer::Approx.count("abcd"), 1);

@@ -12,6 +12,7 @@ mod db;
 mod db_tls;
 mod error;
 mod estimate;
+mod fail_open;
 mod metrics;
 mod mock;
 mod openai;
@@ -106,15 +107,32 @@ async fn serve(args: ServeArgs) -> ExitCode {
         );
     }
     if config.fail_open.enabled {
-        tracing::warn!("--fail-open: if the database becomes unreachable, requests are forwarded WITHOUT quota accounting");
+        tracing::warn!(
+            recent_s = config.fail_open.recent.as_secs(),
+            max_requests = config.fail_open.max_requests,
+            max_s = config.fail_open.max_outage.as_secs(),
+            "--fail-open: while the database cannot be connected to, keys admitted recently are forwarded WITHOUT quota accounting, within a budget per outage"
+        );
     }
     // the BPE tables take a moment to load; do it before the first request needs them
     tokio::task::spawn_blocking(estimate::Tokenizer::warm_up);
 
-    let state = match state::Relay::new(pool.clone(), config) {
+    let journal = match proxy::journal::Journal::open(args.state_dir.as_deref()) {
+        Ok(j) => j,
+        Err(e) => return fail(e),
+    };
+    let state = match state::Relay::new(pool.clone(), config, journal) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot build the HTTP client: {e}")),
     };
+    match proxy::settlement::replay_journal(&state) {
+        Ok(0) => {}
+        Ok(replayed) => tracing::info!(
+            replayed,
+            "replaying settlements journaled at the last shutdown"
+        ),
+        Err(e) => return fail(format!("--state-dir: {e}")),
+    }
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -145,8 +163,20 @@ async fn serve(args: ServeArgs) -> ExitCode {
     {
         tracing::error!(
             still_running = state.tasks.len(),
-            "shutdown grace period over with settlements still running; quota.sweep() will release their reservations"
+            settlements_pending = state.journal.pending(),
+            "shutdown grace period over with requests or settlements still running"
         );
+    }
+    // what the database has not recorded yet goes to the journal, for the next start
+    let pending = state.journal.pending();
+    match state.journal.write_pending() {
+        Ok(0) if pending > 0 => tracing::error!(
+            pending,
+            "settlements not recorded and no --state-dir: quota.sweep() will release their reservations"
+        ),
+        Ok(0) => {}
+        Ok(written) => tracing::warn!(written, "settlements not recorded yet: journaled for the next start"),
+        Err(e) => tracing::error!(error = %e, pending, "could not write the settlement journal"),
     }
     pool.close();
     tracing::info!("relay stopped");

@@ -78,7 +78,7 @@ impl Endpoint {
 }
 
 /// Actual usage as reported by the upstream.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     pub input_tokens: i64,
     pub output_tokens: i64,

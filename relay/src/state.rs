@@ -8,8 +8,10 @@ use deadpool_postgres::Pool;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{FailOpenConfig, RelayConfig};
+use crate::config::RelayConfig;
+use crate::fail_open::FailOpen;
 use crate::metrics::Metrics;
+use crate::proxy::journal::Journal;
 
 pub struct Relay {
     pub pool: Pool,
@@ -20,12 +22,20 @@ pub struct Relay {
     pub tasks: TaskTracker,
     /// Large bodies parsed and estimated at once on the blocking pool: one per core.
     pub estimators: Semaphore,
+    /// `--fail-open`: which keys may pass while the database is unreachable.
+    pub fail_open: FailOpen,
+    /// Settlements not yet recorded, kept past a restart with `--state-dir`.
+    pub journal: Journal,
 }
 
 pub type AppState = Arc<Relay>;
 
 impl Relay {
-    pub fn new(pool: Pool, config: RelayConfig) -> Result<AppState, reqwest::Error> {
+    pub fn new(
+        pool: Pool,
+        config: RelayConfig,
+        journal: Journal,
+    ) -> Result<AppState, reqwest::Error> {
         // https upstreams go through rustls, trusting the system's store, the built-in public
         // roots and --upstream-ca-file
         let mut http = reqwest::Client::builder();
@@ -40,12 +50,15 @@ impl Relay {
             .no_proxy()
             .pool_idle_timeout(Duration::from_secs(90))
             .build()?;
+        let fail_open = FailOpen::new(config.fail_open.clone());
         Ok(Arc::new(Relay {
             pool,
             http,
             config,
             metrics: Metrics::new(),
             tasks: TaskTracker::new(),
+            fail_open,
+            journal,
             estimators: Semaphore::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
             ),
@@ -75,7 +88,7 @@ pub(crate) fn test_relay(
             upstream_ca: vec![],
             max_body_bytes: 1024,
             default_max_output_tokens: 1024,
-            fail_open: FailOpenConfig {
+            fail_open: crate::config::FailOpenConfig {
                 enabled: fail_open,
                 recent: Duration::from_secs(900),
                 max_requests: 1000,
@@ -85,6 +98,7 @@ pub(crate) fn test_relay(
             upstream_timeout,
             settle_retry: Duration::from_secs(1),
         },
+        Journal::open(None).unwrap(),
     )
     .unwrap()
 }

@@ -78,14 +78,36 @@ async fn lifecycle(state: AppState, job: Job, reply: oneshot::Sender<Response>) 
         .observe(started.elapsed().as_secs_f64());
 
     let admission = match admitted {
-        Ok(a) => a,
-        Err(DbError::Unavailable(cause)) if state.config.fail_open.enabled => {
-            tracing::warn!(
-                request_id = %job.request_id,
-                %cause,
-                "quota database unavailable: forwarding WITHOUT quota accounting (--fail-open)"
-            );
-            return forward_unaccounted(state, job, reply).await;
+        Ok(a) => {
+            state.fail_open.database_answered();
+            if let (true, Some(key_id)) = (a.allowed, a.key_id) {
+                state.fail_open.admitted(&job.api_key, key_id);
+            }
+            a
+        }
+        Err(DbError::Unavailable(cause)) if state.fail_open.enabled() => {
+            match state.fail_open.pass(&job.api_key) {
+                Ok(key_id) => {
+                    tracing::warn!(
+                        request_id = %job.request_id,
+                        key_id,
+                        %cause,
+                        "quota database unreachable: forwarding WITHOUT quota accounting (--fail-open)"
+                    );
+                    return forward_unaccounted(state, job, reply).await;
+                }
+                Err(refusal) => {
+                    tracing::error!(
+                        ?refusal,
+                        %cause,
+                        "admit failed: quota database unreachable, refusing (fail-open does not apply)"
+                    );
+                    let err = AppError::DatabaseUnavailable;
+                    state.metrics.request(label, err.outcome());
+                    let _ = reply.send(err.into_response());
+                    return;
+                }
+            }
         }
         Err(e) => {
             if matches!(e, DbError::Unavailable(_)) {
@@ -159,7 +181,7 @@ async fn lifecycle(state: AppState, job: Job, reply: oneshot::Sender<Response>) 
         settle_or_refund(
             &state,
             &job.request_id,
-            Outcome::Refund("no_upstream_configured"),
+            Outcome::Refund("no_upstream_configured".into()),
         )
         .await;
         let err = AppError::UpstreamUnavailable("no upstream is configured for this request");

@@ -4,6 +4,7 @@
 //! refund call), `ratelimit` (headers) and `models` (`GET /v1/models`).
 
 pub mod ingress;
+pub mod journal;
 pub mod lifecycle;
 pub mod models;
 pub mod ratelimit;

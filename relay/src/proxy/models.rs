@@ -32,8 +32,8 @@ pub async fn list_models(
                 .collect();
             Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
         }
-        Err(DbError::Unavailable(cause)) if state.config.fail_open.enabled => {
-            tracing::warn!(%request_id, %cause, "quota database unavailable: listing the upstream's models WITHOUT key check (--fail-open)");
+        Err(DbError::Unavailable(cause)) if state.fail_open.pass(&api_key).is_ok() => {
+            tracing::warn!(%request_id, %cause, "quota database unreachable: listing the upstream's models for a recently admitted key (--fail-open)");
             let base = state
                 .config
                 .upstream_url

@@ -1,12 +1,14 @@
 //! Settlement: what a finished request costs (its outcome) and the settle or refund call that
 //! records it, retried while the database is away.
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use crate::db;
 use crate::estimate::Tokenizer;
 use crate::openai::Usage;
 use crate::proxy::ingress::Job;
+use crate::proxy::journal::Call;
 use crate::proxy::streaming::{SseFilter, StreamEnd};
 use crate::state::AppState;
 
@@ -17,7 +19,27 @@ const SETTLE_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Durati
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Settle(Usage),
-    Refund(&'static str),
+    Refund(Cow<'static, str>),
+}
+
+impl Outcome {
+    fn journal_call(&self) -> Call {
+        match self {
+            Outcome::Settle(usage) => Call::Settle { usage: *usage },
+            Outcome::Refund(reason) => Call::Refund {
+                reason: reason.to_string(),
+            },
+        }
+    }
+}
+
+impl From<Call> for Outcome {
+    fn from(call: Call) -> Self {
+        match call {
+            Call::Settle { usage } => Outcome::Settle(usage),
+            Call::Refund { reason } => Outcome::Refund(reason.into()),
+        }
+    }
 }
 
 /// What a finished stream costs: the upstream's usage when it sent one. Otherwise, a stream the
@@ -38,10 +60,12 @@ pub fn stream_outcome(end: StreamEnd, filter: &SseFilter, job: &Job) -> Outcome 
     }
 }
 
-/// Settle or refund, retrying transient failures (database unreachable, a conflict) with
-/// backoff for `--settle-retry-s`. A settle that arrives after the sweep released the
+/// Settle or refund, retrying transient failures (database unreachable or busy, a conflict)
+/// with backoff for `--settle-retry-s`. A settle that arrives after the sweep released the
 /// reservation is still charged by the engine, and a repeated call changes nothing, so retrying
-/// is always safe. Given up, the request is never charged: logged at ERROR and counted.
+/// is always safe. While it runs it is pending in the journal; retries run out, it stays there
+/// (with `--state-dir`, written at shutdown and replayed at the next start) or, without a state
+/// directory, is lost: logged at ERROR and counted.
 pub async fn settle_or_refund(
     state: &AppState,
     request_id: &str,
@@ -51,13 +75,14 @@ pub async fn settle_or_refund(
         Outcome::Settle(_) => "settle",
         Outcome::Refund(_) => "refund",
     };
+    state.journal.begin(request_id, outcome.journal_call());
     let (mut delay, max_delay) = SETTLE_BACKOFF;
     let give_up = Instant::now() + state.config.settle_retry;
     let mut attempt = 0u32;
     loop {
         attempt += 1;
         let started = Instant::now();
-        let result = match outcome {
+        let result = match &outcome {
             Outcome::Settle(u) => db::settle(
                 &state.pool,
                 request_id,
@@ -71,7 +96,7 @@ pub async fn settle_or_refund(
                 db::refund(&state.pool, request_id, reason)
                     .await
                     .map(|refunded| {
-                        tracing::info!(reason, refunded, "reservation refunded");
+                        tracing::info!(%reason, refunded, "reservation refunded");
                         None
                     })
             }
@@ -83,6 +108,7 @@ pub async fn settle_or_refund(
             .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(settlement) => {
+                state.journal.done(request_id);
                 if let Some(s) = &settlement {
                     tracing::info!(
                         settled = s.settled,
@@ -92,6 +118,10 @@ pub async fn settle_or_refund(
                         replay = s.replay,
                         "reservation settled"
                     );
+                    if !s.billed && !s.replay {
+                        let reason = s.unbilled_reason.as_deref().unwrap_or("unknown");
+                        state.metrics.unbilled.with_label_values(&[reason]).inc();
+                    }
                 }
                 return settlement;
             }
@@ -100,7 +130,18 @@ pub async fn settle_or_refund(
                 tokio::time::sleep(delay).await;
                 delay = (delay * 4).min(max_delay);
             }
+            Err(e) if e.is_transient() && state.journal.is_durable() => {
+                tracing::error!(
+                    call,
+                    attempt,
+                    error = %e,
+                    ?outcome,
+                    "settlement not recorded yet: kept in the journal for the next start"
+                );
+                return None;
+            }
             Err(e) => {
+                state.journal.done(request_id);
                 state
                     .metrics
                     .settlement_failures
@@ -119,6 +160,22 @@ pub async fn settle_or_refund(
     }
 }
 
+/// Replays the settlements the journal kept at the last shutdown, each as its own tracked task.
+pub fn replay_journal(state: &AppState) -> Result<usize, String> {
+    let entries = state.journal.load()?;
+    for entry in &entries {
+        // pending at once, so a shutdown before the task runs still keeps it
+        state.journal.begin(&entry.request_id, entry.call.clone());
+    }
+    for entry in entries.iter().cloned() {
+        let state2 = state.clone();
+        state.tasks.spawn(async move {
+            tracing::info!(request_id = %entry.request_id, "replaying a journaled settlement");
+            settle_or_refund(&state2, &entry.request_id, entry.call.into()).await;
+        });
+    }
+    Ok(entries.len())
+}
 #[cfg(test)]
 mod tests {
     use super::*;

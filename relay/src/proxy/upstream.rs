@@ -49,7 +49,7 @@ impl Failure {
     fn refund(error: AppError, reason: &'static str) -> Self {
         Failure {
             error,
-            outcome: Outcome::Refund(reason),
+            outcome: Outcome::Refund(reason.into()),
         }
     }
 
@@ -467,7 +467,7 @@ mod tests {
         let mock = crate::mock::spawn_for_tests(4).await;
         let state = test_relay(false, None, Duration::from_millis(300));
         let body = json!({"model": "m", "messages": []});
-        let refund = |reason| Outcome::Refund(reason);
+        let refund = |reason: &'static str| Outcome::Refund(reason.into());
         for (fail, status, code, outcome) in [
             ("500", 502, "upstream_unavailable", refund("upstream_error")),
             ("503", 502, "upstream_unavailable", refund("upstream_error")),
@@ -536,7 +536,10 @@ mod tests {
             panic!()
         };
         assert_eq!(failure.error.status_code(), 502);
-        assert_eq!(failure.outcome, Outcome::Refund("upstream_unreachable"));
+        assert_eq!(
+            failure.outcome,
+            Outcome::Refund("upstream_unreachable".into())
+        );
     }
 
     #[test]
