@@ -431,6 +431,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn any_refusal_of_the_engine_keeps_its_status_and_code() {
+        // codes the engine may add later need no change here
+        for (status, code, kind) in [
+            (400, "model_not_priced", "invalid_request_error"),
+            (403, "channel_not_allowed", "permission_error"),
+            (429, "some_future_quota_code", "rate_limit_error"),
+            (503, "no_channel_available", "server_error"),
+        ] {
+            let (s, _, body) = render(AppError::Denied {
+                status: StatusCode::from_u16(status).unwrap(),
+                code: code.into(),
+                message: "m".into(),
+                retry_after_s: None,
+            })
+            .await;
+            assert_eq!(s.as_u16(), status);
+            assert_eq!(body["error"]["code"], code);
+            assert_eq!(body["error"]["type"], kind);
+        }
+        let (s, _, body) = render(
+            DbError::Sql {
+                code: "PQ400".into(),
+                message: "model names are at most 200 characters".into(),
+            }
+            .into(),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(
+            body["error"]["message"],
+            "model names are at most 200 characters"
+        );
+    }
+
+    #[tokio::test]
     async fn upstream_request_errors_are_passed_on() {
         let (status, _, body) = render(AppError::UpstreamRejected {
             status: StatusCode::BAD_REQUEST,
