@@ -181,6 +181,7 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<String, AppError> {
 pub fn is_key_shaped(token: &str) -> bool {
     let hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit());
     token.len() == 84
+        && token.is_ascii()
         && token.starts_with("sk-pgq-")
         && token.as_bytes()[19] == b'-'
         && hex(&token[7..19])
@@ -327,6 +328,7 @@ mod tests {
             TEST_KEY.replacen("sk-pgq-", "sk-xyz-", 1),
             TEST_KEY.replacen('-', "_", 3),
             TEST_KEY.replace('f', "g"),
+            format!("sk-pgq-{}é{}", "0".repeat(11), "0".repeat(64)),
         ] {
             assert!(!is_key_shaped(&bad), "{bad}");
             let e = bearer_token(&headers(&format!("Bearer {bad}"))).unwrap_err();
