@@ -75,7 +75,8 @@ psql -q -d postgres -c 'DROP DATABASE IF EXISTS pgq_sdk' -c 'CREATE DATABASE pgq
 spawn_listening "$WORK/mock.log" "$PGQ_RELAY_BIN" mock-upstream --listen 127.0.0.1:0
 mock_url=$SPAWNED_URL
 spawn_listening "$WORK/relay.log" "$PGQ_RELAY_BIN" serve --listen 127.0.0.1:0 \
-  --database-url "host=127.0.0.1 port=$TEST_PORT user=postgres dbname=pgq_sdk" --upstream-url "$mock_url/v1"
+  --database-url "host=127.0.0.1 port=$TEST_PORT user=postgres dbname=pgq_sdk" --upstream-url "$mock_url/v1" \
+  --forward-header 'x-mock-*'
 tier "official OpenAI SDK (python)" env PGQ_RELAY_URL="$SPAWNED_URL" \
   PGQ_SDK_DSN="host=$PGHOST port=$PGPORT user=postgres dbname=pgq_sdk" "$SDK_PYTHON" tests/sdk/test_openai_sdk.py
 

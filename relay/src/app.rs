@@ -1,7 +1,6 @@
-//! Shared state and the router: `fn app(state) -> Router`, used by `serve` and by the unit
-//! tests (`oneshot`).
+//! The router: `fn app(state) -> Router`, used by `serve` and by the unit tests (`oneshot`),
+//! and the handlers that are not a relayed request (health, metrics).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -9,54 +8,14 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use deadpool_postgres::Pool;
 use serde_json::json;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::RelayConfig;
 use crate::db;
 use crate::error::AppError;
-use crate::estimate::Endpoint;
-use crate::metrics::Metrics;
-use crate::proxy;
-
-pub struct Relay {
-    pub pool: Pool,
-    pub http: reqwest::Client,
-    pub config: RelayConfig,
-    pub metrics: Metrics,
-    /// Lifecycle tasks (admit → forward → settle); shutdown waits for them.
-    pub tasks: TaskTracker,
-}
-
-pub type AppState = Arc<Relay>;
-
-impl Relay {
-    pub fn new(pool: Pool, config: RelayConfig) -> Result<AppState, reqwest::Error> {
-        // https upstreams go through rustls, trusting the system's store, the built-in public
-        // roots and --upstream-ca-file
-        let mut http = reqwest::Client::builder();
-        for ca in &config.upstream_ca {
-            http = http.add_root_certificate(ca.clone());
-        }
-        let http = http
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(config.upstream_timeout)
-            // the relay talks to its upstreams directly; an ambient HTTP_PROXY must not
-            // reroute (or see) upstream keys
-            .no_proxy()
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build()?;
-        Ok(Arc::new(Relay {
-            pool,
-            http,
-            config,
-            metrics: Metrics::new(),
-            tasks: TaskTracker::new(),
-        }))
-    }
-}
+use crate::openai::Endpoint;
+use crate::proxy::{lifecycle, models::list_models};
+use crate::state::{new_request_id, AppState};
 
 pub fn app(state: AppState) -> Router {
     Router::new()
@@ -84,10 +43,6 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-pub fn new_request_id() -> String {
-    format!("req_{}", uuid::Uuid::now_v7().simple())
-}
-
 async fn relay(State(state): State<AppState>, endpoint: Endpoint, req: Request) -> Response {
     let request_id = new_request_id();
     let span = tracing::info_span!(
@@ -98,7 +53,7 @@ async fn relay(State(state): State<AppState>, endpoint: Endpoint, req: Request) 
         user_id = tracing::field::Empty,
         channel_id = tracing::field::Empty,
     );
-    let result = proxy::handle(state.clone(), endpoint, request_id.clone(), req)
+    let result = lifecycle::handle(state.clone(), endpoint, request_id.clone(), req)
         .instrument(span.clone())
         .await;
     let mut response = match result {
@@ -153,7 +108,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 async fn models(State(state): State<AppState>, req: Request) -> Response {
     let request_id = new_request_id();
-    let mut response = match proxy::list_models(&state, &request_id, req.headers()).await {
+    let mut response = match list_models(&state, &request_id, req.headers()).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
@@ -163,39 +118,20 @@ async fn models(State(state): State<AppState>, req: Request) -> Response {
     response
 }
 
-/// A relay whose database refuses connections (nothing listens on port 1).
-#[cfg(test)]
-pub(crate) fn test_relay(
-    fail_open: bool,
-    upstream_url: Option<String>,
-    upstream_timeout: Duration,
-) -> AppState {
-    let pg = db::parse_database_url("host=127.0.0.1 port=1 user=relay dbname=quota").unwrap();
-    let (pool, _) = db::build_pool(pg, 2, Default::default()).unwrap();
-    Relay::new(
-        pool,
-        RelayConfig {
-            upstream_url,
-            upstream_api_key: Some("sk-upstream-test".into()),
-            upstream_ca: vec![],
-            max_body_bytes: 1024,
-            default_max_output_tokens: 1024,
-            fail_open,
-            upstream_timeout,
-            settle_retry: Duration::from_secs(1),
-        },
-    )
-    .unwrap()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::test_relay;
     use axum::body::Body;
     use bytes::Bytes;
     use http_body_util::BodyExt;
     use serde_json::Value;
     use tower::ServiceExt;
+
+    const BEARER: &str = concat!(
+        "Bearer sk-pgq-0123456789ab-",
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    );
 
     fn relay_without_db(fail_open: bool, upstream_url: Option<String>) -> AppState {
         test_relay(fail_open, upstream_url, Duration::from_secs(10))
@@ -245,7 +181,7 @@ mod tests {
             r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
             "x".repeat(2000)
         );
-        let (status, _, body) = send(&state, chat(Some("Bearer sk-a"), big.clone())).await;
+        let (status, _, body) = send(&state, chat(Some(BEARER), big.clone())).await;
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(body["error"]["code"], "request_too_large");
         // without a Content-Length the limit still holds while streaming the body in
@@ -255,26 +191,25 @@ mod tests {
                 .map(|c| Ok::<_, std::io::Error>(Bytes::copy_from_slice(c)))
                 .collect::<Vec<_>>(),
         );
-        let (status, _, _) =
-            send(&state, chat(Some("Bearer sk-a"), Body::from_stream(stream))).await;
+        let (status, _, _) = send(&state, chat(Some(BEARER), Body::from_stream(stream))).await;
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     }
 
     #[tokio::test]
     async fn malformed_json_and_missing_model_are_400() {
         let state = relay_without_db(false, None);
-        let (status, _, body) = send(&state, chat(Some("Bearer sk-a"), "{not json")).await;
+        let (status, _, body) = send(&state, chat(Some(BEARER), "{not json")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(body["error"]["code"], "invalid_json");
         assert_eq!(body["error"]["type"], "invalid_request_error");
-        let (status, _, body) = send(&state, chat(Some("Bearer sk-a"), r#"{"messages":[]}"#)).await;
+        let (status, _, body) = send(&state, chat(Some(BEARER), r#"{"messages":[]}"#)).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(body["error"]["param"], "model");
-        let (status, _, _) = send(&state, chat(Some("Bearer sk-a"), "[1,2]")).await;
+        let (status, _, _) = send(&state, chat(Some(BEARER), "[1,2]")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         let (status, _, body) = send(
             &state,
-            chat(Some("Bearer sk-a"), r#"{"model":"m","max_tokens":-5}"#),
+            chat(Some(BEARER), r#"{"model":"m","max_tokens":-5}"#),
         )
         .await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -284,11 +219,8 @@ mod tests {
     #[tokio::test]
     async fn database_down_fails_closed_with_503() {
         let state = relay_without_db(false, Some("http://127.0.0.1:1/v1".into()));
-        let (status, _, body) = send(
-            &state,
-            chat(Some("Bearer sk-a"), r#"{"model":"m","messages":[]}"#),
-        )
-        .await;
+        let (status, _, body) =
+            send(&state, chat(Some(BEARER), r#"{"model":"m","messages":[]}"#)).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["error"]["code"], "quota_database_unavailable");
         assert_eq!(body["error"]["type"], "server_error");
@@ -314,10 +246,17 @@ mod tests {
     async fn fail_open_forwards_without_accounting_and_says_so() {
         let mock = crate::mock::spawn_for_tests(3).await;
         let state = relay_without_db(true, Some(format!("{mock}/v1")));
+        // a key never admitted is refused as with fail-closed
+        let (status, _, body) =
+            send(&state, chat(Some(BEARER), r#"{"model":"m","messages":[]}"#)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["error"]["code"], "quota_database_unavailable");
+        // one admitted a moment ago passes
+        state.fail_open.admitted(&BEARER["Bearer ".len()..], 7);
         let (status, headers, body) = send(
             &state,
             chat(
-                Some("Bearer sk-client"),
+                Some(BEARER),
                 r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
             ),
         )
@@ -328,10 +267,7 @@ mod tests {
         // streaming passes through untouched: no include_usage injected, no accounting
         let (status, headers, body) = send(
             &state,
-            chat(
-                Some("Bearer sk-client"),
-                r#"{"model":"m","stream":true,"messages":[]}"#,
-            ),
+            chat(Some(BEARER), r#"{"model":"m","stream":true,"messages":[]}"#),
         )
         .await;
         assert_eq!(status, StatusCode::OK);
@@ -345,6 +281,10 @@ mod tests {
         );
         assert!(seen[1]["body"].get("stream_options").is_none());
         assert!(state.metrics.render().contains(r#"outcome="fail_open"} 2"#));
+        assert!(state
+            .metrics
+            .render()
+            .contains(r#"outcome="database_unavailable"} 1"#));
     }
 
     #[tokio::test]

@@ -78,11 +78,42 @@ pub struct ServeArgs {
     #[arg(long, env = "PGQ_DEFAULT_MAX_OUTPUT_TOKENS", default_value_t = 1024)]
     pub default_max_output_tokens: i64,
 
-    /// When the database is unreachable, forward requests WITHOUT accounting (logged at WARN)
-    /// instead of answering 503.
+    /// When the database cannot be connected to, forward requests of keys admitted within
+    /// --fail-open-recent-s WITHOUT accounting (each logged at WARN and counted), within a
+    /// budget per outage, instead of answering 503.
     #[arg(long, env = "PGQ_FAIL_OPEN", action = ArgAction::SetTrue,
           value_parser = BoolishValueParser::new())]
     pub fail_open: bool,
+
+    /// With --fail-open: how recently a key must have been admitted to pass during an outage.
+    #[arg(long, env = "PGQ_FAIL_OPEN_RECENT_S", default_value_t = 900)]
+    pub fail_open_recent_s: u64,
+
+    /// With --fail-open: requests forwarded without accounting per outage, after which the
+    /// relay fails closed until the database is back.
+    #[arg(long, env = "PGQ_FAIL_OPEN_MAX_REQUESTS", default_value_t = 1000)]
+    pub fail_open_max_requests: u64,
+
+    /// With --fail-open: seconds from the start of an outage after which the relay fails closed
+    /// until the database is back.
+    #[arg(long, env = "PGQ_FAIL_OPEN_MAX_S", default_value_t = 300)]
+    pub fail_open_max_s: u64,
+
+    /// A client header the upstream may also see, on top of the built-in allow list: a name
+    /// (`x-trace-id`) or a prefix ending in `*` (`x-mock-*`). Repeat the flag, or list them
+    /// comma-separated in the environment variable.
+    #[arg(
+        long = "forward-header",
+        env = "PGQ_FORWARD_HEADERS",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    pub forward_headers: Vec<String>,
+
+    /// Directory for the relay's own state: the journal of settlements still pending at
+    /// shutdown, replayed at the next start. Without it they are left to quota.sweep().
+    #[arg(long, env = "PGQ_STATE_DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
 
     /// Total time allowed for one upstream request, streaming included (seconds, may be
     /// fractional).
@@ -118,6 +149,11 @@ impl std::fmt::Debug for ServeArgs {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("default_max_output_tokens", &self.default_max_output_tokens)
             .field("fail_open", &self.fail_open)
+            .field("fail_open_recent_s", &self.fail_open_recent_s)
+            .field("fail_open_max_requests", &self.fail_open_max_requests)
+            .field("fail_open_max_s", &self.fail_open_max_s)
+            .field("forward_headers", &self.forward_headers)
+            .field("state_dir", &self.state_dir)
             .field("upstream_timeout_s", &self.upstream_timeout_s)
             .field("settle_retry_s", &self.settle_retry_s)
             .finish_non_exhaustive()
@@ -152,6 +188,85 @@ pub struct MockArgs {
     pub fail: Option<String>,
 }
 
+/// A client header name the operator lets through: exact, or a prefix (`x-mock-*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderPattern {
+    Exact(String),
+    Prefix(String),
+}
+
+/// Headers no flag can forward: credentials, the relay's own, and what HTTP itself manages.
+const NEVER_FORWARDED: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "x-request-id",
+];
+
+impl HeaderPattern {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let name = text.trim().to_ascii_lowercase();
+        let (stem, prefix) = match name.strip_suffix('*') {
+            Some(stem) => (stem.to_string(), true),
+            None => (name.clone(), false),
+        };
+        let valid = !stem.is_empty()
+            && stem
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !valid || (prefix && stem.len() < 3) {
+            return Err(format!(
+                "--forward-header {text:?}: expected a header name or a prefix of at least 3 characters ending in '*'"
+            ));
+        }
+        let refused = NEVER_FORWARDED.iter().any(|n| {
+            if prefix {
+                n.starts_with(&stem)
+            } else {
+                *n == stem
+            }
+        }) || stem.starts_with("x-pgq-")
+            || "x-pgq-".starts_with(&stem);
+        if refused {
+            return Err(format!(
+                "--forward-header {text:?}: credentials, hop-by-hop headers and the relay's own headers are never forwarded"
+            ));
+        }
+        Ok(if prefix {
+            HeaderPattern::Prefix(stem)
+        } else {
+            HeaderPattern::Exact(stem)
+        })
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            HeaderPattern::Exact(n) => name == n,
+            HeaderPattern::Prefix(p) => name.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// `--fail-open` and its bounds.
+#[derive(Debug, Clone)]
+pub struct FailOpenConfig {
+    pub enabled: bool,
+    /// keys admitted this recently pass during an outage
+    pub recent: Duration,
+    /// requests forwarded without accounting per outage
+    pub max_requests: u64,
+    /// how long an outage may be served open
+    pub max_outage: Duration,
+}
+
 /// What the relay's request path needs from the command line.
 #[derive(Clone)]
 pub struct RelayConfig {
@@ -161,7 +276,9 @@ pub struct RelayConfig {
     pub upstream_ca: Vec<reqwest::Certificate>,
     pub max_body_bytes: usize,
     pub default_max_output_tokens: i64,
-    pub fail_open: bool,
+    pub fail_open: FailOpenConfig,
+    /// client headers forwarded on top of the built-in allow list (--forward-header)
+    pub forward_headers: Vec<HeaderPattern>,
     pub upstream_timeout: Duration,
     /// how long a settlement is retried (see --settle-retry-s)
     pub settle_retry: Duration,
@@ -179,6 +296,12 @@ impl RelayConfig {
             reqwest::Url::parse(url)
                 .map_err(|e| format!("--upstream-url {url:?} is not a valid URL: {e}"))?;
         }
+        let forward_headers = args
+            .forward_headers
+            .iter()
+            .filter(|h| !h.trim().is_empty())
+            .map(|h| HeaderPattern::parse(h))
+            .collect::<Result<Vec<_>, _>>()?;
         let upstream_ca = match &args.upstream_ca_file {
             None => vec![],
             Some(path) => read_pem_certificates("--upstream-ca-file", path)?
@@ -193,7 +316,13 @@ impl RelayConfig {
             upstream_ca,
             max_body_bytes: args.max_body_bytes,
             default_max_output_tokens: args.default_max_output_tokens,
-            fail_open: args.fail_open,
+            fail_open: FailOpenConfig {
+                enabled: args.fail_open,
+                recent: Duration::from_secs(args.fail_open_recent_s),
+                max_requests: args.fail_open_max_requests,
+                max_outage: Duration::from_secs(args.fail_open_max_s),
+            },
+            forward_headers,
             upstream_timeout: Duration::from_secs_f64(args.upstream_timeout_s),
             settle_retry: Duration::from_secs(args.settle_retry_s),
         })
@@ -265,11 +394,51 @@ mod tests {
             "127.0.0.1:0",
         ]);
         assert!(a.fail_open);
+        let c = RelayConfig::from_args(&a).unwrap();
+        assert!(c.fail_open.enabled);
+        assert_eq!(c.fail_open.recent, Duration::from_secs(900));
+        assert_eq!(c.fail_open.max_requests, 1000);
+        assert_eq!(c.fail_open.max_outage, Duration::from_secs(300));
         assert_eq!(
             RelayConfig::from_args(&a).unwrap().upstream_timeout,
             Duration::from_millis(500)
         );
         assert!(RelayConfig::from_args(&serve(&["--upstream-url", "not a url"])).is_err());
+    }
+
+    #[test]
+    fn forwarded_header_patterns_are_names_or_prefixes_never_credentials() {
+        let c = RelayConfig::from_args(&serve(&[
+            "--forward-header",
+            "X-Mock-*",
+            "--forward-header",
+            "x-trace-id",
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.forward_headers,
+            [
+                HeaderPattern::Prefix("x-mock-".into()),
+                HeaderPattern::Exact("x-trace-id".into())
+            ]
+        );
+        assert!(c.forward_headers[0].matches("x-mock-fail"));
+        assert!(!c.forward_headers[1].matches("x-trace-idx"));
+        for bad in [
+            "authorization",
+            "x-pgq-*",
+            "*",
+            "x*",
+            "cookie",
+            "a b",
+            "x-request-id",
+            "co*",
+        ] {
+            let err = RelayConfig::from_args(&serve(&["--forward-header", bad]))
+                .err()
+                .unwrap_or_else(|| panic!("{bad} was accepted"));
+            assert!(err.starts_with("--forward-header"), "{err}");
+        }
     }
 
     #[test]

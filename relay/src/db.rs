@@ -9,8 +9,7 @@ use deadpool_postgres::{ManagerConfig, Pool, QueueMode, RecyclingMethod, Runtime
 use tokio_postgres::Row;
 
 use crate::db_tls::DbTls;
-
-use crate::error::{error_chain, AppError};
+use crate::error::DbError;
 
 /// Every column is cast in SQL so that the relay does not depend on the engine's exact column
 /// types; numerics are read as text (exact money, never f64). The reset instant is turned into
@@ -37,7 +36,7 @@ pub const HEALTH_SQL: &str = "SELECT 1";
 /// Short waits: a request should not hang on a dead database, it should get 503.
 const POOL_WAIT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// A database that accepts connections but does not answer counts as unavailable.
+/// A call the database does not answer in time is busy (a dead connection errors instead).
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn bounded<T>(
@@ -45,100 +44,7 @@ async fn bounded<T>(
 ) -> Result<T, DbError> {
     tokio::time::timeout(CALL_TIMEOUT, call)
         .await
-        .unwrap_or_else(|_| {
-            Err(DbError::Unavailable(format!(
-                "no answer within {CALL_TIMEOUT:?}"
-            )))
-        })
-}
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum DbError {
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
-    #[error("SQLSTATE {code}: {message}")]
-    Sql { code: String, message: String },
-    /// The key may not be used (SQLSTATE PQ403): the engine's message, and its error code
-    /// (key_disabled, user_disabled, key_expired) from DETAIL.
-    #[error("forbidden ({code}): {message}")]
-    Forbidden { code: String, message: String },
-}
-
-impl DbError {
-    /// A transaction PostgreSQL rolled back to resolve a conflict (deadlock, serialization).
-    pub fn is_conflict(&self) -> bool {
-        matches!(self, DbError::Sql { code, .. } if code.starts_with("40"))
-    }
-
-    /// Worth trying again: connection trouble or a transaction conflict.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            DbError::Unavailable(_) => true,
-            DbError::Sql { code, .. } => code.starts_with("40") || code.starts_with("08"),
-            DbError::Forbidden { .. } => false,
-        }
-    }
-}
-
-impl From<tokio_postgres::Error> for DbError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        match e.as_db_error() {
-            Some(db) => {
-                let code = db.code().code().to_string();
-                // connection exceptions, shutdown, too many connections: the database is away
-                if code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") {
-                    DbError::Unavailable(format!("{code}: {}", db.message()))
-                } else if code == "PQ403" {
-                    DbError::Forbidden {
-                        code: db.detail().unwrap_or("permission_denied").to_string(),
-                        message: db.message().to_string(),
-                    }
-                } else {
-                    DbError::Sql {
-                        code,
-                        message: db.message().to_string(),
-                    }
-                }
-            }
-            None => DbError::Unavailable(error_chain(&e)),
-        }
-    }
-}
-
-impl From<deadpool_postgres::PoolError> for DbError {
-    fn from(e: deadpool_postgres::PoolError) -> Self {
-        match e {
-            deadpool_postgres::PoolError::Backend(e) => e.into(),
-            other => DbError::Unavailable(error_chain(&other)),
-        }
-    }
-}
-
-impl From<DbError> for AppError {
-    fn from(e: DbError) -> Self {
-        match e {
-            DbError::Unavailable(_) => AppError::DatabaseUnavailable,
-            DbError::Forbidden { code, message } => AppError::Denied {
-                status: axum::http::StatusCode::FORBIDDEN,
-                code,
-                message,
-                retry_after_s: None,
-            },
-            DbError::Sql { code, message } if code.starts_with("PQ") => {
-                AppError::RejectedByEngine {
-                    sqlstate: code,
-                    message,
-                }
-            }
-            DbError::Sql { code, .. } if code == "28000" => {
-                AppError::InvalidApiKey("Incorrect API key provided.".into())
-            }
-            DbError::Sql { code, message } => {
-                tracing::error!(sqlstate = %code, %message, "unexpected SQL error");
-                AppError::Internal
-            }
-        }
-    }
+        .unwrap_or_else(|_| Err(DbError::Busy(format!("no answer within {CALL_TIMEOUT:?}"))))
 }
 
 /// Where the database is, for messages: host, port, dbname and user, never the password.
@@ -460,38 +366,5 @@ mod tests {
         assert_eq!(d, "host=db.example port=6543 dbname=quota user=relay");
         let cfg = parse_database_url("host=/run/pg port=5433 user=r password=s3cret").unwrap();
         assert!(!describe_target(&cfg).contains("s3cret"));
-    }
-
-    #[test]
-    fn sql_errors_map_to_client_statuses() {
-        let pq: AppError = DbError::Sql {
-            code: "PQ001".into(),
-            message: "est_input_tokens must be >= 0".into(),
-        }
-        .into();
-        assert_eq!(pq.status_code(), 400);
-        assert_eq!(pq.to_string(), "est_input_tokens must be >= 0");
-        let auth: AppError = DbError::Sql {
-            code: "28000".into(),
-            message: "x".into(),
-        }
-        .into();
-        assert_eq!(auth.status_code(), 401);
-        let other: AppError = DbError::Sql {
-            code: "42883".into(),
-            message: "function quota.admit does not exist".into(),
-        }
-        .into();
-        assert_eq!(other.status_code(), 500);
-        assert!(!other.to_string().contains("quota.admit"));
-        let forbidden: AppError = DbError::Forbidden {
-            code: "key_expired".into(),
-            message: "This API key has expired.".into(),
-        }
-        .into();
-        assert_eq!(forbidden.status_code(), 403);
-        assert_eq!(forbidden.code().as_deref(), Some("key_expired"));
-        let down: AppError = DbError::Unavailable("connection refused".into()).into();
-        assert_eq!(down.status_code(), 503);
     }
 }

@@ -5,6 +5,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::openai::error_body;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     /// Missing, garbled or unknown API key.
@@ -42,12 +44,23 @@ pub enum AppError {
         error: serde_json::Value,
         retry_after: Option<HeaderValue>,
     },
+    /// The upstream refused the relay's own credentials: nothing the client can fix.
+    #[error("The upstream refused the relay's credentials.")]
+    UpstreamAuthFailed,
+    /// The upstream rate-limits the relay's account; its body (which names the account and its
+    /// limits) is not passed on, its `Retry-After` is.
+    #[error("The upstream is rate limiting requests; retry later.")]
+    UpstreamRateLimited { retry_after: Option<HeaderValue> },
     #[error("{0}")]
     UpstreamUnavailable(&'static str),
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
     #[error("the quota database is unavailable")]
     DatabaseUnavailable,
+    /// The database is there but did not serve the call in time (pool exhausted, lock or
+    /// statement timeout): not an outage, so never a reason to fail open.
+    #[error("the quota database is busy; retry shortly")]
+    DatabaseBusy,
     #[error("internal error")]
     Internal,
 }
@@ -64,9 +77,13 @@ impl AppError {
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::UpstreamRejected { status, .. } => *status,
+            AppError::UpstreamAuthFailed => StatusCode::BAD_GATEWAY,
+            AppError::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             AppError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            AppError::DatabaseUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::DatabaseUnavailable | AppError::DatabaseBusy => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             AppError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -82,9 +99,12 @@ impl AppError {
             AppError::NotFound => "unknown_url",
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::UpstreamRejected { .. } => return None,
+            AppError::UpstreamAuthFailed => "upstream_auth_failed",
+            AppError::UpstreamRateLimited { .. } => "upstream_rate_limited",
             AppError::UpstreamUnavailable(_) => "upstream_unavailable",
             AppError::UpstreamTimeout => "upstream_timeout",
             AppError::DatabaseUnavailable => "quota_database_unavailable",
+            AppError::DatabaseBusy => "database_busy",
             AppError::Internal => "internal_error",
         };
         Some(code.to_string())
@@ -104,9 +124,12 @@ impl AppError {
             | AppError::NotFound
             | AppError::MethodNotAllowed => "bad_request",
             AppError::UpstreamRejected { .. }
+            | AppError::UpstreamAuthFailed
+            | AppError::UpstreamRateLimited { .. }
             | AppError::UpstreamUnavailable(_)
             | AppError::UpstreamTimeout => "upstream_error",
             AppError::DatabaseUnavailable => "database_unavailable",
+            AppError::DatabaseBusy => "database_busy",
             AppError::Internal => "internal_error",
         }
     }
@@ -118,35 +141,6 @@ impl AppError {
             param: None,
         }
     }
-}
-
-/// The `type` field, by HTTP status, following the names the official OpenAI SDKs and API use
-/// (the SDKs pick their exception class from the status: 401 AuthenticationError, 403
-/// PermissionDeniedError, 429 RateLimitError, 5xx InternalServerError).
-pub fn error_type(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        403 => "permission_error",
-        429 => "rate_limit_error",
-        500..=599 => "server_error",
-        _ => "invalid_request_error",
-    }
-}
-
-/// `{"error":{"message","type","param","code"}}`
-pub fn error_body(
-    status: StatusCode,
-    message: &str,
-    code: Option<&str>,
-    param: Option<&str>,
-) -> serde_json::Value {
-    json!({
-        "error": {
-            "message": message,
-            "type": error_type(status),
-            "param": param,
-            "code": code,
-        }
-    })
 }
 
 /// "error connecting to server: Connection refused (os error 111)": the message and its causes.
@@ -162,6 +156,112 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+/// A failed database call, as the relay tells its kinds apart.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DbError {
+    /// The database cannot be connected to (or dropped the connection): an outage.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The database is there but did not serve the call in time: the pool's wait, the call's
+    /// time limit, a lock or statement timeout (55P03, 57014), too many connections (53300).
+    #[error("database busy: {0}")]
+    Busy(String),
+    #[error("SQLSTATE {code}: {message}")]
+    Sql { code: String, message: String },
+    /// The key may not be used (SQLSTATE PQ403): the engine's message, and its error code
+    /// (key_disabled, user_disabled, key_expired) from DETAIL.
+    #[error("forbidden ({code}): {message}")]
+    Forbidden { code: String, message: String },
+}
+
+impl DbError {
+    /// A transaction PostgreSQL rolled back to resolve a conflict (deadlock, serialization).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, DbError::Sql { code, .. } if code.starts_with("40"))
+    }
+
+    /// Worth trying again: connection trouble, a busy database or a transaction conflict.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Unavailable(_) | DbError::Busy(_) => true,
+            DbError::Sql { code, .. } => code.starts_with("40") || code.starts_with("08"),
+            DbError::Forbidden { .. } => false,
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        match e.as_db_error() {
+            Some(db) => {
+                let code = db.code().code().to_string();
+                // lock and statement timeouts, too many connections: there, but loaded
+                if ["55P03", "57014", "53300"].contains(&code.as_str()) {
+                    DbError::Busy(format!("{code}: {}", db.message()))
+                // connection exceptions, shutdown, out of resources: the database is away
+                } else if code.starts_with("08")
+                    || code.starts_with("57P")
+                    || code.starts_with("53")
+                {
+                    DbError::Unavailable(format!("{code}: {}", db.message()))
+                } else if code == "PQ403" {
+                    DbError::Forbidden {
+                        code: db.detail().unwrap_or("permission_denied").to_string(),
+                        message: db.message().to_string(),
+                    }
+                } else {
+                    DbError::Sql {
+                        code,
+                        message: db.message().to_string(),
+                    }
+                }
+            }
+            None => DbError::Unavailable(error_chain(&e)),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            // every connection in use for the whole wait: load, not an outage
+            deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => {
+                DbError::Busy("no pooled connection came free in time".into())
+            }
+            other => DbError::Unavailable(error_chain(&other)),
+        }
+    }
+}
+
+impl From<DbError> for AppError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Unavailable(_) => AppError::DatabaseUnavailable,
+            DbError::Busy(_) => AppError::DatabaseBusy,
+            DbError::Forbidden { code, message } => AppError::Denied {
+                status: axum::http::StatusCode::FORBIDDEN,
+                code,
+                message,
+                retry_after_s: None,
+            },
+            DbError::Sql { code, message } if code.starts_with("PQ") => {
+                AppError::RejectedByEngine {
+                    sqlstate: code,
+                    message,
+                }
+            }
+            DbError::Sql { code, .. } if code == "28000" => {
+                AppError::InvalidApiKey("Incorrect API key provided.".into())
+            }
+            DbError::Sql { code, message } => {
+                tracing::error!(sqlstate = %code, %message, "unexpected SQL error");
+                AppError::Internal
+            }
+        }
+    }
 }
 
 impl IntoResponse for AppError {
@@ -200,6 +300,9 @@ impl IntoResponse for AppError {
             AppError::UpstreamRejected {
                 retry_after: Some(v),
                 ..
+            }
+            | AppError::UpstreamRateLimited {
+                retry_after: Some(v),
             } => {
                 response.headers_mut().insert(header::RETRY_AFTER, v);
             }
@@ -292,6 +395,75 @@ mod tests {
                 "{msg}"
             );
         }
+    }
+
+    #[test]
+    fn sql_errors_map_to_client_statuses() {
+        let pq: AppError = DbError::Sql {
+            code: "PQ001".into(),
+            message: "est_input_tokens must be >= 0".into(),
+        }
+        .into();
+        assert_eq!(pq.status_code(), 400);
+        assert_eq!(pq.to_string(), "est_input_tokens must be >= 0");
+        let auth: AppError = DbError::Sql {
+            code: "28000".into(),
+            message: "x".into(),
+        }
+        .into();
+        assert_eq!(auth.status_code(), 401);
+        let other: AppError = DbError::Sql {
+            code: "42883".into(),
+            message: "function quota.admit does not exist".into(),
+        }
+        .into();
+        assert_eq!(other.status_code(), 500);
+        assert!(!other.to_string().contains("quota.admit"));
+        let forbidden: AppError = DbError::Forbidden {
+            code: "key_expired".into(),
+            message: "This API key has expired.".into(),
+        }
+        .into();
+        assert_eq!(forbidden.status_code(), 403);
+        assert_eq!(forbidden.code().as_deref(), Some("key_expired"));
+        let down: AppError = DbError::Unavailable("connection refused".into()).into();
+        assert_eq!(down.status_code(), 503);
+    }
+
+    #[tokio::test]
+    async fn any_refusal_of_the_engine_keeps_its_status_and_code() {
+        // codes the engine may add later need no change here
+        for (status, code, kind) in [
+            (400, "model_not_priced", "invalid_request_error"),
+            (403, "channel_not_allowed", "permission_error"),
+            (429, "some_future_quota_code", "rate_limit_error"),
+            (503, "no_channel_available", "server_error"),
+        ] {
+            let (s, _, body) = render(AppError::Denied {
+                status: StatusCode::from_u16(status).unwrap(),
+                code: code.into(),
+                message: "m".into(),
+                retry_after_s: None,
+            })
+            .await;
+            assert_eq!(s.as_u16(), status);
+            assert_eq!(body["error"]["code"], code);
+            assert_eq!(body["error"]["type"], kind);
+        }
+        let (s, _, body) = render(
+            DbError::Sql {
+                code: "PQ400".into(),
+                message: "model names are at most 200 characters".into(),
+            }
+            .into(),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(
+            body["error"]["message"],
+            "model names are at most 200 characters"
+        );
     }
 
     #[tokio::test]

@@ -9,42 +9,7 @@
 use serde_json::Value;
 
 use crate::error::AppError;
-
-/// Which endpoint a request is for; decides where its text and limits live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    ChatCompletions,
-    Completions,
-    Embeddings,
-    Responses,
-}
-
-impl Endpoint {
-    /// Path below the upstream's base URL (which ends in `/v1`).
-    pub fn upstream_path(self) -> &'static str {
-        match self {
-            Endpoint::ChatCompletions => "/chat/completions",
-            Endpoint::Completions => "/completions",
-            Endpoint::Embeddings => "/embeddings",
-            Endpoint::Responses => "/responses",
-        }
-    }
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Endpoint::ChatCompletions => "chat_completions",
-            Endpoint::Completions => "completions",
-            Endpoint::Embeddings => "embeddings",
-            Endpoint::Responses => "responses",
-        }
-    }
-
-    /// Whether `stream_options.include_usage` exists on this endpoint (the Responses API always
-    /// reports usage in `response.completed` and rejects unknown stream options).
-    pub fn supports_include_usage(self) -> bool {
-        matches!(self, Endpoint::ChatCompletions | Endpoint::Completions)
-    }
-}
+use crate::openai::Endpoint;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tokenizer {
@@ -88,19 +53,19 @@ impl Tokenizer {
         }
     }
 
+    /// Tokens of `text`, in time linear in its length whatever the text (see `segments`).
     pub fn count(self, text: &str) -> i64 {
         if text.is_empty() {
             return 0;
         }
-        let n = match self {
-            Tokenizer::O200k => tiktoken_rs::o200k_base_singleton()
-                .encode_ordinary(text)
-                .len(),
-            Tokenizer::Cl100k => tiktoken_rs::cl100k_base_singleton()
-                .encode_ordinary(text)
-                .len(),
-            Tokenizer::Approx => text.chars().count().div_ceil(4),
+        let bpe = match self {
+            Tokenizer::O200k => tiktoken_rs::o200k_base_singleton(),
+            Tokenizer::Cl100k => tiktoken_rs::cl100k_base_singleton(),
+            Tokenizer::Approx => {
+                return i64::try_from(text.chars().count().div_ceil(4)).unwrap_or(i64::MAX)
+            }
         };
+        let n: usize = segments(text).map(|s| bpe.encode_ordinary(s).len()).sum();
         i64::try_from(n).unwrap_or(i64::MAX)
     }
 
@@ -109,6 +74,42 @@ impl Tokenizer {
         let _ = tiktoken_rs::o200k_base_singleton();
         let _ = tiktoken_rs::cl100k_base_singleton();
     }
+}
+
+/// Longest run of whitespace, or of anything else, that BPE sees in one piece. BPE's merge
+/// loop is quadratic in the length of a piece, and a piece is at most one such run (plus a
+/// character): one 250 KB word took 37 s. Real words are far shorter, so cutting longer runs
+/// changes a count by about one token per cut, and bounds the work per byte.
+const MAX_RUN_BYTES: usize = 64;
+/// Text handed to the tokenizer in one call; cut only where whitespace begins or ends.
+const SEGMENT_BYTES: usize = 16 * 1024;
+
+/// `text` in consecutive slices, none holding a run longer than `MAX_RUN_BYTES`.
+fn segments(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut cut = rest.len();
+        let (mut run_start, mut run_ws) = (0, None);
+        for (i, c) in rest.char_indices() {
+            let ws = c.is_whitespace();
+            if run_ws != Some(ws) {
+                if i >= SEGMENT_BYTES {
+                    cut = i;
+                    break;
+                }
+                (run_start, run_ws) = (i, Some(ws));
+            } else if i - run_start >= MAX_RUN_BYTES {
+                cut = i;
+                break;
+            }
+        }
+        let (segment, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(segment)
+    })
 }
 
 /// Chat framing per message (role, separators), as in OpenAI's cookbook count.
@@ -216,34 +217,57 @@ fn collect_text(v: &Value, text: &mut String, extra: &mut i64) {
     }
 }
 
-/// Output tokens to reserve: the request's own limit (times `n` choices), the configured
-/// default when it names none, and 0 for embeddings.
-pub fn max_output_tokens(endpoint: Endpoint, body: &Value, default: i64) -> Result<i64, AppError> {
-    if endpoint == Endpoint::Embeddings {
-        return Ok(0);
+/// The output a request may produce: per choice, times `n` choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputLimit {
+    pub per_choice: i64,
+    pub choices: i64,
+    /// the client named the limit; otherwise it is the default and the upstream must be told
+    pub from_client: bool,
+}
+
+impl OutputLimit {
+    /// Output tokens to reserve.
+    pub fn reserved(self) -> i64 {
+        self.per_choice.saturating_mul(self.choices)
     }
-    let fields: &[&'static str] = match endpoint {
-        Endpoint::Responses => &["max_output_tokens"],
-        _ => &["max_completion_tokens", "max_tokens"],
+}
+
+/// The request's own output limit (`Endpoint::output_limit_fields`), or the configured default
+/// when it names none; 0 for embeddings.
+pub fn output_limit(
+    endpoint: Endpoint,
+    body: &Value,
+    default: i64,
+) -> Result<OutputLimit, AppError> {
+    let mut limit = OutputLimit {
+        per_choice: default,
+        choices: 1,
+        from_client: false,
     };
-    let mut limit = default;
-    for &field in fields {
+    if endpoint == Endpoint::Embeddings {
+        limit.per_choice = 0;
+        limit.from_client = true;
+        return Ok(limit);
+    }
+    for &field in endpoint.output_limit_fields() {
         match body.get(field) {
             None | Some(Value::Null) => continue,
             Some(v) => {
-                limit = v
-                    .as_i64()
-                    .filter(|n| *n >= 0)
-                    .ok_or_else(|| AppError::BadRequest {
-                        code: "invalid_value",
-                        message: format!("'{field}' must be a non-negative integer."),
-                        param: Some(field),
-                    })?;
+                limit.per_choice =
+                    v.as_i64()
+                        .filter(|n| *n >= 0)
+                        .ok_or_else(|| AppError::BadRequest {
+                            code: "invalid_value",
+                            message: format!("'{field}' must be a non-negative integer."),
+                            param: Some(field),
+                        })?;
+                limit.from_client = true;
                 break;
             }
         }
     }
-    let choices = match body.get("n") {
+    limit.choices = match body.get("n") {
         None | Some(Value::Null) => 1,
         Some(v) => v
             .as_i64()
@@ -254,7 +278,7 @@ pub fn max_output_tokens(endpoint: Endpoint, body: &Value, default: i64) -> Resu
                 param: Some("n"),
             })?,
     };
-    Ok(limit.saturating_mul(choices))
+    Ok(limit)
 }
 
 #[cfg(test)]
@@ -285,6 +309,86 @@ mod tests {
         assert_eq!(Tokenizer::O200k.count("hello world"), 2);
         assert_eq!(Tokenizer::Cl100k.count("hello world"), 2);
         assert_eq!(Tokenizer::O200k.count(""), 0);
+    }
+
+    #[test]
+    fn segments_cover_the_text_and_cut_long_runs() {
+        let text = format!(
+            "{} {} {}",
+            "a".repeat(200),
+            " ".repeat(100),
+            "é".repeat(100)
+        );
+        let parts: Vec<&str> = segments(&text).collect();
+        assert_eq!(parts.concat(), text);
+        assert!(parts.len() >= 8, "{}", parts.len());
+        let words = "hello world ".repeat(10_000);
+        let parts: Vec<&str> = segments(&words).collect();
+        assert_eq!(parts.concat(), words);
+        assert!(parts.iter().all(|p| p.len() <= SEGMENT_BYTES + 8));
+        // natural text counts as it does uncut
+        let whole = tiktoken_rs::o200k_base_singleton()
+            .encode_ordinary(&words)
+            .len() as i64;
+        let cut = Tokenizer::O200k.count(&words);
+        assert!((cut - whole).abs() <= 4, "{cut} vs {whole}");
+    }
+
+    #[test]
+    fn adversarial_text_costs_linear_time() {
+        // one unbroken word: quadratic for plain BPE (a 250 KB word took 37 s)
+        let word = "a".repeat(256 * 1024);
+        let started = std::time::Instant::now();
+        let n = Tokenizer::O200k.count(&word);
+        let took = started.elapsed();
+        assert!(n > 0);
+        assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    }
+
+    /// The README's worst-case figure: `cargo test --release -p pg-quota-relay
+    /// worst_case_estimate -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn worst_case_estimate_of_a_4_mib_body() {
+        const SIZE: usize = 4 * 1024 * 1024;
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut random = |alphabet: &[u8]| -> String {
+            (0..SIZE)
+                .map(|_| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    alphabet[(rng % alphabet.len() as u64) as usize] as char
+                })
+                .collect()
+        };
+        let shapes = [
+            ("one word", "a".repeat(SIZE)),
+            (
+                "random letters",
+                random(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"),
+            ),
+            (
+                "random bytes of text",
+                random(b"abc XYZ 0123 !?.,;:-_()[]{}\t\n"),
+            ),
+            ("punctuation", "!?".repeat(SIZE / 2)),
+            ("digits", "7".repeat(SIZE)),
+            ("whitespace", " \t".repeat(SIZE / 2)),
+            ("newlines", "\n ".repeat(SIZE / 2)),
+            ("two-byte letters", "é".repeat(SIZE / 2)),
+            ("short words", "ab ".repeat(SIZE / 3)),
+        ];
+        let mut worst = std::time::Duration::ZERO;
+        for (name, text) in shapes {
+            let body = serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": text}]});
+            let started = std::time::Instant::now();
+            let n = estimate_input_tokens(Endpoint::ChatCompletions, "gpt-4o", &body);
+            let took = started.elapsed();
+            worst = worst.max(took);
+            println!("{name:>22}: {n:>9} tokens in {took:?}");
+        }
+        println!("worst: {worst:?}");
     }
 
     #[test]
@@ -347,39 +451,38 @@ mod tests {
     #[test]
     fn output_limit_comes_from_the_request_or_the_default() {
         let chat = Endpoint::ChatCompletions;
-        assert_eq!(max_output_tokens(chat, &json!({}), 1024).unwrap(), 1024);
-        assert_eq!(
-            max_output_tokens(chat, &json!({"max_tokens": 50}), 1024).unwrap(),
-            50
+        let reserved = |e, body| output_limit(e, &body, 1024).unwrap().reserved();
+        let default = output_limit(chat, &json!({}), 1024).unwrap();
+        assert_eq!((default.reserved(), default.from_client), (1024, false));
+        assert_eq!(reserved(chat, json!({"max_tokens": 50})), 50);
+        assert!(
+            output_limit(chat, &json!({"max_tokens": 50}), 1024)
+                .unwrap()
+                .from_client
         );
         assert_eq!(
-            max_output_tokens(
-                chat,
-                &json!({"max_completion_tokens": 70, "max_tokens": 50}),
-                1024
-            )
-            .unwrap(),
+            reserved(chat, json!({"max_completion_tokens": 70, "max_tokens": 50})),
             70
         );
+        let n = output_limit(chat, &json!({"max_tokens": 50, "n": 3}), 1024).unwrap();
+        assert_eq!((n.per_choice, n.reserved()), (50, 150));
+        let n = output_limit(chat, &json!({"n": 2}), 1024).unwrap();
         assert_eq!(
-            max_output_tokens(chat, &json!({"max_tokens": 50, "n": 3}), 1024).unwrap(),
-            150
+            (n.per_choice, n.reserved(), n.from_client),
+            (1024, 2048, false)
         );
         assert_eq!(
-            max_output_tokens(
+            reserved(
                 Endpoint::Responses,
-                &json!({"max_output_tokens": 9, "max_tokens": 50}),
-                1024
-            )
-            .unwrap(),
+                json!({"max_output_tokens": 9, "max_tokens": 50})
+            ),
             9
         );
-        assert_eq!(
-            max_output_tokens(Endpoint::Embeddings, &json!({"max_tokens": 5}), 1024).unwrap(),
-            0
-        );
-        let err = max_output_tokens(chat, &json!({"max_tokens": -1}), 1024).unwrap_err();
+        assert_eq!(reserved(Endpoint::Completions, json!({"max_tokens": 8})), 8);
+        let e = output_limit(Endpoint::Embeddings, &json!({"max_tokens": 5}), 1024).unwrap();
+        assert_eq!((e.reserved(), e.from_client), (0, true));
+        let err = output_limit(chat, &json!({"max_tokens": -1}), 1024).unwrap_err();
         assert_eq!(err.status_code(), 400);
-        assert!(max_output_tokens(chat, &json!({"max_tokens": "many"}), 1024).is_err());
+        assert!(output_limit(chat, &json!({"max_tokens": "many"}), 1024).is_err());
     }
 }

@@ -12,18 +12,23 @@ mod db;
 mod db_tls;
 mod error;
 mod estimate;
+mod fail_open;
 mod metrics;
 mod mock;
+mod openai;
 mod proxy;
-mod stream;
+mod server;
+mod state;
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 
 use crate::config::{Cli, Command, RelayConfig, ServeArgs};
+use crate::error::DbError;
+use crate::server::{announce, shutdown_signal};
 
 /// Exit code for "the database cannot be reached" and invalid configuration.
 const EXIT_CONFIG: u8 = 2;
@@ -52,35 +57,6 @@ fn main() -> ExitCode {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::MockUpstream(args) => runtime.block_on(mock::run(args)),
     }
-}
-
-/// The one line tests wait for, flushed at once.
-pub fn announce(line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-}
-
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
-    }
-    tracing::info!("shutdown requested: no new connections; finishing in-flight requests");
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
@@ -113,7 +89,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             let cause = match e {
-                db::DbError::Unavailable(c) => c,
+                DbError::Unavailable(c) => c,
                 other => other.to_string(),
             };
             return fail(format!("cannot reach the database at {target}: {cause}"));
@@ -130,16 +106,33 @@ async fn serve(args: ServeArgs) -> ExitCode {
             "--upstream-url is not set: requests whose channel names no upstream will get 502"
         );
     }
-    if config.fail_open {
-        tracing::warn!("--fail-open: if the database becomes unreachable, requests are forwarded WITHOUT quota accounting");
+    if config.fail_open.enabled {
+        tracing::warn!(
+            recent_s = config.fail_open.recent.as_secs(),
+            max_requests = config.fail_open.max_requests,
+            max_s = config.fail_open.max_outage.as_secs(),
+            "--fail-open: while the database cannot be connected to, keys admitted recently are forwarded WITHOUT quota accounting, within a budget per outage"
+        );
     }
     // the BPE tables take a moment to load; do it before the first request needs them
     tokio::task::spawn_blocking(estimate::Tokenizer::warm_up);
 
-    let state = match app::Relay::new(pool.clone(), config) {
+    let journal = match proxy::journal::Journal::open(args.state_dir.as_deref()) {
+        Ok(j) => j,
+        Err(e) => return fail(e),
+    };
+    let state = match state::Relay::new(pool.clone(), config, journal) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot build the HTTP client: {e}")),
     };
+    match proxy::settlement::replay_journal(&state) {
+        Ok(0) => {}
+        Ok(replayed) => tracing::info!(
+            replayed,
+            "replaying settlements journaled at the last shutdown"
+        ),
+        Err(e) => return fail(format!("--state-dir: {e}")),
+    }
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -170,8 +163,20 @@ async fn serve(args: ServeArgs) -> ExitCode {
     {
         tracing::error!(
             still_running = state.tasks.len(),
-            "shutdown grace period over with settlements still running; quota.sweep() will release their reservations"
+            settlements_pending = state.journal.pending(),
+            "shutdown grace period over with requests or settlements still running"
         );
+    }
+    // what the database has not recorded yet goes to the journal, for the next start
+    let pending = state.journal.pending();
+    match state.journal.write_pending() {
+        Ok(0) if pending > 0 => tracing::error!(
+            pending,
+            "settlements not recorded and no --state-dir: quota.sweep() will release their reservations"
+        ),
+        Ok(0) => {}
+        Ok(written) => tracing::warn!(written, "settlements not recorded yet: journaled for the next start"),
+        Err(e) => tracing::error!(error = %e, pending, "could not write the settlement journal"),
     }
     pool.close();
     tracing::info!("relay stopped");

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub reservations_in_flight: IntGauge,
     /// settle/refund calls that failed after every retry, by call
     pub settlement_failures: IntCounterVec,
+    /// settlements the engine recorded unbilled, by its reason (price_not_found, usage_missing)
+    pub unbilled: IntCounterVec,
 }
 
 impl Metrics {
@@ -76,6 +78,14 @@ impl Metrics {
             &["call"],
         )
         .expect("valid metric");
+        let unbilled = IntCounterVec::new(
+            Opts::new(
+                "pgq_relay_unbilled_requests_total",
+                "Requests settled without a charge, by the engine's reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(admit_seconds.clone()),
@@ -83,6 +93,7 @@ impl Metrics {
             Box::new(upstream_seconds.clone()),
             Box::new(reservations_in_flight.clone()),
             Box::new(settlement_failures.clone()),
+            Box::new(unbilled.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -94,6 +105,7 @@ impl Metrics {
             upstream_seconds,
             reservations_in_flight,
             settlement_failures,
+            unbilled,
         }
     }
 

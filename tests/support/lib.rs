@@ -1,6 +1,11 @@
 //! Shared helpers for the out-of-process tests: a real cluster started by `scripts/test.sh`
 //! (its DSN in `PGQ_TEST_DSN`, its server log in `PGQ_SERVER_LOG`), the real relay binary
-//! (`PGQ_RELAY_BIN`), the mock upstream.
+//! (`PGQ_RELAY_BIN`), the mock upstream. The relay's own harness is in `relay` and `tls`.
+mod relay;
+mod tls;
+pub use relay::*;
+pub use tls::*;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -145,7 +150,15 @@ impl Server {
         Server::spawn(&["mock-upstream", "--listen", "127.0.0.1:0"], &[]).await
     }
 
+    /// The relay, forwarding the mock's `x-mock-*` controls (which its allow list holds back).
     pub async fn relay(database_url: &str, upstream_url: &str, extra: &[&str]) -> Server {
+        let mut args = vec!["--forward-header", "x-mock-*"];
+        args.extend_from_slice(extra);
+        Server::relay_bare(database_url, upstream_url, &args).await
+    }
+
+    /// The relay with its own header allow list only, plus `extra` flags.
+    pub async fn relay_bare(database_url: &str, upstream_url: &str, extra: &[&str]) -> Server {
         let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--upstream-url", upstream_url];
         args.extend_from_slice(extra);
         Server::spawn(&args, &[("DATABASE_URL", database_url)]).await

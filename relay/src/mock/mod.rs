@@ -2,9 +2,11 @@
 //!
 //! Behaviour is set by flags and, per request, by headers (headers win):
 //! `x-mock-latency-ms`, `x-mock-output-tokens`, `x-mock-input-tokens`, `x-mock-chunk-delay-ms`,
-//! `x-mock-cached-tokens`, `x-mock-fail` (`500`, `429`, any 4xx/5xx status, `timeout`,
-//! `disconnect-mid-stream`), `x-mock-omit-usage: 1` (an upstream that reports no usage: no
-//! `usage` in bodies, no usage chunk in streams). Every request is recorded (method, path, headers without
+//! `x-mock-cached-tokens`, `x-mock-fail` (`500`, `429`, any 4xx/5xx status, with the body
+//! OpenAI sends for it; `timeout`, `disconnect-mid-stream`), `x-mock-omit-usage: 1` (an
+//! upstream that reports no usage: no `usage` in bodies, no usage chunk in streams). Like a
+//! real model it stops at the request's output limit (`max_tokens`, `max_completion_tokens`,
+//! `max_output_tokens`) with `finish_reason: "length"` (Responses: status `incomplete`). Every request is recorded (method, path, headers without
 //! `authorization`, the `authorization` value on its own, body) and listed, oldest first, at
 //! `GET /_mock/requests`; `DELETE /_mock/requests` forgets them.
 
@@ -25,8 +27,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::config::MockArgs;
-use crate::error::error_body;
-use crate::estimate::Endpoint;
+use crate::openai::{error_body, Endpoint};
 
 /// Requests kept for `/_mock/requests`.
 const RECORDED: usize = 1000;
@@ -223,18 +224,7 @@ async fn generate(
         tokio::time::sleep(behavior.latency).await;
     }
     match behavior.fail {
-        Some(Fail::Status(status)) => {
-            let mut r = error(
-                status,
-                &format!("mock upstream failure (HTTP {})", status.as_u16()),
-                Some("mock_failure"),
-            );
-            if status == StatusCode::TOO_MANY_REQUESTS {
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            }
-            return r;
-        }
+        Some(Fail::Status(status)) => return failure(status, &bytes),
         Some(Fail::Timeout) => {
             tokio::time::sleep(TIMEOUT_SLEEP).await;
             return error(StatusCode::GATEWAY_TIMEOUT, "mock upstream timed out", None);
@@ -253,16 +243,24 @@ async fn generate(
         .and_then(Value::as_str)
         .unwrap_or("mock-model")
         .to_string();
+    // like a real model, stop at the request's output limit
+    let limit = endpoint
+        .output_limit_fields()
+        .iter()
+        .find_map(|f| body.get(*f).and_then(Value::as_u64));
+    let wanted = if endpoint == Endpoint::Embeddings {
+        0
+    } else {
+        behavior.output_tokens
+    };
+    let completion = limit.map_or(wanted, |l| wanted.min(l));
     let counts = wire::Counts {
         prompt: behavior
             .input_tokens
             .unwrap_or_else(|| wire::prompt_tokens(endpoint, &body)),
-        completion: if endpoint == Endpoint::Embeddings {
-            0
-        } else {
-            behavior.output_tokens
-        },
+        completion,
         cached: behavior.cached_tokens,
+        truncated: completion < wanted,
     };
     let n = state.next_id.fetch_add(1, Ordering::Relaxed);
     let created = now_secs();
@@ -282,7 +280,7 @@ async fn generate(
                 &format!("resp_mock{n}"),
                 created,
                 &model,
-                "completed",
+                counts.response_status(),
                 Some(counts),
             ),
         };
@@ -356,6 +354,45 @@ async fn generate(
     r
 }
 
+/// An injected failure with the body OpenAI sends for it, which names the upstream's model,
+/// its organization and its limits (what a relay must not show its clients).
+fn failure(status: StatusCode, body: &[u8]) -> Response {
+    let model = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|b| b.get("model").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| "mock-model".into());
+    const ORG: &str = "org-mOcK0rg4n1zat10n";
+    let (message, code) = match status.as_u16() {
+        401 => (
+            "Incorrect API key provided: sk-upstr**************test. You can find your API key at https://platform.openai.com/account/api-keys.".to_string(),
+            "invalid_api_key",
+        ),
+        403 => (
+            format!("Project proj_mOcKpr0j3ct does not have access to model `{model}` in organization {ORG}."),
+            "model_not_allowed",
+        ),
+        404 => (
+            format!("The model `{model}` does not exist or you do not have access to it."),
+            "model_not_found",
+        ),
+        429 => (
+            format!("Rate limit reached for {model} in organization {ORG} on tokens per min (TPM): Limit 30000, Used 29950, Requested 100."),
+            "rate_limit_exceeded",
+        ),
+        400..=499 => (
+            format!("Invalid request for model `{model}` in organization {ORG}."),
+            "invalid_request",
+        ),
+        n => (format!("mock upstream failure (HTTP {n})"), "mock_failure"),
+    };
+    let mut r = error(status, &message, Some(code));
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
+}
+
 /// `mock-upstream`: binds, prints the listening line, serves until SIGTERM/Ctrl-C.
 pub async fn run(args: MockArgs) -> std::process::ExitCode {
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
@@ -366,9 +403,9 @@ pub async fn run(args: MockArgs) -> std::process::ExitCode {
         }
     };
     let addr = listener.local_addr().expect("bound socket has an address");
-    crate::announce(&format!("mock-upstream listening on http://{addr}"));
+    crate::server::announce(&format!("mock-upstream listening on http://{addr}"));
     let served = axum::serve(listener, app(args))
-        .with_graceful_shutdown(crate::shutdown_signal())
+        .with_graceful_shutdown(crate::server::shutdown_signal())
         .await;
     match served {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -605,6 +642,43 @@ mod tests {
         let last: Value = serde_json::from_str(data_events(&text).last().unwrap()).unwrap();
         assert_eq!(last["type"], "response.completed");
         assert_eq!(last["response"]["usage"]["output_tokens"], 5);
+    }
+
+    #[tokio::test]
+    async fn output_stops_at_the_requests_limit() {
+        let router = app(defaults());
+        let chat = |limit: Value| json!({"model": "m", "messages": [], "max_tokens": limit});
+        let (_, _, text) = call(&router, "/v1/chat/completions", chat(json!(3)), &[]).await;
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["usage"]["completion_tokens"], 3);
+        assert_eq!(v["choices"][0]["finish_reason"], "length");
+        let (_, _, text) = call(&router, "/v1/chat/completions", chat(json!(10)), &[]).await;
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["usage"]["completion_tokens"], 5);
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        let body =
+            json!({"model": "m", "messages": [], "max_completion_tokens": 2, "stream": true});
+        let (_, _, text) = call(&router, "/v1/chat/completions", body, &[]).await;
+        let events = data_events(&text);
+        assert_eq!(
+            events.len(),
+            1 + 2 + 1 + 1,
+            "role, 2 tokens, finish, [DONE]"
+        );
+        assert!(
+            events[3].contains(r#""finish_reason":"length""#),
+            "{}",
+            events[3]
+        );
+        let body = json!({"model": "m", "input": "x", "max_output_tokens": 2});
+        let (_, _, text) = call(&router, "/v1/responses", body, &[]).await;
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["status"], "incomplete");
+        assert_eq!(v["incomplete_details"]["reason"], "max_output_tokens");
+        assert_eq!(v["usage"]["output_tokens"], 2);
+        let body = json!({"model": "m", "prompt": "x", "max_tokens": 1, "stream": true});
+        let (_, _, text) = call(&router, "/v1/completions", body, &[]).await;
+        assert!(text.contains(r#""finish_reason":"length""#), "{text}");
     }
 
     #[tokio::test]

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::estimate::Endpoint;
+use crate::openai::Endpoint;
 
 /// Words the mock "generates", one per completion token.
 const WORDS: &[&str] = &[
@@ -32,6 +32,28 @@ pub struct Counts {
     pub prompt: u64,
     pub completion: u64,
     pub cached: u64,
+    /// the output stopped at the request's limit
+    pub truncated: bool,
+}
+
+impl Counts {
+    /// `finish_reason` of chat and text completions.
+    pub fn finish_reason(&self) -> &'static str {
+        if self.truncated {
+            "length"
+        } else {
+            "stop"
+        }
+    }
+
+    /// `status` of a finished Responses API response.
+    pub fn response_status(&self) -> &'static str {
+        if self.truncated {
+            "incomplete"
+        } else {
+            "completed"
+        }
+    }
 }
 
 /// Deterministic prompt size: whitespace-separated words of every input text, plus 3 per chat
@@ -112,7 +134,7 @@ pub fn chat_completion(id: &str, created: u64, model: &str, c: Counts) -> Value 
             "index": 0,
             "message": {"role": "assistant", "content": output_text(c.completion), "refusal": null},
             "logprobs": null,
-            "finish_reason": "stop"
+            "finish_reason": c.finish_reason()
         }],
         "usage": chat_usage(c),
     })
@@ -125,7 +147,7 @@ pub fn text_completion(id: &str, created: u64, model: &str, c: Counts) -> Value 
         "created": created,
         "model": model,
         "system_fingerprint": null,
-        "choices": [{"text": output_text(c.completion), "index": 0, "logprobs": null, "finish_reason": "stop"}],
+        "choices": [{"text": output_text(c.completion), "index": 0, "logprobs": null, "finish_reason": c.finish_reason()}],
         "usage": chat_usage(c),
     })
 }
@@ -174,11 +196,13 @@ pub fn response_object(
         ),
         None => (vec![], Value::Null),
     };
+    let incomplete = (status == "incomplete").then(|| json!({"reason": "max_output_tokens"}));
     json!({
         "id": id,
         "object": "response",
         "created_at": created,
         "status": status,
+        "incomplete_details": incomplete,
         "model": model,
         "output": output,
         "usage": usage,
@@ -236,7 +260,7 @@ pub fn stream_events(
             for i in 0..c.completion {
                 events.push(sse(&chunk(json!({"content": token_text(i)}), Value::Null)));
             }
-            events.push(sse(&chunk(json!({}), json!("stop"))));
+            events.push(sse(&chunk(json!({}), json!(c.finish_reason()))));
             if include_usage {
                 events.push(sse(&json!({
                     "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -255,7 +279,7 @@ pub fn stream_events(
             for i in 0..c.completion {
                 events.push(sse(&chunk(token_text(i), Value::Null)));
             }
-            events.push(sse(&chunk("", json!("stop"))));
+            events.push(sse(&chunk("", json!(c.finish_reason()))));
             if include_usage {
                 events.push(sse(&json!({
                     "id": id, "object": "text_completion", "created": created, "model": model,
@@ -289,11 +313,13 @@ pub fn stream_events(
                 "type": "response.output_text.done", "sequence_number": next(),
                 "item_id": item_id, "output_index": 0, "content_index": 0, "text": output_text(c.completion),
             })));
+            let status = c.response_status();
+            let kind = format!("response.{status}");
             events.push(sse_event(
-                "response.completed",
+                &kind,
                 &json!({
-                    "type": "response.completed", "sequence_number": next(),
-                    "response": response_object(id, created, model, "completed", Some(c)),
+                    "type": kind, "sequence_number": next(),
+                    "response": response_object(id, created, model, status, Some(c)),
                 }),
             ));
         }

@@ -1,4 +1,4 @@
-//! SSE pass-through with usage capture.
+//! Streaming: SSE passed through event by event, with usage captured on the way.
 //!
 //! The upstream's byte stream is cut into whole SSE events, each forwarded unchanged, except
 //! the final usage-only chunk (`choices: []` + `usage`) when the relay asked for it on the
@@ -6,72 +6,107 @@
 //! `response.completed` (Responses API); the generated text is kept so that output tokens can
 //! be counted if the stream ends without usage.
 
+use axum::body::Body;
+use axum::http::{header, HeaderValue};
+use axum::response::Response;
 use bytes::{Bytes, BytesMut};
-use serde_json::Value;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
 
-/// Actual usage as reported by the upstream.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub input_tokens: i64,
-    pub output_tokens: i64,
-    pub cached_tokens: i64,
+use crate::error::error_chain;
+use crate::openai::{usage_from_json, Usage};
+
+/// SSE events buffered between the upstream reader and a slow client.
+pub const STREAM_BUFFER_EVENTS: usize = 32;
+
+pub fn stream_response(rx: mpsc::Receiver<Bytes>) -> Response {
+    let events = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+    });
+    let mut response = Response::new(Body::from_stream(events));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
 }
 
-fn int(v: Option<&Value>) -> Option<i64> {
-    v.and_then(|v| {
-        v.as_i64()
-            .or_else(|| v.as_u64().map(|u| i64::try_from(u).unwrap_or(i64::MAX)))
-    })
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The upstream closed the stream normally.
+    Completed,
+    /// The upstream failed mid-stream (error, cut connection, timeout).
+    UpstreamFailed,
+    /// The client went away; the upstream was read on to its end (or its failure).
+    ClientGone,
 }
 
-/// Usage from a response body, a stream chunk, or a Responses API event (`response.usage`).
-/// Chat/Completions/Embeddings use `prompt_tokens`/`completion_tokens`; the Responses API
-/// uses `input_tokens`/`output_tokens`.
-pub fn usage_from_json(v: &Value) -> Option<Usage> {
-    let u = match v.get("usage") {
-        Some(u @ Value::Object(_)) => u,
-        _ => match v.get("response").and_then(|r| r.get("usage")) {
-            Some(u @ Value::Object(_)) => u,
-            _ => return None,
-        },
-    };
-    let input = int(u.get("prompt_tokens")).or_else(|| int(u.get("input_tokens")))?;
-    let output = int(u.get("completion_tokens"))
-        .or_else(|| int(u.get("output_tokens")))
-        .unwrap_or(0);
-    let cached = int(u.pointer("/prompt_tokens_details/cached_tokens"))
-        .or_else(|| int(u.pointer("/input_tokens_details/cached_tokens")))
-        .unwrap_or(0);
-    Some(Usage {
-        input_tokens: input.max(0),
-        output_tokens: output.max(0),
-        cached_tokens: cached.max(0),
-    })
-}
-
-/// Generated text of a non-streaming response (used only when it carries no usage).
-pub fn output_text_of_body(v: &Value, out: &mut String) {
-    if let Some(choices) = v.get("choices").and_then(Value::as_array) {
-        for c in choices {
-            if let Some(s) = c.pointer("/message/content").and_then(Value::as_str) {
-                out.push_str(s);
-            }
-            if let Some(s) = c.get("text").and_then(Value::as_str) {
-                out.push_str(s);
-            }
-        }
-    }
-    if let Some(items) = v.get("output").and_then(Value::as_array) {
-        for item in items {
-            for part in item
-                .get("content")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                if let Some(s) = part.get("text").and_then(Value::as_str) {
-                    out.push_str(s);
+/// Moves whole SSE events from the upstream to the client until the upstream stops. If the
+/// client leaves first, the rest of the stream is still read (not sent), for its usage: the
+/// upstream goes on generating, and billing, after a client hangs up.
+pub async fn pump(
+    upstream: reqwest::Response,
+    tx: mpsc::Sender<Bytes>,
+    filter: &mut SseFilter,
+) -> StreamEnd {
+    let mut chunks = upstream.bytes_stream();
+    let mut client_gone = false;
+    loop {
+        let next = if client_gone {
+            chunks.next().await
+        } else {
+            tokio::select! {
+                biased;
+                _ = tx.closed() => {
+                    tracing::info!("client left mid-stream; reading the upstream to its end for usage");
+                    client_gone = true;
+                    continue;
                 }
+                next = chunks.next() => next,
+            }
+        };
+        match next {
+            Some(Ok(bytes)) => {
+                for event in filter.push(&bytes) {
+                    if !client_gone && tx.send(event).await.is_err() {
+                        tracing::info!(
+                            "client left mid-stream; reading the upstream to its end for usage"
+                        );
+                        client_gone = true;
+                    }
+                }
+            }
+            Some(Err(e)) if client_gone => {
+                tracing::warn!(error = %error_chain(&e.without_url()), "upstream stream failed after the client left");
+                return StreamEnd::ClientGone;
+            }
+            Some(Err(e)) => {
+                let e = e.without_url();
+                tracing::warn!(error = %error_chain(&e), timeout = e.is_timeout(), "upstream stream failed");
+                let error = json!({"error": {
+                    "message": if e.is_timeout() { "The upstream did not finish in time." } else { "The upstream stream was interrupted." },
+                    "type": "server_error",
+                    "param": null,
+                    "code": if e.is_timeout() { "upstream_timeout" } else { "upstream_unavailable" },
+                }});
+                let _ = tx.send(Bytes::from(format!("data: {error}\n\n"))).await;
+                return StreamEnd::UpstreamFailed;
+            }
+            None => {
+                if let Some(rest) = filter.finish() {
+                    if !client_gone {
+                        let _ = tx.send(rest).await;
+                    }
+                }
+                return if client_gone {
+                    StreamEnd::ClientGone
+                } else {
+                    StreamEnd::Completed
+                };
             }
         }
     }
@@ -216,6 +251,16 @@ fn event_data(event: &[u8]) -> Option<String> {
     data
 }
 
+/// Everything a client receives from `rx`, as text (for tests).
+#[cfg(test)]
+pub async fn drain(mut rx: mpsc::Receiver<Bytes>) -> String {
+    let mut out = Vec::new();
+    while let Some(b) = rx.recv().await {
+        out.extend_from_slice(&b);
+    }
+    String::from_utf8(out).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,52 +373,5 @@ mod tests {
                 cached_tokens: 1
             })
         );
-    }
-
-    #[test]
-    fn usage_from_bodies_of_every_endpoint() {
-        let chat = json!({"usage": {"prompt_tokens": 5, "completion_tokens": 7, "prompt_tokens_details": {"cached_tokens": 2}}});
-        assert_eq!(
-            usage_from_json(&chat),
-            Some(Usage {
-                input_tokens: 5,
-                output_tokens: 7,
-                cached_tokens: 2
-            })
-        );
-        let emb = json!({"usage": {"prompt_tokens": 8, "total_tokens": 8}});
-        assert_eq!(
-            usage_from_json(&emb),
-            Some(Usage {
-                input_tokens: 8,
-                output_tokens: 0,
-                cached_tokens: 0
-            })
-        );
-        let resp = json!({"usage": {"input_tokens": 3, "output_tokens": 4, "input_tokens_details": {"cached_tokens": 1}}});
-        assert_eq!(
-            usage_from_json(&resp),
-            Some(Usage {
-                input_tokens: 3,
-                output_tokens: 4,
-                cached_tokens: 1
-            })
-        );
-        assert_eq!(usage_from_json(&json!({"usage": null})), None);
-        assert_eq!(usage_from_json(&json!({"choices": []})), None);
-    }
-
-    #[test]
-    fn output_text_of_non_streaming_bodies() {
-        let mut s = String::new();
-        output_text_of_body(
-            &json!({"choices": [{"message": {"content": "hi "}}, {"text": "there"}]}),
-            &mut s,
-        );
-        output_text_of_body(
-            &json!({"output": [{"content": [{"type": "output_text", "text": "!"}]}]}),
-            &mut s,
-        );
-        assert_eq!(s, "hi there!");
     }
 }
