@@ -13,7 +13,7 @@
 # non-zero when a check failed. No container engine to be had: a SKIPPED line, exit 0.
 #
 # Ports (host network, loopback only): PGQ_DOCKER_PG_PORT (54591), PGQ_DOCKER_RELAY_PORT
-# (18080), PGQ_DOCKER_MOCK_PORT (19090).
+# (18080), PGQ_DOCKER_MOCK_PORT (19090). PGQ_DOCKER_TESTS=0 skips the tier.
 set -uo pipefail
 LOG_TAG=docker
 source "$(dirname "$0")/lib.sh"
@@ -42,6 +42,8 @@ closing() {
 skip() { say "SKIPPED: $*"; echo "docker: 0 passed, 0 failed, 1 skipped"; exit 0; }
 # stop here when a step that every later check needs has failed
 abort() { flunk "$@"; say "later checks need this step: stopping"; closing; exit 1; }
+
+[ "${PGQ_DOCKER_TESTS:-1}" = 0 ] && skip "PGQ_DOCKER_TESTS=0"
 
 # ── the engine ────────────────────────────────────────────────────────────────
 ENGINE_FLAGS=()
