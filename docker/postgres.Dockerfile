@@ -14,7 +14,7 @@ RUN set -eux; \
     apt-get install -y --no-install-recommends postgresql-common; \
     sed -ri 's/^#?\s*create_main_cluster\s*=.*/create_main_cluster = false/' /etc/postgresql-common/createcluster.conf; \
     apt-get install -y --no-install-recommends postgresql-15; \
-    rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb; \
+    rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/apt/archives/*.deb; \
     mkdir -p /var/lib/postgresql/data /var/run/postgresql /docker-entrypoint-initdb.d; \
     chown postgres:postgres /var/lib/postgresql/data /var/run/postgresql; \
     chmod 700 /var/lib/postgresql/data; chmod 2775 /var/run/postgresql

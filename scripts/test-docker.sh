@@ -153,11 +153,10 @@ path-exclude /usr/share/groff/*
 path-exclude /usr/share/info/*
 path-exclude /usr/share/lintian/*
 CFG
-  rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-  tar -C "$rootfs" -c . | eng import --change 'CMD ["bash"]' - "$BASE_IMAGE" >/dev/null
-  local rc=$?
+  rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/lib/apt/lists/*
+  tar -C "$rootfs" -c . | eng import --change 'CMD ["bash"]' - "$BASE_IMAGE" >"$WORK/import.log" 2>&1 \
+    || { cat "$WORK/import.log" >&2; rm -rf "$rootfs"; return 1; }
   rm -rf "$rootfs"
-  return $rc
 }
 if image_exists "$BASE_IMAGE"; then
   pass "base image $BASE_IMAGE present (cached)"
@@ -173,10 +172,14 @@ bash scripts/package.sh || abort "scripts/package.sh (release extension package 
 pass "scripts/package.sh ($(( $(date +%s) - t )) s)"
 
 build() {
-  local file=$1 tag=$2 t; t=$(date +%s)
+  local file=$1 tag=$2 t old; t=$(date +%s)
+  old=$(eng image inspect --format '{{.Id}}' "$tag" 2>/dev/null)
   if eng build "${BUILD_FLAGS[@]}" --build-arg BASE_IMAGE="$BASE_IMAGE" -f "$CONTEXT/$file" -t "$tag" \
        "$CONTEXT" >"$WORK/build-$file.log" 2>&1; then
     pass "build $tag from docker/$file ($(( $(date +%s) - t )) s)"
+    # the image this tag named before, now untagged: remove it (kept when still in use)
+    [ -n "$old" ] && [ "$old" != "$(eng image inspect --format '{{.Id}}' "$tag" 2>/dev/null)" ] \
+      && { eng rmi "$old" >/dev/null 2>&1 || true; }
   else
     tail -n 20 "$WORK/build-$file.log"; abort "build $tag from docker/$file"
   fi
