@@ -47,6 +47,8 @@ first_start() {
   relay_password=$(secret PGQ_RELAY_PASSWORD)
   [ -n "$su_password" ] || fail "first start: set POSTGRES_PASSWORD or POSTGRES_PASSWORD_FILE (the superuser's password)"
   [ -n "$relay_password" ] || fail "first start: set PGQ_RELAY_PASSWORD or PGQ_RELAY_PASSWORD_FILE (the relay role's password)"
+  # Not in the environment of the server and its backends.
+  unset POSTGRES_PASSWORD POSTGRES_PASSWORD_FILE PGQ_RELAY_PASSWORD PGQ_RELAY_PASSWORD_FILE
   valid_ident "$PGQ_DB" || fail "PGQ_DB='$PGQ_DB' must be a lower-case SQL identifier"
   valid_ident "$PGQ_RELAY_USER" || fail "PGQ_RELAY_USER='$PGQ_RELAY_USER' must be a lower-case SQL identifier"
   [ -z "$(ls -A "$PGDATA" 2>/dev/null)" ] \
@@ -121,6 +123,8 @@ else
   say "data directory $PGDATA exists: starting"
 fi
 
+# Passwords are needed at the first start only; keep them out of the server's environment.
+unset POSTGRES_PASSWORD POSTGRES_PASSWORD_FILE PGQ_RELAY_PASSWORD PGQ_RELAY_PASSWORD_FILE
 "$PG_BIN/postgres" -D "$PGDATA" -c listen_addresses="$PGQ_LISTEN_ADDRESSES" "$@" &
 pg_pid=$!
 trap 'kill -INT "$pg_pid" 2>/dev/null || true' TERM INT

@@ -39,6 +39,15 @@ closing() {
   echo "docker: $PASSED passed, $FAILED failed"
   [ "$FAILED" -eq 0 ]
 }
+# holds_none TEXT SECRET...: true when TEXT holds none of the secrets (each must be non-empty)
+holds_none() {
+  local text=$1 secret; shift
+  for secret in "$@"; do
+    [ ${#secret} -ge 16 ] || return 1
+    grep -qF -- "$secret" <<<"$text" && return 1
+  done
+  return 0
+}
 skip() { say "SKIPPED: $*"; echo "docker: 0 passed, 0 failed, 1 skipped"; exit 0; }
 # stop here when a step that every later check needs has failed
 abort() { flunk "$@"; say "later checks need this step: stopping"; closing; exit 1; }
@@ -86,13 +95,18 @@ say "engine: $($ENGINE --version)"
 WORK=$(mktemp -d /var/tmp/pgq-docker-test.XXXXXX)
 chmod 700 "$WORK"
 cleanup() {
-  eng rm -f -t 5 "$NAME-relay" "$NAME-mock" "$NAME-db" >/dev/null 2>&1 || true
-  eng volume rm -f "$VOLUME" >/dev/null 2>&1 || true
+  remove_containers
   rm -rf "$WORK"
 }
+remove_containers() {
+  local c
+  for c in "$NAME-relay" "$NAME-mock" "$NAME-db"; do
+    eng stop -t 5 "$c" >/dev/null 2>&1; eng rm -f "$c" >/dev/null 2>&1
+  done
+  eng volume rm -f "$VOLUME" >/dev/null 2>&1 || true
+}
 trap cleanup EXIT
-cleanup_old() { eng rm -f -t 5 "$NAME-relay" "$NAME-mock" "$NAME-db" >/dev/null 2>&1; eng volume rm -f "$VOLUME" >/dev/null 2>&1; }
-cleanup_old || true
+remove_containers   # left over from an interrupted run
 
 # ── compose.yaml: the same settings as the containers run below (no compose engine here)
 compose_consistent() {
@@ -248,6 +262,13 @@ role=$(psql_db "SELECT r.rolsuper, r.rolcreaterole, r.rolcreatedb, pg_has_role('
                 WHERE r.rolname = 'pgq_relay'")
 check "relay role pgq_relay: no superuser/createrole/createdb, IN ROLE quota_relay, log settings" \
   test "$role" = "f|f|f|t|log_min_duration_statement=-1,log_parameter_max_length=0"
+server_env_clean() {
+  local env
+  env=$(eng exec "$NAME-db" bash -c 'tr "\0" "\n" </proc/$(head -n1 "$PGDATA/postmaster.pid")/environ' 2>&1)
+  grep -q '^PGDATA=' <<<"$env" && holds_none "$env" "$SU_PASSWORD" "$PGQ_RELAY_PASSWORD" \
+    && ! grep -q 'PASSWORD' <<<"$env"
+}
+check "no password in the environment of the server processes" server_env_clean
 check "the database runs as postgres, not root" test "$(eng exec "$NAME-db" id -un 2>&1)" = postgres
 # psql_tcp PASSWORD: SELECT 1 over TCP as postgres with that password (PGPASSWORD by name only)
 psql_tcp() { PGPASSWORD=$1 eng exec -e PGPASSWORD "$NAME-db" psql -X -At -h 127.0.0.1 -U postgres -d pg_quota -c 'SELECT 1' 2>/dev/null; }
@@ -326,15 +347,6 @@ check "quota.drift() still empty after the restart" test "$(psql_db "SELECT coun
 KEY_SECRET=${DEMO_KEY:21}
 all_logs=$( { eng logs "$NAME-relay"; eng logs "$NAME-mock"; } 2>&1; echo "$server_log1"; echo "$logs2")
 RELAY_PASSWORD=${DATABASE_URL##*password=}
-# holds_none TEXT SECRET...: true when TEXT holds none of the secrets (each must be non-empty)
-holds_none() {
-  local text=$1 secret; shift
-  for secret in "$@"; do
-    [ ${#secret} -ge 16 ] || return 1
-    grep -qF -- "$secret" <<<"$text" && return 1
-  done
-  return 0
-}
 check "no key secret in the relay's log or the server log (which logs every statement)" \
   holds_none "$all_logs" "$KEY_SECRET"
 check "no password in any log" holds_none "$all_logs" "$SU_PASSWORD" "$RELAY_PASSWORD"
