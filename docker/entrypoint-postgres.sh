@@ -51,6 +51,8 @@ first_start() {
   unset POSTGRES_PASSWORD POSTGRES_PASSWORD_FILE PGQ_RELAY_PASSWORD PGQ_RELAY_PASSWORD_FILE
   valid_ident "$PGQ_DB" || fail "PGQ_DB='$PGQ_DB' must be a lower-case SQL identifier"
   valid_ident "$PGQ_RELAY_USER" || fail "PGQ_RELAY_USER='$PGQ_RELAY_USER' must be a lower-case SQL identifier"
+  [[ $PGQ_SWEEP_INTERVAL =~ ^[0-9]+(ms|s|min|h|d)?$ ]] \
+    || fail "PGQ_SWEEP_INTERVAL='$PGQ_SWEEP_INTERVAL' must be a number with an optional unit (ms, s, min, h, d)"
   [ -z "$(ls -A "$PGDATA" 2>/dev/null)" ] \
     || fail "$PGDATA is neither empty nor a PostgreSQL data directory; refusing to touch it"
 
@@ -83,7 +85,9 @@ CONF
   "$PG_BIN/pg_ctl" -D "$PGDATA" -o "-c listen_addresses='' -c unix_socket_directories='$init_socket'" \
     -w -t 60 start >/dev/null
   local psql=("$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$init_socket" -U postgres)
-  "${psql[@]}" -d postgres -c "CREATE DATABASE $PGQ_DB"
+  "${psql[@]}" -d postgres <<SQL
+SELECT 'CREATE DATABASE $PGQ_DB' WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = '$PGQ_DB') \gexec
+SQL
   # The password reaches psql through the environment, never its command line (\getenv).
   PGQ_INIT_RELAY_PASSWORD=$relay_password "${psql[@]}" -d "$PGQ_DB" <<SQL
 SET client_min_messages = warning;
