@@ -295,8 +295,10 @@ chat() {  # chat OUT [stream]: POST a chat completion with the demo key; prints 
   local body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello!"}]}'
   [ "${2:-}" = stream ] && body='{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"Hello!"}]}'
   curl -sS -m 30 -o "$1" -w '%{http_code}' "$RELAY/v1/chat/completions" \
-    -H "Authorization: Bearer $DEMO_KEY" -H 'Content-Type: application/json' -d "$body" 2>/dev/null
+    -H @"$WORK/auth-header" -H 'Content-Type: application/json' -d "$body" 2>/dev/null
 }
+# the key goes to curl in a file, not on its command line
+printf 'Authorization: Bearer %s\n' "$DEMO_KEY" >"$WORK/auth-header"
 ledger_rows() { psql_db "SELECT count(*) FROM quota.usage_ledger"; }
 # settle runs after the reply: wait for the ledger to reach N rows
 wait_ledger() { local i; for i in $(seq 1 50); do [ "$(ledger_rows)" = "$1" ] && return 0; sleep 0.2; done; return 1; }
