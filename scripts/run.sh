@@ -71,7 +71,7 @@ DATABASE_URL="host=127.0.0.1 port=$PGQ_PORT user=pgq_relay dbname=pg_quota"
 spawn_listening "$RUNDIR/mock.log" target/release/pg-quota-relay mock-upstream --listen "$MOCK_LISTEN"
 MOCK_URL=$SPAWNED_URL
 DATABASE_URL=$DATABASE_URL spawn_listening "$RUNDIR/relay.log" target/release/pg-quota-relay serve \
-  --listen "$RELAY_LISTEN" --upstream-url "$MOCK_URL/v1"
+  --listen "$RELAY_LISTEN" --upstream-url "$MOCK_URL/v1" --state-dir "$RUNDIR/state"
 RELAY_URL=$SPAWNED_URL
 
 cat <<MSG

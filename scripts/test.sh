@@ -80,11 +80,16 @@ spawn_listening "$WORK/relay.log" "$PGQ_RELAY_BIN" serve --listen 127.0.0.1:0 \
 tier "official OpenAI SDK (python)" env PGQ_RELAY_URL="$SPAWNED_URL" \
   PGQ_SDK_DSN="host=$PGHOST port=$PGPORT user=postgres dbname=pgq_sdk" "$SDK_PYTHON" tests/sdk/test_openai_sdk.py
 
+tier "container images (scripts/test-docker.sh)" bash scripts/test-docker.sh
+
 # One closing line for the whole run: cargo's "N passed; M failed" lines, pg_regress' and
-# the isolation tester's "All N tests passed." lines, and the SDK test's "sdk: N passed, M failed".
+# the isolation tester's "All N tests passed." lines, the SDK test's "sdk: N passed, M failed"
+# and the container tier's "docker: N passed, M failed".
 passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$RESULTS" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo 'passed; [0-9]+ failed' "$RESULTS" | awk '{s+=$2} END {print s+0}')
 golden=$(grep -Eo 'All [0-9]+ tests passed' "$RESULTS" | awk '{s+=$2} END {print s+0}')
 sdk_passed=$(grep -Eo '^sdk: [0-9]+ passed' "$RESULTS" | awk '{s+=$2} END {print s+0}')
 sdk_failed=$(grep -Eo '^sdk: [0-9]+ passed, [0-9]+ failed' "$RESULTS" | awk '{s+=$4} END {print s+0}')
-echo "total: $((passed + golden + sdk_passed)) passed, $((failed + sdk_failed)) failed"
+docker_passed=$(grep -Eo '^docker: [0-9]+ passed' "$RESULTS" | awk '{s+=$2} END {print s+0}')
+docker_failed=$(grep -Eo '^docker: [0-9]+ passed, [0-9]+ failed' "$RESULTS" | awk '{s+=$4} END {print s+0}')
+echo "total: $((passed + golden + sdk_passed + docker_passed)) passed, $((failed + sdk_failed + docker_failed)) failed"
