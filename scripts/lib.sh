@@ -44,9 +44,13 @@ cluster_stop() {
 }
 
 # Install the extension into the Postgres named by $PG_CONFIG. Pass --release for benchmarks and the demo.
+# Also installs the frozen install scripts of earlier releases (sql/releases/), which cargo pgrx
+# does not copy, so that `CREATE EXTENSION pg_quota VERSION '0.1.0'` works (the upgrade test).
 install_extension() {
   (cd "$REPO_ROOT/pg_quota" && cargo pgrx install --pg-config "$PG_CONFIG" "$@" >/dev/null 2>&1) \
     || fail "cargo pgrx install failed (rerun: cd pg_quota && cargo pgrx install --pg-config $PG_CONFIG)"
+  install -m 644 "$REPO_ROOT"/sql/releases/pg_quota--*.sql "$("$PG_CONFIG" --sharedir)/extension/" \
+    || fail "installing sql/releases/ into $("$PG_CONFIG" --sharedir)/extension"
 }
 
 # Start a binary in the background and wait for its "listening on http://..." stdout line.

@@ -64,6 +64,8 @@ if ls tests/isolation/specs/*.spec >/dev/null 2>&1; then
     || { cat output_iso/regression.diffs 2>/dev/null | head -n 80; exit 1; }"
 fi
 
+tier "upgrades from frozen releases (scripts/test-upgrade.sh)" bash scripts/test-upgrade.sh
+
 export PGQ_TEST_DSN="host=127.0.0.1 port=$TEST_PORT user=postgres dbname=postgres"
 export PGQ_RELAY_BIN="$REPO_ROOT/target/debug/pg-quota-relay"
 export PGQ_SERVER_LOG="$WORK/cluster/server.log"
@@ -83,13 +85,10 @@ tier "official OpenAI SDK (python)" env PGQ_RELAY_URL="$SPAWNED_URL" \
 tier "container images (scripts/test-docker.sh)" bash scripts/test-docker.sh
 
 # One closing line for the whole run: cargo's "N passed; M failed" lines, pg_regress' and
-# the isolation tester's "All N tests passed." lines, the SDK test's "sdk: N passed, M failed"
-# and the container tier's "docker: N passed, M failed".
+# the isolation tester's "All N tests passed." lines, and the "NAME: N passed, M failed" lines
+# of the script tiers (sdk, upgrade, docker).
 passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$RESULTS" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo 'passed; [0-9]+ failed' "$RESULTS" | awk '{s+=$2} END {print s+0}')
 golden=$(grep -Eo 'All [0-9]+ tests passed' "$RESULTS" | awk '{s+=$2} END {print s+0}')
-sdk_passed=$(grep -Eo '^sdk: [0-9]+ passed' "$RESULTS" | awk '{s+=$2} END {print s+0}')
-sdk_failed=$(grep -Eo '^sdk: [0-9]+ passed, [0-9]+ failed' "$RESULTS" | awk '{s+=$4} END {print s+0}')
-docker_passed=$(grep -Eo '^docker: [0-9]+ passed' "$RESULTS" | awk '{s+=$2} END {print s+0}')
-docker_failed=$(grep -Eo '^docker: [0-9]+ passed, [0-9]+ failed' "$RESULTS" | awk '{s+=$4} END {print s+0}')
-echo "total: $((passed + golden + sdk_passed + docker_passed)) passed, $((failed + sdk_failed + docker_failed)) failed"
+scripted=$(grep -Eo '^(sdk|upgrade|docker): [0-9]+ passed, [0-9]+ failed' "$RESULTS" | awk '{p+=$2; f+=$4} END {print p+0, f+0}')
+echo "total: $((passed + golden + ${scripted% *})) passed, $((failed + ${scripted#* })) failed"

@@ -327,3 +327,19 @@ SELECT pg_catalog.pg_extension_config_dump('quota.released', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.usage_ledger', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.usage_daily', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.event', '');
+-- ... and the positions of their identity sequences, which marking a table does not dump: a
+-- restored database must number new users, keys, policies and events after the old ones.
+DO $$
+DECLARE
+    seq regclass;
+BEGIN
+    FOR seq IN
+        SELECT pg_catalog.pg_get_serial_sequence(c.oid::regclass::text, a.attname)::regclass
+        FROM pg_catalog.pg_attribute a
+        JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+        WHERE c.relnamespace = 'quota'::regnamespace AND a.attidentity <> '' AND NOT a.attisdropped
+    LOOP
+        PERFORM pg_catalog.pg_extension_config_dump(seq, '');
+    END LOOP;
+END
+$$;
