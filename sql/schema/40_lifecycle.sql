@@ -420,9 +420,10 @@ BEGIN
     ELSIF v.error_code IS NOT NULL THEN
         RAISE EXCEPTION '%', v.message USING ERRCODE = 'PQ403', DETAIL = v.error_code;
     END IF;
-    -- priced models and the models of enabled channels
+    -- priced models, their aliases, and the models of enabled channels
     RETURN QUERY SELECT m.model, 'pg_quota'::text
     FROM (SELECT p.model FROM quota.model_price p
+          UNION SELECT a.alias FROM quota.model_alias a
           UNION SELECT cm.model FROM quota.channel_model cm
                 JOIN quota.channel c ON c.channel_id = cm.channel_id AND c.status = 'enabled') m
     ORDER BY m.model;

@@ -34,6 +34,8 @@ INSERT INTO quota.model_alias (alias, model) VALUES ('my-mini', 'gpt-4o-mini');
 SELECT quota.price_model('my-mini') AS my_mini_priced_as;
 SELECT allowed FROM quota.admit(:'key', 'pr-p4', 'my-mini', 1000000, 0);
 SELECT billed, cost FROM quota.settle('pr-p4', 1000000, 0);
+-- GET /v1/models lists an alias beside the models it can call.
+SELECT model FROM quota.models(:'key') WHERE model IN ('my-mini', 'gpt-4o-mini') ORDER BY model;
 -- A snapshot also counts in the model group of the model it is priced as.
 SELECT quota.create_model_group('frontier', ARRAY['gpt-4o']) AS frontier \gset
 INSERT INTO quota.policy (subject_type, subject_id, model_group, metric, period, quota_limit)
