@@ -402,3 +402,38 @@ async fn a_saturated_pool_is_busy_not_an_outage_even_with_fail_open() {
     assert_eq!(mock_requests(&r.mock).await.len(), 2, "nothing was forwarded unaccounted");
     assert_no_drift(&r.db).await;
 }
+
+#[tokio::test]
+async fn an_admit_whose_connection_is_lost_is_run_again_and_the_request_passes() {
+    let r = relayed("pgq_e2e_admit_lost", "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    assert_eq!(r.chat(chat_body(10), &[]).send().await.unwrap().status(), 200);
+    r.wait_ledger_rows(1).await;
+
+    // Another session holds the key's counter, so the next admit is sent and waits unanswered.
+    let holder = connect(&r.dsn).await;
+    holder.batch_execute("BEGIN; SELECT * FROM quota.counter FOR UPDATE").await.unwrap();
+    let pending = tokio::spawn(r.chat(chat_body(10), &[]).send());
+    let waiting = "SELECT pid FROM pg_stat_activity WHERE application_name = 'pg-quota-relay' \
+                   AND wait_event_type = 'Lock'";
+    let waiting_pid = || async { r.db.query_opt(waiting, &[]).await.unwrap().map(|row| row.get::<_, i32>(0)) };
+    eventually("the admit waits on the counter", Duration::from_secs(10), || async {
+        waiting_pid().await.is_some()
+    })
+    .await;
+    let first = waiting_pid().await.unwrap();
+    // Its connection is lost mid-call: the relay cannot know whether the admit committed.
+    r.db.execute("SELECT pg_terminate_backend($1)", &[&first]).await.unwrap();
+    // It runs the admit again, with the same request id, on another connection...
+    eventually("the admit is run again", Duration::from_secs(10), || async {
+        waiting_pid().await.is_some_and(|pid| pid != first)
+    })
+    .await;
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    // ...which is admitted: the client never sees the lost connection.
+    let resp = pending.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    r.wait_ledger_rows(2).await;
+    assert_eq!(r.reservations().await, 0);
+    assert_eq!(mock_requests(&r.mock).await.len(), 2, "each request forwarded once");
+    assert_no_drift(&r.db).await;
+}
