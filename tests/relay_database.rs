@@ -437,3 +437,50 @@ async fn an_admit_whose_connection_is_lost_is_run_again_and_the_request_passes()
     assert_eq!(mock_requests(&r.mock).await.len(), 2, "each request forwarded once");
     assert_no_drift(&r.db).await;
 }
+
+#[tokio::test]
+async fn the_relay_follows_the_primary_through_a_failover_without_a_restart() {
+    let primary = PrivateCluster::start("fo-primary").await;
+    let dsn = fresh_database_at(&primary.dsn(), "pgq_e2e_failover").await;
+    let standby = PrivateCluster::standby_of(&primary, "fo-standby", "").await;
+    // Both hosts, the standby first: the relay connects only to the one that accepts writes.
+    let url = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres dbname=pgq_e2e_failover target_session_attrs=read-write",
+        standby.port, primary.port
+    );
+    let r = relayed_on_url(&dsn, &url, "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    let healthz = || async {
+        let resp = r.http.get(format!("{}/healthz", r.relay.url)).send().await.unwrap();
+        (resp.status().as_u16(), resp.json::<serde_json::Value>().await.unwrap())
+    };
+    assert_eq!(r.chat(chat_body(10), &[]).send().await.unwrap().status(), 200);
+    r.wait_ledger_rows(1).await;
+    let (status, body) = healthz().await;
+    assert_eq!(status, 200);
+    assert_eq!(body["database_host"], format!("127.0.0.1:{}", primary.port), "{body}");
+    let on_standby = connect(&format!("{} dbname=pgq_e2e_failover", standby.dsn())).await;
+    let replica = &on_standby;
+    eventually("the standby has the ledger row", Duration::from_secs(30), || async move {
+        replica.query_one("SELECT count(*) FROM quota.usage_ledger", &[]).await.unwrap().get::<_, i64>(0) == 1
+    })
+    .await;
+
+    // The primary dies; a failover manager promotes the standby.
+    primary.kill().await;
+    standby.promote().await;
+    eventually("requests pass on the new primary", Duration::from_secs(30), || async {
+        r.chat(chat_body(10), &[]).send().await.unwrap().status() == 200
+    })
+    .await;
+    let (status, body) = healthz().await;
+    assert_eq!(status, 200);
+    assert_eq!(body["database_host"], format!("127.0.0.1:{}", standby.port), "{body}");
+    eventually("every admitted request settled", SETTLE_WITHIN, || async move {
+        replica.query_one("SELECT count(*) = 0 FROM quota.reservation", &[]).await.unwrap().get(0)
+    })
+    .await;
+    let ledger: i64 = on_standby.query_one("SELECT count(*) FROM quota.usage_ledger", &[]).await.unwrap().get(0);
+    assert_eq!(ledger, 2, "the request before the failover and the one after it");
+    assert_no_drift(&on_standby).await;
+    drop(r); // relay and mock go before the clusters
+}

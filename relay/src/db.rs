@@ -31,7 +31,10 @@ pub const REFUND_SQL: &str = "SELECT quota.refund($1::text, $2::text)::boolean";
 
 pub const MODELS_SQL: &str = "SELECT model::text, owned_by::text FROM quota.models($1::text)";
 
-pub const HEALTH_SQL: &str = "SELECT 1";
+/// The server a pooled connection is on (`host:port`; a Unix socket shows as `local`), and
+/// whether it is in recovery (a standby: it cannot take writes).
+pub const HEALTH_SQL: &str = "\
+SELECT coalesce(host(inet_server_addr()), 'local') || ':' || current_setting('port'), pg_is_in_recovery()";
 
 /// Short waits: a request should not hang on a dead database, it should get 503.
 const POOL_WAIT: Duration = Duration::from_secs(5);
@@ -117,12 +120,20 @@ pub fn build_pool(
     Ok((pool, tls))
 }
 
-pub async fn ping(pool: &Pool) -> Result<(), DbError> {
+/// Checks that a pooled connection works and is on a server that takes writes; returns that
+/// server (`host:port`). A server in recovery is unavailable: the connection is dropped from the
+/// pool, so the next one is made to the host that accepts writes (`target_session_attrs`).
+pub async fn ping(pool: &Pool) -> Result<String, DbError> {
     bounded(async {
         let client = pool.get().await?;
         let stmt = client.prepare_cached(HEALTH_SQL).await?;
-        client.query_one(&stmt, &[]).await?;
-        Ok(())
+        let row = client.query_one(&stmt, &[]).await?;
+        let (server, in_recovery): (String, bool) = (row.try_get(0)?, row.try_get(1)?);
+        if in_recovery {
+            drop(deadpool_postgres::Object::take(client));
+            return Err(DbError::Unavailable(format!("{server} is in recovery (read-only)")));
+        }
+        Ok(server)
     })
     .await
 }
