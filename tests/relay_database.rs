@@ -484,3 +484,49 @@ async fn the_relay_follows_the_primary_through_a_failover_without_a_restart() {
     assert_no_drift(&on_standby).await;
     drop(r); // relay and mock go before the clusters
 }
+
+#[tokio::test]
+async fn a_database_that_turns_read_only_answers_503_and_its_connections_are_dropped() {
+    let cluster = PrivateCluster::start("e2e-readonly").await;
+    let dsn = fresh_database_at(&cluster.dsn(), "pgq_e2e_readonly").await;
+    let url = format!("{dsn} target_session_attrs=read-write");
+    let r = relayed_on_url(&dsn, &url, "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    assert_eq!(r.chat(chat_body(10), &[]).send().await.unwrap().status(), 200);
+    r.wait_ledger_rows(1).await;
+
+    // The server stays up but takes no writes any more (as a demoted primary would).
+    let admin = connect(&cluster.dsn()).await;
+    let read_only = |on: bool| {
+        let admin = &admin;
+        async move {
+            // one statement each: ALTER SYSTEM cannot run in a batch's transaction
+            for sql in [
+                "SET default_transaction_read_only = off".to_string(),
+                format!("ALTER SYSTEM SET default_transaction_read_only = {on}"),
+                "SELECT pg_reload_conf()".to_string(),
+            ] {
+                admin.batch_execute(&sql).await.unwrap();
+            }
+        }
+    };
+    read_only(true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let resp = r.chat(chat_body(10), &[]).send().await.unwrap();
+    openai_error(resp, 503, "server_error", "quota_database_unavailable").await;
+    // The relay keeps no connection to it: a new one would be refused (target_session_attrs).
+    let relay_connections = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg-quota-relay'";
+    eventually("the relay's connections are dropped", Duration::from_secs(10), || async {
+        admin.query_one(relay_connections, &[]).await.unwrap().get::<_, i64>(0) == 0
+    })
+    .await;
+
+    read_only(false).await;
+    eventually("requests pass once it takes writes again", Duration::from_secs(20), || async {
+        r.chat(chat_body(10), &[]).send().await.unwrap().status() == 200
+    })
+    .await;
+    r.wait_ledger_rows(2).await;
+    assert_eq!(r.reservations().await, 0);
+    assert_no_drift(&r.db).await;
+    drop(r); // relay and mock go before the cluster
+}

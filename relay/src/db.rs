@@ -226,19 +226,18 @@ async fn admit_once(pool: &Pool, a: &AdmitArgs<'_>) -> Result<Admission, Failed>
         let client = pool.get().await?;
         let stmt = client.prepare_cached(ADMIT_SQL).await?;
         sent.store(true, std::sync::atomic::Ordering::Relaxed);
-        let row = client
-            .query_one(
-                &stmt,
-                &[
-                    &a.api_key,
-                    &a.request_id,
-                    &a.model,
-                    &a.est_input_tokens,
-                    &a.max_output_tokens,
-                    &a.channel_id,
-                ],
-            )
-            .await?;
+        let args: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+            &a.api_key,
+            &a.request_id,
+            &a.model,
+            &a.est_input_tokens,
+            &a.max_output_tokens,
+            &a.channel_id,
+        ];
+        let row = match client.query_one(&stmt, &args).await {
+            Ok(row) => row,
+            Err(e) => return Err(dropped_if_read_only(client, e)),
+        };
         admission_from_row(&row)
     })
     .await
@@ -246,6 +245,16 @@ async fn admit_once(pool: &Pool, a: &AdmitArgs<'_>) -> Result<Admission, Failed>
         error,
         sent: sent.load(std::sync::atomic::Ordering::Relaxed),
     })
+}
+
+/// The error of a lifecycle call; on a server that takes no writes any more (SQLSTATE 25006: a
+/// demoted primary, `default_transaction_read_only`) the connection also leaves the pool, so
+/// the next one is made to the host that accepts them (`target_session_attrs=read-write`).
+fn dropped_if_read_only(client: deadpool_postgres::Object, e: tokio_postgres::Error) -> DbError {
+    if e.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) {
+        drop(deadpool_postgres::Object::take(client));
+    }
+    e.into()
 }
 
 fn admission_from_row(row: &Row) -> Result<Admission, DbError> {
@@ -290,12 +299,12 @@ pub async fn settle(
     bounded(async {
         let client = pool.get().await?;
         let stmt = client.prepare_cached(SETTLE_SQL).await?;
-        let row = client
-            .query_one(
-                &stmt,
-                &[&request_id, &input_tokens, &output_tokens, &cached_tokens],
-            )
-            .await?;
+        let args: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&request_id, &input_tokens, &output_tokens, &cached_tokens];
+        let row = match client.query_one(&stmt, &args).await {
+            Ok(row) => row,
+            Err(e) => return Err(dropped_if_read_only(client, e)),
+        };
         Ok(Settlement {
             settled: row.try_get::<_, Option<bool>>(0)?.unwrap_or(false),
             billed: row.try_get::<_, Option<bool>>(1)?.unwrap_or(false),
@@ -311,7 +320,10 @@ pub async fn refund(pool: &Pool, request_id: &str, reason: &str) -> Result<bool,
     bounded(async {
         let client = pool.get().await?;
         let stmt = client.prepare_cached(REFUND_SQL).await?;
-        let row = client.query_one(&stmt, &[&request_id, &reason]).await?;
+        let row = match client.query_one(&stmt, &[&request_id, &reason]).await {
+            Ok(row) => row,
+            Err(e) => return Err(dropped_if_read_only(client, e)),
+        };
         Ok(row.try_get::<_, Option<bool>>(0)?.unwrap_or(false))
     })
     .await
