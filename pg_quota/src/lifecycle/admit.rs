@@ -472,7 +472,9 @@ fn decide(
         }
     }
     let (holds, iso_key, iso_user) = holds_for(applicable, &cost, est, max_out, now_utc);
-    let counters: Vec<Option<(i64, AnyNumeric, AnyNumeric, bool, bool)>> = run(
+    // per hold: its counter's policy, used, reserved and marks (see RESERVE); None: not filed
+    type Counter = (i64, AnyNumeric, AnyNumeric, bool, bool);
+    let counters: Vec<Option<Counter>> = run(
         client,
         RESERVE,
         &[
