@@ -402,3 +402,131 @@ async fn a_saturated_pool_is_busy_not_an_outage_even_with_fail_open() {
     assert_eq!(mock_requests(&r.mock).await.len(), 2, "nothing was forwarded unaccounted");
     assert_no_drift(&r.db).await;
 }
+
+#[tokio::test]
+async fn an_admit_whose_connection_is_lost_is_run_again_and_the_request_passes() {
+    let r = relayed("pgq_e2e_admit_lost", "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    assert_eq!(r.chat(chat_body(10), &[]).send().await.unwrap().status(), 200);
+    r.wait_ledger_rows(1).await;
+
+    // Another session holds the key's counter, so the next admit is sent and waits unanswered.
+    let holder = connect(&r.dsn).await;
+    holder.batch_execute("BEGIN; SELECT * FROM quota.counter FOR UPDATE").await.unwrap();
+    let pending = tokio::spawn(r.chat(chat_body(10), &[]).send());
+    let waiting = "SELECT pid FROM pg_stat_activity WHERE application_name = 'pg-quota-relay' \
+                   AND wait_event_type = 'Lock'";
+    let waiting_pid = || async { r.db.query_opt(waiting, &[]).await.unwrap().map(|row| row.get::<_, i32>(0)) };
+    eventually("the admit waits on the counter", Duration::from_secs(10), || async {
+        waiting_pid().await.is_some()
+    })
+    .await;
+    let first = waiting_pid().await.unwrap();
+    // Its connection is lost mid-call: the relay cannot know whether the admit committed.
+    r.db.execute("SELECT pg_terminate_backend($1)", &[&first]).await.unwrap();
+    // It runs the admit again, with the same request id, on another connection...
+    eventually("the admit is run again", Duration::from_secs(10), || async {
+        waiting_pid().await.is_some_and(|pid| pid != first)
+    })
+    .await;
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    // ...which is admitted: the client never sees the lost connection.
+    let resp = pending.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    r.wait_ledger_rows(2).await;
+    assert_eq!(r.reservations().await, 0);
+    assert_eq!(mock_requests(&r.mock).await.len(), 2, "each request forwarded once");
+    assert_no_drift(&r.db).await;
+}
+
+#[tokio::test]
+async fn the_relay_follows_the_primary_through_a_failover_without_a_restart() {
+    let primary = PrivateCluster::start("fo-primary").await;
+    let dsn = fresh_database_at(&primary.dsn(), "pgq_e2e_failover").await;
+    let standby = PrivateCluster::standby_of(&primary, "fo-standby", "").await;
+    // Both hosts, the standby first: the relay connects only to the one that accepts writes.
+    let url = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres dbname=pgq_e2e_failover target_session_attrs=read-write",
+        standby.port, primary.port
+    );
+    let r = relayed_on_url(&dsn, &url, "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    let healthz = || async {
+        let resp = r.http.get(format!("{}/healthz", r.relay.url)).send().await.unwrap();
+        (resp.status().as_u16(), resp.json::<serde_json::Value>().await.unwrap())
+    };
+    assert_eq!(r.chat(chat_body(10), &[]).send().await.unwrap().status(), 200);
+    r.wait_ledger_rows(1).await;
+    let (status, body) = healthz().await;
+    assert_eq!(status, 200);
+    assert_eq!(body["database_host"], format!("127.0.0.1:{}", primary.port), "{body}");
+    let on_standby = connect(&format!("{} dbname=pgq_e2e_failover", standby.dsn())).await;
+    let replica = &on_standby;
+    eventually("the standby has the ledger row", Duration::from_secs(30), || async move {
+        replica.query_one("SELECT count(*) FROM quota.usage_ledger", &[]).await.unwrap().get::<_, i64>(0) == 1
+    })
+    .await;
+
+    // The primary dies; a failover manager promotes the standby.
+    primary.kill().await;
+    standby.promote().await;
+    eventually("requests pass on the new primary", Duration::from_secs(30), || async {
+        r.chat(chat_body(10), &[]).send().await.unwrap().status() == 200
+    })
+    .await;
+    let (status, body) = healthz().await;
+    assert_eq!(status, 200);
+    assert_eq!(body["database_host"], format!("127.0.0.1:{}", standby.port), "{body}");
+    eventually("every admitted request settled", SETTLE_WITHIN, || async move {
+        replica.query_one("SELECT count(*) = 0 FROM quota.reservation", &[]).await.unwrap().get(0)
+    })
+    .await;
+    let ledger: i64 = on_standby.query_one("SELECT count(*) FROM quota.usage_ledger", &[]).await.unwrap().get(0);
+    assert_eq!(ledger, 2, "the request before the failover and the one after it");
+    assert_no_drift(&on_standby).await;
+    drop(r); // relay and mock go before the clusters
+}
+
+#[tokio::test]
+async fn a_database_that_turns_read_only_answers_503_and_its_connections_are_dropped() {
+    let cluster = PrivateCluster::start("e2e-readonly").await;
+    let dsn = fresh_database_at(&cluster.dsn(), "pgq_e2e_readonly").await;
+    let url = format!("{dsn} target_session_attrs=read-write");
+    let r = relayed_on_url(&dsn, &url, "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    assert_eq!(r.chat(chat_body(10), &[]).send().await.unwrap().status(), 200);
+    r.wait_ledger_rows(1).await;
+
+    // The server stays up but takes no writes any more (as a demoted primary would).
+    let admin = connect(&cluster.dsn()).await;
+    let read_only = |on: bool| {
+        let admin = &admin;
+        async move {
+            // one statement each: ALTER SYSTEM cannot run in a batch's transaction
+            for sql in [
+                "SET default_transaction_read_only = off".to_string(),
+                format!("ALTER SYSTEM SET default_transaction_read_only = {on}"),
+                "SELECT pg_reload_conf()".to_string(),
+            ] {
+                admin.batch_execute(&sql).await.unwrap();
+            }
+        }
+    };
+    read_only(true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let resp = r.chat(chat_body(10), &[]).send().await.unwrap();
+    openai_error(resp, 503, "server_error", "quota_database_unavailable").await;
+    // The relay keeps no connection to it: a new one would be refused (target_session_attrs).
+    let relay_connections = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg-quota-relay'";
+    eventually("the relay's connections are dropped", Duration::from_secs(10), || async {
+        admin.query_one(relay_connections, &[]).await.unwrap().get::<_, i64>(0) == 0
+    })
+    .await;
+
+    read_only(false).await;
+    eventually("requests pass once it takes writes again", Duration::from_secs(20), || async {
+        r.chat(chat_body(10), &[]).send().await.unwrap().status() == 200
+    })
+    .await;
+    r.wait_ledger_rows(2).await;
+    assert_eq!(r.reservations().await, 0);
+    assert_no_drift(&r.db).await;
+    drop(r); // relay and mock go before the cluster
+}

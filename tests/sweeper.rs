@@ -1,7 +1,8 @@
 //! The background worker (library in shared_preload_libraries; the harness sets
 //! pg_quota.sweep_database = pgq_sweeper and pg_quota.sweep_interval = 1s) charges a crashed
 //! relay's reservation without anyone calling quota.sweep(), says so in the server log, and
-//! comes back when it is terminated while the server runs.
+//! comes back when it is terminated while the server runs. On a standby it waits, quietly,
+//! until a promotion makes the server a primary, and then sweeps without a restart.
 use pg_quota_tests::*;
 use std::time::{Duration, Instant};
 
@@ -46,7 +47,12 @@ async fn background_worker_charges_stale_reservations_by_itself() {
 /// A fresh sweeper database with a key under a policy, and a session whose clock reads an
 /// hour ago: what it admits is a stale reservation at once.
 async fn an_hour_ago() -> (tokio_postgres::Client, String) {
-    let db = connect(&fresh_database("pgq_sweeper").await).await;
+    an_hour_ago_at(&cluster_dsn()).await
+}
+
+/// `an_hour_ago` on the cluster of `maintenance_dsn`.
+async fn an_hour_ago_at(maintenance_dsn: &str) -> (tokio_postgres::Client, String) {
+    let db = connect(&fresh_database_at(maintenance_dsn, "pgq_sweeper").await).await;
     let uid: i64 = db.query_one("SELECT quota.create_user('crashy')", &[]).await.unwrap().get(0);
     let key: String = db.query_one("SELECT quota.create_key($1, 'k')", &[&uid]).await.unwrap().get(0);
     db.batch_execute(&format!(
@@ -99,4 +105,52 @@ async fn background_worker_comes_back_after_being_terminated() {
     assert_eq!(terminated, 1, "one sweeper was running");
     db.query_one("SELECT allowed FROM quota.admit($1, 'second', 'm', 1, 1)", &[&key]).await.unwrap();
     wait_expired(&db, "second").await;
+}
+
+#[tokio::test]
+async fn on_a_standby_the_worker_waits_for_promotion_then_sweeps() {
+    // A primary whose own worker does not sweep (interval 0), so that the stale reservation
+    // is left for its standby; the standby sweeps every second.
+    let sweeper = "shared_preload_libraries = 'pg_quota'\npg_quota.sweep_database = 'pgq_sweeper'";
+    let primary = PrivateCluster::start_with("ha-primary", &format!("{sweeper}\npg_quota.sweep_interval = 0")).await;
+    let (db, key) = an_hour_ago_at(&primary.dsn()).await;
+    let standby = PrivateCluster::standby_of(&primary, "ha-standby", "pg_quota.sweep_interval = 1").await;
+    // A relay admitted this on the primary an hour ago and died; the standby has it too.
+    db.query_one("SELECT allowed FROM quota.admit($1, 'orphan', 'm', 1, 1)", &[&key]).await.unwrap();
+    let on_standby = connect(&format!("{} dbname=pgq_sweeper", standby.dsn())).await;
+    let replica = &on_standby;
+    eventually("the standby replays the reservation", Duration::from_secs(30), || async move {
+        replica
+            .query_one("SELECT count(*) FROM quota.reservation WHERE request_id = 'orphan'", &[])
+            .await
+            .is_ok_and(|r| r.get::<_, i64>(0) == 1)
+    })
+    .await;
+
+    // In recovery, for several sweep intervals: no sweep, and nothing in the log about one.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let log = standby.server_log();
+    assert!(!log.contains("ERROR"), "the standby's log has errors:\n{log}");
+    assert!(!log.contains("pg_quota sweep"), "the worker ran on the standby:\n{log}");
+    let held: i64 = on_standby
+        .query_one("SELECT count(*) FROM quota.reservation", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 1, "the reservation waits for the new primary");
+
+    // The primary dies and the standby is promoted: it sweeps, without a restart.
+    primary.kill().await;
+    standby.promote().await;
+    wait_expired(&on_standby, "orphan").await;
+    let (used, reserved): (String, String) = on_standby
+        .query_one("SELECT used::text, reserved::text FROM quota.counter", &[])
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((used.as_str(), reserved.as_str()), ("1", "0"), "the hold is charged on the new primary");
+    assert_no_drift(&on_standby).await;
+    let log = standby.server_log();
+    assert!(log.contains("pg_quota sweep: 1 stale reservations expired"), "{log}");
+    assert!(!log.contains("ERROR"), "the new primary's log has errors:\n{log}");
 }

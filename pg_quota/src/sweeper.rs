@@ -1,8 +1,8 @@
 //! Optional background worker that runs `quota.sweep()` every `pg_quota.sweep_interval`.
 //! It exists only when the library is in `shared_preload_libraries`; otherwise schedule the
-//! sweep with pg_cron (see the README).
+//! sweep with pg_cron (see the README). On a standby it does not run until a promotion.
 use crate::gucs::{SWEEP_DATABASE, SWEEP_INTERVAL_S};
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::prelude::*;
 use std::time::Duration;
 
@@ -15,6 +15,9 @@ pub fn register() {
         .set_function("pg_quota_sweeper_main")
         .set_library("pg_quota")
         .enable_spi_access()
+        // Not on a standby: sweeping writes. The postmaster starts it when recovery ends, so a
+        // promoted standby sweeps without a restart (tests/sweeper.rs).
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
         .set_restart_time(Some(Duration::from_secs(10)))
         .load();
 }

@@ -75,7 +75,7 @@ async fn relay(State(state): State<AppState>, endpoint: Endpoint, req: Request) 
 
 async fn healthz(State(state): State<AppState>) -> Response {
     match tokio::time::timeout(Duration::from_secs(3), db::ping(&state.pool)).await {
-        Ok(Ok(())) => Json(json!({"status": "ok", "database": "ok"})).into_response(),
+        Ok(Ok(server)) => Json(json!({"status": "ok", "database": "ok", "database_host": server})).into_response(),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "health check: database unreachable");
             degraded()

@@ -31,7 +31,10 @@ pub const REFUND_SQL: &str = "SELECT quota.refund($1::text, $2::text)::boolean";
 
 pub const MODELS_SQL: &str = "SELECT model::text, owned_by::text FROM quota.models($1::text)";
 
-pub const HEALTH_SQL: &str = "SELECT 1";
+/// The server a pooled connection is on (`host:port`; a Unix socket shows as `local`), and
+/// whether it is in recovery (a standby: it cannot take writes).
+pub const HEALTH_SQL: &str = "\
+SELECT coalesce(host(inet_server_addr()), 'local') || ':' || current_setting('port'), pg_is_in_recovery()";
 
 /// Short waits: a request should not hang on a dead database, it should get 503.
 const POOL_WAIT: Duration = Duration::from_secs(5);
@@ -117,12 +120,20 @@ pub fn build_pool(
     Ok((pool, tls))
 }
 
-pub async fn ping(pool: &Pool) -> Result<(), DbError> {
+/// Checks that a pooled connection works and is on a server that takes writes; returns that
+/// server (`host:port`). A server in recovery is unavailable: the connection is dropped from the
+/// pool, so the next one is made to the host that accepts writes (`target_session_attrs`).
+pub async fn ping(pool: &Pool) -> Result<String, DbError> {
     bounded(async {
         let client = pool.get().await?;
         let stmt = client.prepare_cached(HEALTH_SQL).await?;
-        client.query_one(&stmt, &[]).await?;
-        Ok(())
+        let row = client.query_one(&stmt, &[]).await?;
+        let (server, in_recovery): (String, bool) = (row.try_get(0)?, row.try_get(1)?);
+        if in_recovery {
+            drop(deadpool_postgres::Object::take(client));
+            return Err(DbError::Unavailable(format!("{server} is in recovery (read-only)")));
+        }
+        Ok(server)
     })
     .await
 }
@@ -161,26 +172,47 @@ pub struct AdmitArgs<'a> {
     pub channel_id: Option<i64>,
 }
 
-/// An admit that PostgreSQL rolled back as a deadlock victim or a serialization failure (SQLSTATE
-/// class 40) left nothing behind, so it is run again, up to this many times in all. (Routing
-/// visits channels of equal priority in random order, so two admits can deadlock there.)
+/// An admit is run again, up to this many times in all, when it left nothing behind because
+/// PostgreSQL rolled it back as a deadlock victim or a serialization failure (SQLSTATE class
+/// 40; routing visits channels of equal priority in random order, so two admits can deadlock
+/// there), or when its outcome is unknown: it was sent and the connection was lost or no answer
+/// came in time. The engine answers a repeated admit of the same request id with the original
+/// decision if the first one committed, so running it again never holds twice.
 const ADMIT_ATTEMPTS: u32 = 3;
 
 pub async fn admit(pool: &Pool, a: &AdmitArgs<'_>) -> Result<Admission, DbError> {
-    again_after_conflicts(ADMIT_ATTEMPTS, || admit_once(pool, a)).await
+    again_when_worth_it(ADMIT_ATTEMPTS, || admit_once(pool, a))
+        .await
+        .map_err(|failed| failed.error)
 }
 
-/// Runs `call` until it ends in anything but a transaction conflict, at most `attempts` times.
-async fn again_after_conflicts<T, F, Fut>(attempts: u32, mut call: F) -> Result<T, DbError>
+/// An attempt that failed, and whether its call had been sent to the database.
+struct Failed {
+    error: DbError,
+    sent: bool,
+}
+
+impl Failed {
+    /// Run again: a conflict rolled it back, or it was sent and no answer came (a lost
+    /// connection, no answer in time: it may have committed).
+    fn worth_again(&self) -> bool {
+        self.error.is_conflict()
+            || (self.sent && matches!(self.error, DbError::Unavailable(_) | DbError::Busy(_)))
+    }
+}
+
+/// Runs `call` until it ends in anything but a failure worth running again
+/// ([`Failed::worth_again`]), at most `attempts` times.
+async fn again_when_worth_it<T, F, Fut>(attempts: u32, mut call: F) -> Result<T, Failed>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, DbError>>,
+    Fut: std::future::Future<Output = Result<T, Failed>>,
 {
     let mut attempt = 1;
     loop {
         match call().await {
-            Err(e) if e.is_conflict() && attempt < attempts => {
-                tracing::warn!(attempt, error = %e, "admit rolled back by a conflict; running it again");
+            Err(f) if f.worth_again() && attempt < attempts => {
+                tracing::warn!(attempt, error = %f.error, "admit rolled back or its outcome unknown; running it again");
                 attempt += 1;
             }
             other => return other,
@@ -188,26 +220,41 @@ where
     }
 }
 
-async fn admit_once(pool: &Pool, a: &AdmitArgs<'_>) -> Result<Admission, DbError> {
+async fn admit_once(pool: &Pool, a: &AdmitArgs<'_>) -> Result<Admission, Failed> {
+    let sent = std::sync::atomic::AtomicBool::new(false);
     bounded(async {
         let client = pool.get().await?;
         let stmt = client.prepare_cached(ADMIT_SQL).await?;
-        let row = client
-            .query_one(
-                &stmt,
-                &[
-                    &a.api_key,
-                    &a.request_id,
-                    &a.model,
-                    &a.est_input_tokens,
-                    &a.max_output_tokens,
-                    &a.channel_id,
-                ],
-            )
-            .await?;
+        sent.store(true, std::sync::atomic::Ordering::Relaxed);
+        let args: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+            &a.api_key,
+            &a.request_id,
+            &a.model,
+            &a.est_input_tokens,
+            &a.max_output_tokens,
+            &a.channel_id,
+        ];
+        let row = match client.query_one(&stmt, &args).await {
+            Ok(row) => row,
+            Err(e) => return Err(dropped_if_read_only(client, e)),
+        };
         admission_from_row(&row)
     })
     .await
+    .map_err(|error| Failed {
+        error,
+        sent: sent.load(std::sync::atomic::Ordering::Relaxed),
+    })
+}
+
+/// The error of a lifecycle call; on a server that takes no writes any more (SQLSTATE 25006: a
+/// demoted primary, `default_transaction_read_only`) the connection also leaves the pool, so
+/// the next one is made to the host that accepts them (`target_session_attrs=read-write`).
+fn dropped_if_read_only(client: deadpool_postgres::Object, e: tokio_postgres::Error) -> DbError {
+    if e.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) {
+        drop(deadpool_postgres::Object::take(client));
+    }
+    e.into()
 }
 
 fn admission_from_row(row: &Row) -> Result<Admission, DbError> {
@@ -252,12 +299,12 @@ pub async fn settle(
     bounded(async {
         let client = pool.get().await?;
         let stmt = client.prepare_cached(SETTLE_SQL).await?;
-        let row = client
-            .query_one(
-                &stmt,
-                &[&request_id, &input_tokens, &output_tokens, &cached_tokens],
-            )
-            .await?;
+        let args: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&request_id, &input_tokens, &output_tokens, &cached_tokens];
+        let row = match client.query_one(&stmt, &args).await {
+            Ok(row) => row,
+            Err(e) => return Err(dropped_if_read_only(client, e)),
+        };
         Ok(Settlement {
             settled: row.try_get::<_, Option<bool>>(0)?.unwrap_or(false),
             billed: row.try_get::<_, Option<bool>>(1)?.unwrap_or(false),
@@ -273,7 +320,10 @@ pub async fn refund(pool: &Pool, request_id: &str, reason: &str) -> Result<bool,
     bounded(async {
         let client = pool.get().await?;
         let stmt = client.prepare_cached(REFUND_SQL).await?;
-        let row = client.query_one(&stmt, &[&request_id, &reason]).await?;
+        let row = match client.query_one(&stmt, &[&request_id, &reason]).await {
+            Ok(row) => row,
+            Err(e) => return Err(dropped_if_read_only(client, e)),
+        };
         Ok(row.try_get::<_, Option<bool>>(0)?.unwrap_or(false))
     })
     .await
@@ -312,50 +362,80 @@ mod tests {
         }
     }
 
+    fn sent(error: DbError) -> Failed {
+        Failed { error, sent: true }
+    }
+
     #[tokio::test]
     async fn a_deadlocked_admit_runs_again_and_other_errors_do_not() {
         let calls = std::cell::Cell::new(0);
-        let deadlocked_twice = again_after_conflicts(3, || {
+        let deadlocked_twice = again_when_worth_it(3, || {
             calls.set(calls.get() + 1);
             let n = calls.get();
             async move {
                 if n < 3 {
-                    Err(sql("40P01"))
+                    Err(sent(sql("40P01")))
                 } else {
                     Ok(n)
                 }
             }
         })
         .await;
-        assert_eq!(deadlocked_twice.unwrap(), 3);
+        assert_eq!(deadlocked_twice.ok(), Some(3));
 
         calls.set(0);
-        let always = again_after_conflicts(3, || {
+        let always = again_when_worth_it(3, || {
             calls.set(calls.get() + 1);
-            async { Err::<(), _>(sql("40001")) }
+            async { Err::<(), _>(sent(sql("40001"))) }
         })
         .await;
-        assert!(always.unwrap_err().is_conflict());
+        assert!(always.err().unwrap().error.is_conflict());
         assert_eq!(calls.get(), 3, "gives up after the last attempt");
 
         for other in [
-            sql("PQ409"),
-            sql("23505"),
-            DbError::Unavailable("down".into()),
-            DbError::Forbidden {
+            sent(sql("PQ409")),
+            sent(sql("23505")),
+            sent(DbError::Forbidden {
                 code: "key_disabled".into(),
                 message: "x".into(),
+            }),
+            // not sent (no connection): nothing can have committed, the outage answers 503
+            Failed {
+                error: DbError::Unavailable("down".into()),
+                sent: false,
+            },
+            Failed {
+                error: DbError::Busy("pool".into()),
+                sent: false,
             },
         ] {
             calls.set(0);
-            let once = again_after_conflicts(3, || {
+            let once = again_when_worth_it(3, || {
                 calls.set(calls.get() + 1);
-                let e = other.clone();
-                async move { Err::<(), _>(e) }
+                let f = Failed {
+                    error: other.error.clone(),
+                    sent: other.sent,
+                };
+                async move { Err::<(), _>(f) }
             })
             .await;
             assert!(once.is_err());
-            assert_eq!(calls.get(), 1, "{other} is not run again");
+            assert_eq!(calls.get(), 1, "{} is not run again", other.error);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_admit_sent_without_an_answer_runs_again() {
+        for lost in [DbError::Unavailable("connection closed".into()), DbError::Busy("no answer".into())] {
+            let calls = std::cell::Cell::new(0);
+            let answered = again_when_worth_it(3, || {
+                calls.set(calls.get() + 1);
+                let n = calls.get();
+                let f = sent(lost.clone());
+                async move { if n < 2 { Err(f) } else { Ok(n) } }
+            })
+            .await;
+            assert_eq!(answered.ok(), Some(2), "{lost} is run again");
         }
     }
 

@@ -200,10 +200,12 @@ impl From<tokio_postgres::Error> for DbError {
                 // lock and statement timeouts, too many connections: there, but loaded
                 if ["55P03", "57014", "53300"].contains(&code.as_str()) {
                     DbError::Busy(format!("{code}: {}", db.message()))
-                // connection exceptions, shutdown, out of resources: the database is away
+                // connection exceptions, shutdown, out of resources, a server that takes no
+                // writes (25006: a demoted primary): the quota database is away
                 } else if code.starts_with("08")
                     || code.starts_with("57P")
                     || code.starts_with("53")
+                    || code == "25006"
                 {
                     DbError::Unavailable(format!("{code}: {}", db.message()))
                 } else if code == "PQ403" {

@@ -86,7 +86,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     };
     // fail fast: one connection and SELECT 1 before listening
     match tokio::time::timeout(Duration::from_secs(15), db::ping(&pool)).await {
-        Ok(Ok(())) => {}
+        Ok(Ok(_)) => {}
         Ok(Err(e)) => {
             let cause = match e {
                 DbError::Unavailable(c) => c,

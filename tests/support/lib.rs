@@ -200,23 +200,76 @@ pub struct PrivateCluster {
 
 impl PrivateCluster {
     pub async fn start(name: &str) -> PrivateCluster {
-        let dir = PathBuf::from(format!("/var/tmp/pgq-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("socket")).expect("create the cluster directory");
-        let mut chown = std::process::Command::new("chown");
-        chown.args(["-R", "postgres:postgres"]).arg(&dir);
-        run(chown, "chown").await;
-        // A free port: bind port 0, note it, let it go.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let cluster = PrivateCluster { dir, port };
+        PrivateCluster::start_with(name, "").await
+    }
+
+    /// `start`, with `conf` (postgresql.conf lines) added before the first start.
+    pub async fn start_with(name: &str, conf: &str) -> PrivateCluster {
+        let cluster = PrivateCluster::new(name).await;
         let mut initdb = as_postgres("initdb");
         initdb
             .arg("-D")
             .arg(cluster.dir.join("data"))
             .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]);
         run(initdb, "initdb").await;
+        cluster.configure(conf);
         cluster.start_again().await;
         cluster
+    }
+
+    /// A streaming standby of `primary` (pg_basebackup of it, with its postgresql.conf, then
+    /// `conf` added), started and replaying.
+    pub async fn standby_of(primary: &PrivateCluster, name: &str, conf: &str) -> PrivateCluster {
+        let cluster = PrivateCluster::new(name).await;
+        let mut basebackup = as_postgres("pg_basebackup");
+        basebackup
+            .arg("-D")
+            .arg(cluster.dir.join("data"))
+            .args(["-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "postgres"])
+            .args(["-X", "stream", "-R", "-c", "fast"]);
+        run(basebackup, "pg_basebackup").await;
+        cluster.configure(conf);
+        cluster.start_again().await;
+        cluster
+    }
+
+    /// An empty directory of its own and a free port.
+    async fn new(name: &str) -> PrivateCluster {
+        let dir = PathBuf::from(format!("/var/tmp/pgq-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("socket")).expect("create the cluster directory");
+        let mut chown = std::process::Command::new("chown");
+        chown.args(["-R", "postgres:postgres"]).arg(&dir);
+        run(chown, "chown").await;
+        PrivateCluster { dir, port: free_port() }
+    }
+
+    /// Appends lines to postgresql.conf.
+    fn configure(&self, conf: &str) {
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("data/postgresql.conf"))
+            .expect("open postgresql.conf");
+        std::io::Write::write_all(&mut file, format!("\n{conf}\n").as_bytes()).expect("write postgresql.conf");
+    }
+
+    /// Its server log as written so far.
+    pub fn server_log(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(self.dir.join("server.log")).unwrap_or_default()).into_owned()
+    }
+
+    /// Ends recovery: a standby becomes a primary.
+    pub async fn promote(&self) {
+        let mut promote = self.pg_ctl();
+        promote.args(["-w", "promote"]);
+        run(promote, "pg_ctl promote").await;
+    }
+
+    /// Stops the server the way a crash does (no shutdown checkpoint).
+    pub async fn kill(&self) {
+        let mut stop = self.pg_ctl();
+        stop.args(["-m", "immediate", "-w", "stop"]);
+        run(stop, "pg_ctl stop -m immediate").await;
     }
 
     /// Maintenance DSN over TCP (what the relay is given, with its own dbname).
@@ -300,6 +353,23 @@ impl Drop for PrivateCluster {
 
 /// A PostgreSQL 15 server binary, run as the `postgres` OS user (through runuser unless we
 /// are that user already).
+/// A free TCP port on 127.0.0.1: the first free one of `PGQ_TEST_PORTS` (`FIRST-LAST`) when set
+/// (to keep out of ports that other servers on the machine use), else one the system picks.
+fn free_port() -> u16 {
+    let bind = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).ok();
+    if let Ok(range) = std::env::var("PGQ_TEST_PORTS") {
+        let (first, last) = range.split_once('-').expect("PGQ_TEST_PORTS is FIRST-LAST");
+        let (first, last): (u16, u16) = (first.parse().unwrap(), last.parse().unwrap());
+        // a port that two tests started at once could both find free is told apart by pid
+        let start = first + (std::process::id() % u32::from(last - first + 1)) as u16;
+        return (start..=last)
+            .chain(first..start)
+            .find(|p| bind(*p).is_some())
+            .expect("a free port in PGQ_TEST_PORTS");
+    }
+    bind(0).unwrap().local_addr().unwrap().port()
+}
+
 fn as_postgres(binary: &str) -> std::process::Command {
     let dir = std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
     let program = format!("{dir}/{binary}");

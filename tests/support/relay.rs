@@ -28,6 +28,11 @@ pub async fn relayed(dbname: &str, policy_values: &str, relay_args: &[&str]) -> 
 }
 
 pub async fn relayed_on(dsn: &str, policy_values: &str, relay_args: &[&str]) -> Relayed {
+    relayed_on_url(dsn, dsn, policy_values, relay_args).await
+}
+
+/// `relayed_on`, the relay given `database_url` (several hosts, say) instead of `dsn`.
+pub async fn relayed_on_url(dsn: &str, database_url: &str, policy_values: &str, relay_args: &[&str]) -> Relayed {
     let db = connect(dsn).await;
     db.batch_execute(
         "INSERT INTO quota.model_price (model, input_per_mtok, output_per_mtok, cached_input_per_mtok) \
@@ -37,7 +42,7 @@ pub async fn relayed_on(dsn: &str, policy_values: &str, relay_args: &[&str]) -> 
     .unwrap();
     let key = key_with_policy(&db, "alice", policy_values).await;
     let mock = Server::mock_upstream().await;
-    let relay = Server::relay(dsn, &format!("{}/v1", mock.url), relay_args).await;
+    let relay = Server::relay(database_url, &format!("{}/v1", mock.url), relay_args).await;
     Relayed {
         dsn: dsn.to_string(),
         db,

@@ -147,9 +147,17 @@ const KEY: &str = "\
 SELECT k.key_id, k.user_id, k.enabled, u.enabled, k.expires_at, k.suspended_until,
        EXISTS (SELECT 1 FROM quota.usage_ledger l WHERE l.request_id = $2)
        OR EXISTS (SELECT 1 FROM quota.released r WHERE r.request_id = $2),
-       quota.cost_of(mp, $4, $5, 0), (SELECT g.generation FROM quota.policy_generation g), k.suspended_by
+       quota.cost_of(mp, $4, $5, 0), (SELECT g.generation FROM quota.policy_generation g), k.suspended_by,
+       r.key_id, r.model, r.est_input_tokens, r.max_output_tokens, r.channel_id
 FROM quota.key_for_secret($1) k JOIN quota.app_user u ON u.user_id = k.user_id
-LEFT JOIN LATERAL quota.price_for($3) mp ON true";
+LEFT JOIN LATERAL quota.price_for($3) mp ON true
+LEFT JOIN quota.reservation r ON r.request_id = $2";
+
+// The upstream of a channel for a model, for a retried admit (see readmit).
+const UPSTREAM: &str = "\
+SELECT c.base_url, c.api_key, cm.upstream_model
+FROM quota.channel c LEFT JOIN quota.channel_model cm ON cm.channel_id = c.channel_id AND cm.model = $2
+WHERE c.channel_id = $1";
 
 // Whether a key may pin a channel: a grant to the key, its user or one of the user's groups.
 const GRANTED: &str = "\
@@ -194,7 +202,9 @@ INSERT INTO quota.counter (policy_id, scope_id, window_start) VALUES ($1, $2, $3
 // each stale window and reserves, which also locks the counter rows, in the order given (the
 // lock order); a first request of a scope creates its row, so concurrent first requests queue
 // on it like any other. Returns each counter's settled usage in the window, its reservations
-// (this one included) and how its window stands marked (marks!()).
+// (this one included) and how its window stands marked (marks!()). When a concurrent admit of
+// the same request id filed its reservation first (a retry that raced its first attempt: the
+// insert waits for that one to commit), it takes no hold and returns one row of NULLs.
 const RESERVE: &str = concat!(
     "\
 WITH filed AS (
@@ -202,6 +212,7 @@ WITH filed AS (
                                    counted_in_user_global, est_input_tokens, max_output_tokens,
                                    hold_policy, hold_scope, hold_amount, hold_limit, created_at)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+    ON CONFLICT (request_id) DO NOTHING
     RETURNING 1
 ), held AS (
     INSERT INTO quota.counter AS c (policy_id, scope_id, window_start, reserved)
@@ -216,8 +227,15 @@ WITH filed AS (
     marks!(),
     "
 )
-SELECT * FROM held"
+SELECT * FROM held
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL WHERE NOT EXISTS (SELECT FROM filed)"
 );
+
+// The reservation filed under a request id (see readmit).
+const FILED: &str = "\
+SELECT r.key_id, r.model, r.est_input_tokens, r.max_output_tokens, r.channel_id
+FROM quota.reservation r WHERE r.request_id = $1";
 
 // A refused request gives its holds back and leaves no reservation.
 const UNFILE: &str = "DELETE FROM quota.reservation r WHERE r.request_id = $1";
@@ -360,12 +378,25 @@ fn decide(
     let cost: Option<AnyNumeric> = col(&key, 8);
     cache::sync(col(&key, 9).expect("generation is NOT NULL"));
     let suspended_by: Option<i64> = col(&key, 10);
+    let filed = col::<i64>(&key, 11).map(|filed_key| Filed {
+        key_id: filed_key,
+        model: col(&key, 12).unwrap(),
+        est: col(&key, 13).unwrap(),
+        max_out: col(&key, 14).unwrap(),
+        channel: col(&key, 15),
+    });
     let with_key = |a: Admission| Admission {
         key_id: Some(key_id),
         user_id: Some(user_id),
         ..a
     };
 
+    // A retry of an admit whose answer the caller lost comes first: the reservation it filed
+    // stands, so its decision stands even if the key was disabled or suspended since (refusing
+    // now would leave an admitted request to the sweep).
+    if let Some(filed) = filed {
+        return readmit(client, filed, (key_id, user_id), request_id, model, est, max_out, pinned);
+    }
     if let Some((code, message)) = key_refused(key_enabled, user_enabled, expires_at, now) {
         return Ok(with_key(Admission::denied(403, code, message.into())));
     }
@@ -441,7 +472,9 @@ fn decide(
         }
     }
     let (holds, iso_key, iso_user) = holds_for(applicable, &cost, est, max_out, now_utc);
-    let counters: Vec<(i64, AnyNumeric, AnyNumeric, bool, bool)> = run(
+    // per hold: its counter's policy, used, reserved and marks (see RESERVE); None: not filed
+    type Counter = (i64, AnyNumeric, AnyNumeric, bool, bool);
+    let counters: Vec<Option<Counter>> = run(
         client,
         RESERVE,
         &[
@@ -471,15 +504,31 @@ fn decide(
         ],
     )
     .map(|r| {
-        (
-            col(&r, 1).unwrap(),
-            col(&r, 2).unwrap(),
-            col(&r, 3).unwrap(),
-            col(&r, 4).unwrap(),
-            col(&r, 5).unwrap(),
-        )
+        col::<i64>(&r, 1).map(|policy_id| {
+            (
+                policy_id,
+                col(&r, 2).unwrap(),
+                col(&r, 3).unwrap(),
+                col(&r, 4).unwrap(),
+                col(&r, 5).unwrap(),
+            )
+        })
     })
     .collect();
+    let Some(counters) = counters.into_iter().collect::<Option<Vec<_>>>() else {
+        // Another admit of this request id filed it first and has committed: this is a retry.
+        let Some(r) = first(client, FILED, &[request_id.into()]) else {
+            return fail(b"PQ409", format!("admit: request_id {request_id} was already used"));
+        };
+        let filed = Filed {
+            key_id: col(&r, 1).unwrap(),
+            model: col(&r, 2).unwrap(),
+            est: col(&r, 3).unwrap(),
+            max_out: col(&r, 4).unwrap(),
+            channel: col(&r, 5),
+        };
+        return readmit(client, filed, (key_id, user_id), request_id, model, est, max_out, pinned);
+    };
     assert_eq!(counters.len(), holds.len(), "pg_quota: one counter row per hold");
     let who = (key_id, user_id);
     let mut seen: Vec<Seen> = Vec::with_capacity(holds.len());
@@ -541,6 +590,62 @@ fn decide(
     out.allowed = true;
     out.http_status = 200;
     Ok(out)
+}
+
+/// The reservation already filed under a request id: what its admit was asked.
+struct Filed {
+    key_id: i64,
+    model: String,
+    est: i64,
+    max_out: i64,
+    channel: Option<i64>,
+}
+
+/// An admit of a request id that has a reservation: a caller that lost its connection during
+/// admit does not know whether it committed, and runs it again. With the same key, model,
+/// estimate and output limit (and a pinned channel, if any, the one the reservation holds) it
+/// gets the original decision back: admitted to the same channel, nothing held twice (the
+/// rate-limit fields stay empty). Anything else is a reused request id (PQ409).
+#[allow(clippy::too_many_arguments)]
+fn readmit(
+    client: &mut SpiClient<'_>,
+    filed: Filed,
+    (key_id, user_id): (i64, i64),
+    request_id: &str,
+    model: &str,
+    est: i64,
+    max_out: i64,
+    pinned: Option<i64>,
+) -> Result<Admission, EngineError> {
+    let same = filed.key_id == key_id
+        && filed.model == model
+        && filed.est == est
+        && filed.max_out == max_out
+        && pinned.is_none_or(|p| filed.channel == Some(p) && granted(client, p, (key_id, user_id)));
+    if !same {
+        return fail(b"PQ409", format!("admit: request_id {request_id} was already used"));
+    }
+    let mut out = Admission {
+        allowed: true,
+        http_status: 200,
+        key_id: Some(key_id),
+        user_id: Some(user_id),
+        channel_id: filed.channel,
+        ..Default::default()
+    };
+    if let Some(upstream) = filed.channel.and_then(|c| first(client, UPSTREAM, &[c.into(), model.into()])) {
+        out.upstream_base_url = col(&upstream, 1);
+        out.upstream_api_key = col(&upstream, 2);
+        out.upstream_model = col(&upstream, 3);
+    }
+    Ok(out)
+}
+
+/// Whether a key may pin a channel (see GRANTED).
+fn granted(client: &mut SpiClient<'_>, channel_id: i64, (key_id, user_id): (i64, i64)) -> bool {
+    first(client, GRANTED, &[channel_id.into(), key_id.into(), user_id.into()])
+        .and_then(|r| col::<bool>(&r, 1))
+        .unwrap_or(false)
 }
 
 /// A hold that a request takes, or would take, on one policy's counter.
@@ -883,10 +988,7 @@ fn route(
 ) -> Result<Option<i64>, Box<Admission>> {
     // Pinning needs a grant; without one, whether the channel exists is nobody's business.
     if let Some(p) = pinned {
-        let granted = first(client, GRANTED, &[p.into(), key_id.into(), user_id.into()])
-            .and_then(|r| col::<bool>(&r, 1))
-            .unwrap_or(false);
-        if !granted {
+        if !granted(client, p, (key_id, user_id)) {
             return Err(Box::new(Admission::denied(
                 403,
                 "channel_not_allowed",
