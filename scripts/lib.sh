@@ -44,13 +44,19 @@ cluster_stop() {
 }
 
 # Install the extension into the Postgres named by $PG_CONFIG. Pass --release for benchmarks and the demo.
-# Also installs the frozen install scripts of earlier releases (sql/releases/), which cargo pgrx
-# does not copy, so that `CREATE EXTENSION pg_quota VERSION '0.1.0'` works (the upgrade test).
+# Also installs the frozen install scripts of earlier releases (install_release_scripts).
 install_extension() {
   (cd "$REPO_ROOT/pg_quota" && cargo pgrx install --pg-config "$PG_CONFIG" "$@" >/dev/null 2>&1) \
     || fail "cargo pgrx install failed (rerun: cd pg_quota && cargo pgrx install --pg-config $PG_CONFIG)"
-  install -m 644 "$REPO_ROOT"/sql/releases/pg_quota--*.sql "$("$PG_CONFIG" --sharedir)/extension/" \
-    || fail "installing sql/releases/ into $("$PG_CONFIG" --sharedir)/extension"
+  install_release_scripts "$("$PG_CONFIG" --sharedir)/extension"
+}
+
+# install_release_scripts DIR: the frozen install scripts of earlier releases (sql/releases/),
+# which cargo pgrx neither installs nor packages, into an extension directory, so that
+# `CREATE EXTENSION pg_quota VERSION '0.1.0'` works there (the upgrade test, the images).
+install_release_scripts() {
+  install -m 644 "$REPO_ROOT"/sql/releases/pg_quota--*.sql "$1/" \
+    || fail "installing sql/releases/ into $1"
 }
 
 # Start a binary in the background and wait for its "listening on http://..." stdout line.

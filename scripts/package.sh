@@ -31,10 +31,10 @@ cp -a "$REPO_ROOT/target/docker/pkg" "$OUT/pg_quota-pg15"
 ls "$OUT"/pg_quota-pg15/usr/share/postgresql/15/extension/pg_quota--*.sql >/dev/null 2>&1 \
   || fail "the package has no install script under usr/share/postgresql/15/extension/"
 # Upgrade scripts (sql/pg_quota--A--B.sql), should the package not have them already.
-# And the frozen install scripts of earlier releases (sql/releases/pg_quota--X.sql).
-for f in sql/pg_quota--*--*.sql sql/releases/pg_quota--*.sql; do
+for f in sql/pg_quota--*--*.sql; do
   [ -e "$f" ] && cp -n "$f" "$OUT/pg_quota-pg15/usr/share/postgresql/15/extension/"
 done
+install_release_scripts "$OUT/pg_quota-pg15/usr/share/postgresql/15/extension"
 install -m 755 target/release/pg-quota-relay "$OUT/pg-quota-relay"
 install -m 644 docker/postgres.Dockerfile docker/relay.Dockerfile "$OUT/"
 install -m 755 docker/entrypoint-postgres.sh "$OUT/"

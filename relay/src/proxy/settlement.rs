@@ -61,9 +61,10 @@ pub fn stream_outcome(end: StreamEnd, filter: &SseFilter, job: &Job) -> Outcome 
 }
 
 /// Settle or refund, retrying transient failures (database unreachable or busy, a conflict)
-/// with backoff for `--settle-retry-s`. A settle that arrives after the sweep released the
-/// reservation is still charged by the engine, and a repeated call changes nothing, so retrying
-/// is always safe. While it runs it is pending in the journal; retries run out, it stays there
+/// with backoff for `--settle-retry-s`. A settle that arrives after the sweep charged the
+/// reservation at its full amount corrects that charge to the measured usage (or, where the
+/// sweep released it, is still charged), and a repeated call changes nothing, so retrying is
+/// always safe. While it runs it is pending in the journal; retries run out, it stays there
 /// (with `--state-dir`, written at shutdown and replayed at the next start) or, without a state
 /// directory, is lost: logged at ERROR and counted.
 pub async fn settle_or_refund(
