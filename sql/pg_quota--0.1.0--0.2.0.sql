@@ -26,3 +26,621 @@ BEGIN
     ORDER BY m.model;
 END
 $$;
+
+-- Issue 18: the ledger partitioned by time (sql/schema/10_tables.sql, 70_ledger.sql). The 0.1.0
+-- ledger, one table with a unique index on request_id, becomes quota.usage_ledger partitioned by
+-- settled_at. Its rows move into the default partition, keeping their ledger_id, without passing
+-- the rollup trigger again; the first upkeep (quota.maintain_ledger, which the sweeper runs after
+-- each sweep, or a DBA) files them into day partitions. Its request ids go into
+-- quota.ledger_request, which the upkeep then forgets past their horizon.
+ALTER TABLE quota.usage_ledger RENAME TO usage_ledger_0_1;
+ALTER SEQUENCE quota.usage_ledger_ledger_id_seq RENAME TO usage_ledger_0_1_seq;
+DO $$
+DECLARE
+    c name;
+BEGIN
+    -- the new table's CHECK constraints take these names
+    FOR c IN SELECT conname FROM pg_catalog.pg_constraint
+             WHERE conrelid = 'quota.usage_ledger_0_1'::regclass AND contype = 'c' LOOP
+        EXECUTE format('ALTER TABLE quota.usage_ledger_0_1 DROP CONSTRAINT %I', c);
+    END LOOP;
+END
+$$;
+CREATE TABLE quota.usage_ledger (
+    ledger_id        bigint GENERATED ALWAYS AS IDENTITY,  -- insertion order; not indexed
+    request_id       text NOT NULL,
+    settled_by       text NOT NULL DEFAULT 'settle' CHECK (settled_by IN ('settle', 'sweep', 'correction')),
+    key_id           bigint NOT NULL,
+    user_id          bigint NOT NULL,
+    channel_id       bigint,
+    model            text NOT NULL,
+    input_tokens     bigint NOT NULL,
+    output_tokens    bigint NOT NULL,
+    cached_tokens    bigint NOT NULL,
+    cost             numeric NOT NULL CHECK (cost >= 0 OR settled_by = 'correction'),
+    billed           boolean NOT NULL,
+    unbilled_reason  text CHECK (billed = (unbilled_reason IS NULL)),
+    -- false when an exclusive model-group policy of that axis took the spend (billing isolation)
+    counted_in_key_global   boolean NOT NULL DEFAULT true,
+    counted_in_user_global  boolean NOT NULL DEFAULT true,
+    counted_policy   bigint[] NOT NULL,
+    counted_scope    bigint[] NOT NULL,
+    counted_window   timestamptz[] NOT NULL,
+    counted_amount   numeric[] NOT NULL,
+    settled_at       timestamptz NOT NULL
+) PARTITION BY RANGE (settled_at);
+-- Catches a row no partition takes (the sweep was off for longer than the partitions made ahead);
+-- quota.maintain_ledger files such rows into partitions, and quota.ledger_partitions() shows them.
+CREATE TABLE quota.usage_ledger_default PARTITION OF quota.usage_ledger DEFAULT;
+-- Each partition has its own indexes (quota.ledger_add_indexes), none on the partitioned table:
+-- partitions made after CREATE EXTENSION are the DBA's tables, which pg_dump writes with their
+-- indexes, and an index of the partitioned table would make them twice on restore.
+-- quota.drift and quota.status read the ledger of the current windows. Rows arrive in
+-- settled_at order, so a block range index finds them for a fraction of a b-tree's cost.
+CREATE INDEX ON quota.usage_ledger_default (key_id, settled_at);
+CREATE INDEX ON quota.usage_ledger_default USING brin (settled_at) WITH (autosummarize = on);
+
+SELECT pg_catalog.setval('quota.usage_ledger_ledger_id_seq', s.last_value, s.is_called)
+FROM quota.usage_ledger_0_1_seq s;
+INSERT INTO quota.usage_ledger OVERRIDING SYSTEM VALUE SELECT * FROM quota.usage_ledger_0_1;
+
+-- The request ids of the ledger's recent rows, one row per ledger row, with what a settle
+-- repeated answers: the ledger's request ids are unique while they are here, and a settle,
+-- refund or admit that repeats one is recognised. Kept for pg_quota.reservation_ttl plus
+-- pg_quota.request_id_retention after the row's settled_at (quota.maintain_ledger forgets them
+-- then), so its size follows the request rate, not the ledger's age. A trigger on the ledger
+-- fills it (sql/schema/60_rollups.sql).
+CREATE TABLE quota.ledger_request (
+    request_id       text NOT NULL,
+    settled_by       text NOT NULL,
+    settled_at       timestamptz NOT NULL,  -- finds the ledger row's partition
+    billed           boolean NOT NULL,
+    unbilled_reason  text,
+    cost             numeric NOT NULL,
+    PRIMARY KEY (request_id, settled_by)
+);
+CREATE INDEX ON quota.ledger_request USING brin (settled_at) WITH (autosummarize = on);
+
+-- Closed ledger partitions: a partition closes (quota.close_ledger_partition) once its range
+-- has ended; what its rows gave the current windows goes into quota.ledger_checkpoint, and from
+-- then on quota.drift() reads the checkpoints instead of its rows, so the partition may leave
+-- the ledger (quota.archive_ledger: archived_as names where it went, NULL once dropped).
+-- Partitions close in order, so the closed ones cover the ledger up to max(range_to).
+CREATE TABLE quota.ledger_closed (
+    range_from   timestamptz PRIMARY KEY,
+    range_to     timestamptz NOT NULL,
+    ledger_rows  bigint NOT NULL,
+    closed_at    timestamptz NOT NULL,
+    archived_at  timestamptz,
+    archived_as  text
+);
+
+-- What the rows of closed partitions gave each counter's window, summed (rows settled before
+-- the counter's last reset left out); only windows still current are kept. quota.clear_usage
+-- clears a policy's checkpoints with its counters.
+CREATE TABLE quota.ledger_checkpoint (
+    policy_id     bigint NOT NULL REFERENCES quota.policy ON DELETE CASCADE,
+    scope_id      bigint NOT NULL,
+    window_start  timestamptz NOT NULL,  -- the counted window (rolling windows: the minute bucket)
+    amount        numeric NOT NULL,
+    PRIMARY KEY (policy_id, scope_id, window_start)
+);
+
+INSERT INTO quota.ledger_request (request_id, settled_by, settled_at, billed, unbilled_reason, cost)
+SELECT l.request_id, l.settled_by, l.settled_at, l.billed, l.unbilled_reason, l.cost FROM quota.usage_ledger l;
+-- (leaving the extension first takes the old table and its sequence off the dumped tables)
+ALTER EXTENSION pg_quota DROP TABLE quota.usage_ledger_0_1;
+ALTER EXTENSION pg_quota DROP SEQUENCE quota.usage_ledger_0_1_seq;
+DROP TABLE quota.usage_ledger_0_1;
+
+SELECT pg_catalog.pg_extension_config_dump('quota.usage_ledger', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.usage_ledger_default', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.ledger_request', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.ledger_closed', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.ledger_checkpoint', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.usage_ledger_ledger_id_seq', '');
+
+CREATE TRIGGER usage_daily_add AFTER INSERT ON quota.usage_ledger
+    FOR EACH ROW EXECUTE FUNCTION quota.usage_daily_add();
+CREATE TRIGGER usage_ledger_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON quota.usage_ledger
+    FOR EACH STATEMENT EXECUTE FUNCTION quota.usage_ledger_append_only();
+
+-- Every ledger row's request id goes into quota.ledger_request, whose primary key keeps the
+-- ledger's request ids unique (a second settle of a request fails here), one statement at a time.
+CREATE FUNCTION quota.ledger_request_add() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO quota.ledger_request (request_id, settled_by, settled_at, billed, unbilled_reason, cost)
+    SELECT n.request_id, n.settled_by, n.settled_at, n.billed, n.unbilled_reason, n.cost FROM new_rows n;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER ledger_request_add AFTER INSERT ON quota.usage_ledger
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION quota.ledger_request_add();
+
+-- Request ids, corrections and refunds read quota.ledger_request; drift reads checkpoints.
+CREATE OR REPLACE FUNCTION quota.clear_usage(policy_id bigint, now_ts timestamptz) RETURNS void
+LANGUAGE sql VOLATILE AS $$
+    UPDATE quota.counter c SET used = 0, exhausted_at = NULL, reset_at = now_ts
+    WHERE c.policy_id = clear_usage.policy_id;
+    DELETE FROM quota.rolling_usage r WHERE r.policy_id = clear_usage.policy_id;
+    DELETE FROM quota.ledger_checkpoint k WHERE k.policy_id = clear_usage.policy_id;
+$$;
+
+CREATE OR REPLACE FUNCTION quota.correct_swept(request_id text, input_tokens bigint, output_tokens bigint,
+                                    cached_tokens bigint, now_ts timestamptz,
+                                    OUT cost numeric, OUT billed boolean)
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    s quota.usage_ledger;
+    p quota.policy;
+    v_cost numeric;  -- the measured usage's cost; NULL without a price
+    v_actual numeric;
+    v_delta numeric;
+    v_ws timestamptz;
+    v_swept_at timestamptz;
+    v_policies bigint[] := '{}';
+    v_scopes bigint[] := '{}';
+    v_windows timestamptz[] := '{}';
+    v_amounts numeric[] := '{}';
+    i integer;
+BEGIN
+    -- the sweep's row, found through quota.ledger_request (its settled_at names the partition)
+    SELECT h.settled_at INTO v_swept_at FROM quota.ledger_request h
+    WHERE h.request_id = correct_swept.request_id AND h.settled_by = 'sweep'
+      AND NOT EXISTS (SELECT 1 FROM quota.ledger_request c
+                      WHERE c.request_id = correct_swept.request_id AND c.settled_by = 'correction')
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    SELECT l.* INTO s FROM quota.usage_ledger l
+    WHERE l.settled_at = v_swept_at AND l.request_id = correct_swept.request_id AND l.settled_by = 'sweep';
+    IF NOT FOUND THEN
+        RETURN;  -- archived (quota.archive_ledger refuses partitions this recent)
+    END IF;
+    SELECT quota.cost_of(mp, input_tokens, output_tokens, cached_tokens) INTO v_cost FROM quota.price_for(s.model) mp;
+    FOR i IN 1 .. coalesce(array_length(s.counted_policy, 1), 0) LOOP
+        SELECT * INTO p FROM quota.policy x WHERE x.policy_id = s.counted_policy[i];
+        CONTINUE WHEN NOT FOUND;
+        v_actual := quota.metric_amount(p.metric, v_cost, input_tokens, output_tokens);
+        v_delta := coalesce(v_actual, 0) - s.counted_amount[i];
+        CONTINUE WHEN v_delta = 0;
+        v_ws := (SELECT w.window_start FROM quota.policy_window(p, now_ts) w);
+        IF p.window_mode = 'rolling' THEN
+            PERFORM 1 FROM quota.counter c
+            WHERE c.policy_id = p.policy_id AND c.scope_id = s.counted_scope[i]
+              AND coalesce(c.reset_at, '-infinity') <= s.settled_at AND s.counted_window[i] >= v_ws
+            FOR UPDATE;
+            CONTINUE WHEN NOT FOUND;
+            UPDATE quota.rolling_usage r SET used = r.used + v_delta
+            WHERE r.policy_id = p.policy_id AND r.scope_id = s.counted_scope[i] AND r.bucket = s.counted_window[i];
+        ELSE
+            UPDATE quota.counter c SET used = c.used + v_delta
+            WHERE c.policy_id = p.policy_id AND c.scope_id = s.counted_scope[i]
+              AND c.window_start = s.counted_window[i] AND c.window_start = v_ws
+              AND coalesce(c.reset_at, '-infinity') <= s.settled_at;
+        END IF;
+        CONTINUE WHEN NOT FOUND;
+        v_policies := v_policies || p.policy_id;
+        v_scopes := v_scopes || s.counted_scope[i];
+        v_windows := v_windows || s.counted_window[i];
+        v_amounts := v_amounts || v_delta;
+    END LOOP;
+    INSERT INTO quota.usage_ledger (request_id, settled_by, key_id, user_id, channel_id, model, input_tokens,
+                                    output_tokens, cached_tokens, cost, billed, unbilled_reason,
+                                    counted_in_key_global, counted_in_user_global,
+                                    counted_policy, counted_scope, counted_window, counted_amount, settled_at)
+    VALUES (s.request_id, 'correction', s.key_id, s.user_id, s.channel_id, s.model,
+            input_tokens - s.input_tokens, output_tokens - s.output_tokens, cached_tokens - s.cached_tokens,
+            coalesce(v_cost, 0) - s.cost, v_cost IS NOT NULL, CASE WHEN v_cost IS NULL THEN 'price_not_found' END,
+            s.counted_in_key_global, s.counted_in_user_global, v_policies, v_scopes, v_windows, v_amounts, now_ts);
+    cost := coalesce(v_cost, 0);
+    billed := v_cost IS NOT NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION quota.refund(request_id text, reason text DEFAULT NULL) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off AS $$
+DECLARE
+    v_res quota.reservation;
+BEGIN
+    DELETE FROM quota.reservation r WHERE r.request_id = refund.request_id RETURNING r.* INTO v_res;
+    IF FOUND THEN
+        PERFORM quota.release_holds(v_res.hold_policy, v_res.hold_scope, v_res.hold_amount);
+        INSERT INTO quota.released (request_id, key_id, user_id, channel_id, model, kind, reason, released_at)
+        VALUES (v_res.request_id, v_res.key_id, v_res.user_id, v_res.channel_id, v_res.model,
+                'refunded', refund.reason, quota.clock());
+        RETURN true;
+    END IF;
+    -- Nothing is ever released twice: a second refund (or one after expiry) changes nothing.
+    IF EXISTS (SELECT 1 FROM quota.released r WHERE r.request_id = refund.request_id) THEN
+        RETURN false;
+    END IF;
+    -- The sweep charged it at its reservation, and the upstream failed after all: the charge is
+    -- corrected to nothing, once (a second refund changes nothing).
+    IF EXISTS (SELECT 1 FROM quota.ledger_request l WHERE l.request_id = refund.request_id AND l.settled_by = 'sweep') THEN
+        RETURN (SELECT c.cost IS NOT NULL FROM quota.correct_swept(refund.request_id, 0, 0, 0, quota.clock()) c);
+    END IF;
+    IF EXISTS (SELECT 1 FROM quota.ledger_request l WHERE l.request_id = refund.request_id) THEN
+        RAISE EXCEPTION 'refund: request_id % was already settled; a settled request cannot be refunded',
+            refund.request_id USING ERRCODE = 'PQ409';
+    END IF;
+    RAISE EXCEPTION 'refund: unknown request_id %', refund.request_id USING ERRCODE = 'PQ404';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION quota.drift()
+RETURNS TABLE (policy_id bigint, scope_id bigint, counter_used numeric, ledger_used numeric,
+               counter_reserved numeric, holds_reserved numeric)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- planned with the bound's value, so that a recent bound reads only the recent ledger
+SET plan_cache_mode = force_custom_plan AS $$
+#variable_conflict use_column
+DECLARE
+    v_now timestamptz := quota.clock();
+    v_policies bigint[];  -- the policies that have counters, with their current windows
+    v_modes text[];
+    v_starts timestamptz[];
+    v_since timestamptz;  -- a counter counts the ledger rows of its current window since its last reset
+    v_open_from timestamptz := coalesce((SELECT max(k.range_to) FROM quota.ledger_closed k), '-infinity');
+BEGIN
+    SELECT array_agg(w.policy_id), array_agg(w.window_mode), array_agg(w.window_start),
+           min(greatest(w.window_start, w.earliest_reset))
+    INTO v_policies, v_modes, v_starts, v_since
+    FROM (SELECT p.policy_id, p.window_mode, pw.window_start,
+                 (SELECT min(coalesce(c.reset_at, '-infinity')) FROM quota.counter c
+                   WHERE c.policy_id = p.policy_id) AS earliest_reset
+          FROM quota.policy p CROSS JOIN LATERAL quota.policy_window(p, v_now) pw) w
+    WHERE w.earliest_reset IS NOT NULL;
+
+    RETURN QUERY
+    WITH live AS (  -- each counter with its policy's window mode and the current window's start
+        SELECT c.policy_id, c.scope_id, c.window_start, c.used, c.reserved, c.reset_at,
+               w.window_mode, w.current_start
+        FROM quota.counter c
+        JOIN unnest(v_policies, v_modes, v_starts) AS w(policy_id, window_mode, current_start)
+          ON w.policy_id = c.policy_id
+    ),
+    counted AS (  -- what the ledger rows since the counter's last reset gave its current window:
+                  -- the live ledger's, and the checkpoints of archived partitions
+        SELECT x.policy_id, x.scope_id, sum(x.amount) AS amount
+        FROM (SELECT c.policy_id, c.scope_id, x.amount
+              FROM quota.usage_ledger l,
+                   unnest(l.counted_policy, l.counted_scope, l.counted_window, l.counted_amount)
+                       AS x(policy_id, scope_id, window_start, amount)
+              JOIN live c ON c.policy_id = x.policy_id AND c.scope_id = x.scope_id
+              WHERE l.settled_at >= v_since
+                AND l.settled_at >= v_open_from  -- closed partitions count through their checkpoints
+                AND l.settled_at >= coalesce(c.reset_at, '-infinity')
+                AND CASE c.window_mode
+                        WHEN 'fixed' THEN x.window_start = c.current_start
+                        ELSE x.window_start >= c.current_start  -- a rolling window counts in a minute bucket
+                    END
+              UNION ALL
+              SELECT c.policy_id, c.scope_id, k.amount
+              FROM quota.ledger_checkpoint k
+              JOIN live c ON c.policy_id = k.policy_id AND c.scope_id = k.scope_id
+              WHERE CASE c.window_mode
+                        WHEN 'fixed' THEN k.window_start = c.current_start
+                        ELSE k.window_start >= c.current_start
+                    END) x
+        GROUP BY 1, 2
+    ),
+    holds AS (
+        SELECT h.policy_id, h.scope_id, sum(h.amount) AS amount
+        FROM quota.reservation r, unnest(r.hold_policy, r.hold_scope, r.hold_amount) AS h(policy_id, scope_id, amount)
+        GROUP BY 1, 2
+    ),
+    expected AS (
+        SELECT c.policy_id, c.scope_id,
+               CASE WHEN c.window_mode = 'rolling'
+                        THEN (SELECT coalesce(sum(r.used), 0) FROM quota.rolling_usage r
+                              WHERE r.policy_id = c.policy_id AND r.scope_id = c.scope_id
+                                AND r.bucket >= c.current_start)
+                    WHEN c.window_start = c.current_start THEN c.used
+                    ELSE 0
+               END AS counter_used,
+               coalesce(k.amount, 0) AS ledger_used,
+               c.reserved AS counter_reserved,
+               coalesce(h.amount, 0) AS holds_reserved
+        FROM live c
+        LEFT JOIN counted k ON k.policy_id = c.policy_id AND k.scope_id = c.scope_id
+        LEFT JOIN holds h ON h.policy_id = c.policy_id AND h.scope_id = c.scope_id
+    )
+    SELECT * FROM expected e
+    WHERE e.counter_used <> e.ledger_used OR e.counter_reserved <> e.holds_reserved
+    ORDER BY 1, 2;
+END
+$$;
+
+-- The first instant of the partition of `period` ('day' or 'week') that holds `at`.
+CREATE FUNCTION quota.ledger_period_start(at timestamptz, period text) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT pg_catalog.date_trunc(CASE period WHEN 'week' THEN 'week' ELSE 'day' END, at AT TIME ZONE 'UTC')
+           AT TIME ZONE 'UTC'
+$$;
+
+-- A partition's length: hours, not days, so that no session time zone's DST moves a bound.
+CREATE FUNCTION quota.ledger_period_length(period text) RETURNS interval
+LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT CASE period WHEN 'week' THEN interval '168 hours' ELSE interval '24 hours' END
+$$;
+
+-- Every partition of the ledger with its range (NULL bounds for the default partition), whether
+-- it is closed (quota.ledger_closed), its rows (counted for the default partition, which should
+-- hold none; estimated from the statistics for the others) and its size on disk.
+CREATE FUNCTION quota.ledger_partitions()
+RETURNS TABLE (partition regclass, range_from timestamptz, range_to timestamptz, is_default boolean,
+               closed boolean, est_rows bigint, bytes bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET datestyle = 'ISO, YMD' AS $$
+    SELECT b.relid, b.range_from, b.range_to, b.is_default,
+           EXISTS (SELECT 1 FROM quota.ledger_closed k WHERE k.range_from = b.range_from),
+           CASE WHEN b.is_default THEN (SELECT count(*) FROM quota.usage_ledger_default)
+                ELSE greatest(c.reltuples, 0)::bigint END,
+           pg_catalog.pg_total_relation_size(b.relid)
+    FROM quota.ledger_bounds() b JOIN pg_catalog.pg_class c ON c.oid = b.relid
+    ORDER BY b.range_from NULLS FIRST
+$$;
+
+-- The partitions' ranges, read from the catalog (each partition's bound expression).
+CREATE FUNCTION quota.ledger_bounds()
+RETURNS TABLE (relid regclass, range_from timestamptz, range_to timestamptz, is_default boolean)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET datestyle = 'ISO, YMD' AS $$
+    SELECT c.oid::regclass,
+           (regexp_match(b.expr, 'FROM \(''([^'']*)''\)'))[1]::timestamptz,
+           (regexp_match(b.expr, 'TO \(''([^'']*)''\)'))[1]::timestamptz,
+           b.expr = 'DEFAULT'
+    FROM pg_catalog.pg_inherits i
+    JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
+    CROSS JOIN LATERAL (SELECT pg_catalog.pg_get_expr(c.relpartbound, c.oid) AS expr) b
+    WHERE i.inhparent = 'quota.usage_ledger'::regclass
+$$;
+
+-- Makes the partition [range_from, range_to) with its indexes, moving into it the rows of that
+-- range that the default partition caught (they keep their ledger_id and are not counted again:
+-- they go straight into the new table, before it joins the ledger). Returns the rows moved.
+-- ATTACH takes a SHARE UPDATE EXCLUSIVE lock on the ledger: settles go on meanwhile.
+CREATE FUNCTION quota.ledger_make_partition(range_from timestamptz, range_to timestamptz) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET datestyle = 'ISO, YMD' AS $$
+DECLARE
+    v_table text := format('quota.%I', 'usage_ledger_p' || to_char(range_from AT TIME ZONE 'UTC', 'YYYYMMDD'));
+    v_moved bigint;
+BEGIN
+    EXECUTE format('CREATE TABLE %s (LIKE quota.usage_ledger INCLUDING DEFAULTS INCLUDING CONSTRAINTS)', v_table);
+    -- a constraint that implies the range spares ATTACH a scan of the table
+    EXECUTE format('ALTER TABLE %s ADD CONSTRAINT in_range CHECK (settled_at >= %L AND settled_at < %L)',
+                   v_table, range_from, range_to);
+    EXECUTE format('WITH moved AS (DELETE FROM quota.usage_ledger_default d WHERE d.settled_at >= %L AND d.settled_at < %L
+                                   RETURNING d.*)
+                    INSERT INTO %s SELECT * FROM moved', range_from, range_to, v_table);
+    GET DIAGNOSTICS v_moved = ROW_COUNT;
+    EXECUTE format('CREATE INDEX ON %s (key_id, settled_at)', v_table);
+    EXECUTE format('CREATE INDEX ON %s USING brin (settled_at) WITH (autosummarize = on)', v_table);
+    EXECUTE format('ALTER TABLE quota.usage_ledger ATTACH PARTITION %s FOR VALUES FROM (%L) TO (%L)',
+                   v_table, range_from, range_to);
+    EXECUTE format('ALTER TABLE %s DROP CONSTRAINT in_range', v_table);
+    RETURN v_moved;
+END
+$$;
+
+-- Makes partitions of `period` for [range_from, range_to), around the partitions that exist
+-- (after a change of pg_quota.ledger_partition, a new partition fills only the gap left).
+CREATE FUNCTION quota.ledger_cover(range_from timestamptz, range_to timestamptz, period text,
+                                   OUT made integer, OUT moved bigint)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_at timestamptz := quota.ledger_period_start(range_from, period);
+    v_end timestamptz;
+    v_next timestamptz;
+BEGIN
+    made := 0;
+    moved := 0;
+    WHILE v_at < range_to LOOP
+        SELECT b.range_to INTO v_next FROM quota.ledger_bounds() b
+        WHERE NOT b.is_default AND b.range_from <= v_at AND b.range_to > v_at;
+        IF FOUND THEN  -- covered: on past that partition
+            v_at := v_next;
+            CONTINUE;
+        END IF;
+        v_end := quota.ledger_period_start(v_at, period) + quota.ledger_period_length(period);
+        SELECT min(b.range_from) INTO v_next FROM quota.ledger_bounds() b
+        WHERE NOT b.is_default AND b.range_from > v_at AND b.range_from < v_end;
+        v_end := coalesce(v_next, v_end);
+        moved := moved + quota.ledger_make_partition(v_at, v_end);
+        made := made + 1;
+        v_at := v_end;
+    END LOOP;
+END
+$$;
+
+-- Closes the oldest open partition if it ended at or before `until`: adds what its rows gave
+-- each counter's current window to quota.ledger_checkpoint (rows settled before the counter's
+-- last reset left out; windows no longer current dropped), and records it in
+-- quota.ledger_closed. From then on quota.drift() counts the checkpoints instead of its rows.
+-- Returns the partition's range start, or NULL when none is due. Partitions close in order, and
+-- not while the default partition holds rows older than the partition's end (file them first).
+CREATE FUNCTION quota.close_ledger_partition(until timestamptz) RETURNS timestamptz
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_now timestamptz := quota.clock();
+    v record;
+    v_rows bigint;
+    v_policies bigint[];
+    v_modes text[];
+    v_starts timestamptz[];
+BEGIN
+    SELECT b.* INTO v FROM quota.ledger_bounds() b
+    WHERE NOT b.is_default AND NOT EXISTS (SELECT 1 FROM quota.ledger_closed k WHERE k.range_from = b.range_from)
+    ORDER BY b.range_from LIMIT 1;
+    IF NOT FOUND OR v.range_to > until
+       OR EXISTS (SELECT 1 FROM quota.usage_ledger_default d WHERE d.settled_at < v.range_to) THEN
+        RETURN NULL;
+    END IF;
+    -- each policy's current window, as quota.drift judges it
+    SELECT array_agg(p.policy_id), array_agg(p.window_mode), array_agg(pw.window_start)
+    INTO v_policies, v_modes, v_starts
+    FROM quota.policy p CROSS JOIN LATERAL quota.policy_window(p, v_now) pw;
+    EXECUTE format($q$
+        INSERT INTO quota.ledger_checkpoint AS k (policy_id, scope_id, window_start, amount)
+        SELECT x.policy_id, x.scope_id, x.window_start, sum(x.amount)
+        FROM %s l,
+             unnest(l.counted_policy, l.counted_scope, l.counted_window, l.counted_amount)
+                 AS x(policy_id, scope_id, window_start, amount)
+        JOIN unnest($1, $2, $3) AS w(policy_id, window_mode, current_start) ON w.policy_id = x.policy_id
+        LEFT JOIN quota.counter c ON c.policy_id = x.policy_id AND c.scope_id = x.scope_id
+        WHERE l.settled_at >= coalesce(c.reset_at, '-infinity')
+          AND CASE w.window_mode WHEN 'fixed' THEN x.window_start = w.current_start
+                                 ELSE x.window_start >= w.current_start END
+        GROUP BY 1, 2, 3
+        ON CONFLICT (policy_id, scope_id, window_start) DO UPDATE SET amount = k.amount + EXCLUDED.amount$q$,
+        v.relid) USING v_policies, v_modes, v_starts;
+    EXECUTE format('SELECT count(*) FROM %s', v.relid) INTO v_rows;
+    -- checkpoints of windows that are no longer current count for no counter any more
+    DELETE FROM quota.ledger_checkpoint k
+    USING unnest(v_policies, v_modes, v_starts) AS w(policy_id, window_mode, current_start)
+    WHERE k.policy_id = w.policy_id
+      AND CASE w.window_mode WHEN 'fixed' THEN k.window_start <> w.current_start
+                             ELSE k.window_start < w.current_start END;
+    INSERT INTO quota.ledger_closed (range_from, range_to, ledger_rows, closed_at)
+    VALUES (v.range_from, v.range_to, v_rows, v_now);
+    RETURN v.range_from;
+END
+$$;
+
+-- Takes the ledger partitions that end at or before `before` out of the ledger, closing them
+-- first if they are not yet (quota.close_ledger_partition: quota.drift() keeps counting them
+-- through checkpoints). Each is detached, then moved into schema archive_schema (made if
+-- missing) for COPY or pg_dump and a later DROP TABLE, or dropped when archive_schema is NULL.
+-- Rollups (quota.usage_daily) and quota.ledger_closed keep their rows. Refuses a `before` later
+-- than the request ids' horizon (pg_quota.reservation_ttl + pg_quota.request_id_retention ago):
+-- a late settle may still need those rows. DETACH takes an ACCESS EXCLUSIVE lock on the ledger
+-- for a moment; it waits at most 5 s for requests in flight, then fails (try again).
+CREATE FUNCTION quota.archive_ledger(before timestamptz, archive_schema text DEFAULT 'quota_archive')
+RETURNS TABLE (range_from timestamptz, range_to timestamptz, ledger_rows bigint, archived_as text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET datestyle = 'ISO, YMD'
+SET lock_timeout = '5s' AS $$
+DECLARE
+    v_now timestamptz := quota.clock();
+    v_horizon timestamptz := v_now - current_setting('pg_quota.reservation_ttl')::interval
+                                   - current_setting('pg_quota.request_id_retention')::interval;
+    v record;
+    v_name text;
+BEGIN
+    IF before IS NULL OR before > v_horizon THEN
+        RAISE EXCEPTION 'archive_ledger: before must be no later than % (the request ids'' horizon: pg_quota.reservation_ttl + pg_quota.request_id_retention ago)',
+            v_horizon USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF archive_schema IN ('quota', 'pg_catalog', 'public') THEN
+        RAISE EXCEPTION 'archive_ledger: archive_schema must be a schema of its own, not %', archive_schema
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM quota.ledger_file_strays(current_setting('pg_quota.ledger_partition'));
+    WHILE quota.close_ledger_partition(before) IS NOT NULL LOOP
+    END LOOP;
+    IF archive_schema IS NOT NULL THEN
+        EXECUTE format('CREATE SCHEMA IF NOT EXISTS %I', archive_schema);
+    END IF;
+    FOR v IN SELECT b.relid, b.range_from, b.range_to, k.ledger_rows
+             FROM quota.ledger_bounds() b JOIN quota.ledger_closed k ON k.range_from = b.range_from
+             WHERE NOT b.is_default AND b.range_to <= before ORDER BY b.range_from LOOP
+        v_name := (SELECT c.relname FROM pg_catalog.pg_class c WHERE c.oid = v.relid);
+        EXECUTE format('ALTER TABLE quota.usage_ledger DETACH PARTITION %s', v.relid);
+        IF archive_schema IS NULL THEN
+            EXECUTE format('DROP TABLE %s', v.relid);
+        ELSE
+            EXECUTE format('ALTER TABLE %s SET SCHEMA %I', v.relid, archive_schema);
+        END IF;
+        range_from := v.range_from;
+        range_to := v.range_to;
+        ledger_rows := v.ledger_rows;
+        archived_as := CASE WHEN archive_schema IS NOT NULL THEN format('%I.%I', archive_schema, v_name) END;
+        UPDATE quota.ledger_closed k SET archived_at = v_now, archived_as = archive_ledger.archived_as
+        WHERE k.range_from = v.range_from;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+-- Files the rows the default partition caught into partitions of `period`; returns how many.
+CREATE FUNCTION quota.ledger_file_strays(period text) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_start timestamptz;
+    v_moved bigint := 0;
+BEGIN
+    IF period = 'manual' THEN
+        RETURN 0;
+    END IF;
+    FOR v_start IN SELECT DISTINCT quota.ledger_period_start(d.settled_at, period)
+                   FROM quota.usage_ledger_default d ORDER BY 1 LOOP
+        v_moved := v_moved + (SELECT c.moved FROM quota.ledger_cover(v_start, v_start + quota.ledger_period_length(period), period) c);
+    END LOOP;
+    RETURN v_moved;
+END
+$$;
+
+-- The ledger's upkeep, run by the sweeper after each sweep (or from pg_cron): files the rows the
+-- default partition caught into partitions (with a WARNING: the sweep was off for longer than
+-- the partitions made ahead), makes partitions through a week ahead, closes one ended partition
+-- (a day after its end), archives or drops partitions older than pg_quota.ledger_retention (when
+-- set; into pg_quota.ledger_archive_schema, or dropped when that is empty), and forgets request
+-- ids older than pg_quota.reservation_ttl + pg_quota.request_id_retention. With
+-- pg_quota.ledger_partition = 'manual' it leaves partitions to the DBA (or pg_partman).
+CREATE FUNCTION quota.maintain_ledger(OUT made_partitions integer, OUT filed_rows bigint,
+                                      OUT closed_partitions integer, OUT archived_partitions integer,
+                                      OUT forgotten_request_ids bigint)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET datestyle = 'ISO, YMD'
+SET lock_timeout = '5s' AS $$
+DECLARE
+    v_now timestamptz := quota.clock();
+    v_period text := current_setting('pg_quota.ledger_partition');
+    v_retention interval := current_setting('pg_quota.ledger_retention')::interval;
+    v_horizon interval := current_setting('pg_quota.reservation_ttl')::interval
+                          + current_setting('pg_quota.request_id_retention')::interval;
+    v_archive text := nullif(current_setting('pg_quota.ledger_archive_schema'), '');
+    v_made integer;
+BEGIN
+    made_partitions := 0;
+    filed_rows := 0;
+    closed_partitions := 0;
+    archived_partitions := 0;
+    BEGIN
+        filed_rows := quota.ledger_file_strays(v_period);
+        IF filed_rows > 0 THEN
+            RAISE WARNING 'pg_quota: ledger rows that no partition took, filed into partitions now: %', filed_rows
+                USING HINT = 'The sweeper did not run for longer than the partitions made ahead (a week), or the ledger is new.';
+        END IF;
+        IF v_period <> 'manual' THEN
+            SELECT c.made INTO v_made
+            FROM quota.ledger_cover(quota.ledger_period_start(v_now, v_period), v_now + interval '8 days', v_period) c;
+            made_partitions := v_made;
+        END IF;
+        IF quota.close_ledger_partition(v_now - interval '1 day') IS NOT NULL THEN
+            closed_partitions := 1;
+        END IF;
+        IF v_retention > interval '0' THEN
+            SELECT count(*) INTO archived_partitions
+            FROM quota.archive_ledger(v_now - greatest(v_retention, v_horizon), v_archive);
+        END IF;
+    EXCEPTION WHEN lock_not_available THEN  -- all of it rolled back
+        made_partitions := 0;
+        filed_rows := 0;
+        closed_partitions := 0;
+        archived_partitions := 0;
+        RAISE WARNING 'pg_quota: the ledger''s upkeep waited too long for a lock (%); it runs again after the next sweep', SQLERRM;
+    END;
+    DELETE FROM quota.ledger_request h WHERE h.settled_at < v_now - v_horizon;
+    GET DIAGNOSTICS forgotten_request_ids = ROW_COUNT;
+END
+$$;
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA quota FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA quota FROM PUBLIC;
+GRANT SELECT ON quota.usage_ledger, quota.ledger_request, quota.ledger_closed, quota.ledger_checkpoint TO quota_admin;
+GRANT EXECUTE ON FUNCTION quota.ledger_partitions(), quota.maintain_ledger() TO quota_admin;
+
+-- Connections served by the new library look at the schema again (cache::schema in the library).
+UPDATE quota.policy_generation SET generation = generation + 1;

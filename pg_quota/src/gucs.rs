@@ -44,6 +44,31 @@ pub enum ExpiredReservations {
 pub static EXPIRED_RESERVATIONS: GucSetting<ExpiredReservations> =
     GucSetting::<ExpiredReservations>::new(ExpiredReservations::Charge);
 
+/// How the ledger is partitioned by quota.maintain_ledger (sql/schema/70_ledger.sql).
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum LedgerPartition {
+    /// one partition per UTC day
+    #[name = c"day"]
+    Day,
+    /// one partition per week, from Monday 00:00 UTC
+    #[name = c"week"]
+    Week,
+    /// partitions are the DBA's (or pg_partman's); quota.maintain_ledger makes none
+    #[name = c"manual"]
+    Manual,
+}
+
+pub static LEDGER_PARTITION: GucSetting<LedgerPartition> = GucSetting::<LedgerPartition>::new(LedgerPartition::Day);
+
+/// Ledger partitions older than this leave the ledger (quota.archive_ledger); 0 keeps them.
+pub static LEDGER_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+/// Where partitions past the retention go; empty drops them.
+pub static LEDGER_ARCHIVE_SCHEMA: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// How long after its ledger row (beyond pg_quota.reservation_ttl) a request id stays known.
+pub static REQUEST_ID_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+
 /// Seconds between two sweeps of the background worker; 0 turns it off.
 pub static SWEEP_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 
@@ -119,6 +144,45 @@ pub fn register() {
         &EXPIRED_RESERVATIONS,
         GucContext::Suset,
         GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"pg_quota.ledger_partition",
+        c"Length of a ledger partition that quota.maintain_ledger makes: day, week, or manual (none).",
+        c"Partitions are made a week ahead; a row no partition takes goes to quota.usage_ledger_default \
+          and is filed into a partition by the next upkeep.",
+        &LEDGER_PARTITION,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_quota.ledger_retention",
+        c"Age after which quota.maintain_ledger takes a ledger partition out of the ledger (0 = never).",
+        c"The partition's sums stay in quota.ledger_checkpoint, its rollups in quota.usage_daily; the \
+          partition is dropped, or moved into pg_quota.ledger_archive_schema when that is set.",
+        &LEDGER_RETENTION_S,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_string_guc(
+        c"pg_quota.ledger_archive_schema",
+        c"Schema into which quota.maintain_ledger moves partitions past pg_quota.ledger_retention (empty = drop them).",
+        c"An archived partition is an ordinary table: COPY it or pg_dump it, then DROP TABLE it.",
+        &LEDGER_ARCHIVE_SCHEMA,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_quota.request_id_retention",
+        c"How long after its settle (beyond pg_quota.reservation_ttl) a request id stays known.",
+        c"While known, a repeated settle or refund is recognised and admit refuses the id; afterwards \
+          quota.maintain_ledger forgets it. quota.ledger_request holds rate x this many rows.",
+        &REQUEST_ID_RETENTION_S,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_string_guc(
         c"pg_quota.fake_now",

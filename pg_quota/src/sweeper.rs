@@ -1,4 +1,5 @@
-//! Optional background worker that runs `quota.sweep()` every `pg_quota.sweep_interval`.
+//! Optional background worker that runs `quota.sweep()` every `pg_quota.sweep_interval`, then
+//! the ledger's upkeep (`quota.maintain_ledger()`).
 //! It exists only when the library is in `shared_preload_libraries`; otherwise schedule the
 //! sweep with pg_cron (see the README). On a standby it does not run until a promotion.
 use crate::gucs::{SWEEP_DATABASE, SWEEP_INTERVAL_S};
@@ -39,6 +40,9 @@ pub extern "C-unwind" fn pg_quota_sweeper_main(_arg: pg_sys::Datum) {
             continue;
         }
         BackgroundWorker::transaction(sweep_once);
+        if !MISSING.load(std::sync::atomic::Ordering::Relaxed) {
+            BackgroundWorker::transaction(maintain_ledger_once);
+        }
     }
     // Stopped by SIGTERM. At shutdown that is the end; otherwise (pg_terminate_backend, or
     // DROP DATABASE ... WITH (FORCE) of its database) the postmaster must start it again after
@@ -106,6 +110,32 @@ fn sweep_once() {
                 "pg_quota sweep: {expired} stale reservations expired ({expired_action}), {resumed} keys resumed, \
                  {recovered} spent windows recovered; pruned {buckets} rolling buckets, {released} records \
                  of released reservations and {events} events"
+            );
+        }
+    }
+}
+
+/// The ledger's upkeep (quota.maintain_ledger), in a transaction of its own after the sweep:
+/// its DDL takes locks on the ledger that the sweep's transaction should not hold.
+fn maintain_ledger_once() {
+    let counts = Spi::connect(|client| {
+        let row = client
+            .select(
+                "SELECT made_partitions::bigint, filed_rows, closed_partitions::bigint, archived_partitions::bigint, \
+                 forgotten_request_ids FROM quota.maintain_ledger()",
+                None,
+                &[],
+            )?
+            .first();
+        (1..=5)
+            .map(|i| row.get::<i64>(i).map(Option::unwrap_or_default))
+            .collect::<Result<Vec<i64>, _>>()
+    });
+    if let Ok([made, filed, closed, archived, forgotten]) = counts.as_deref() {
+        if *made + *filed + *closed + *archived > 0 {
+            log!(
+                "pg_quota ledger upkeep: {made} partitions made, {filed} rows filed from the default partition, \
+                 {closed} partitions closed, {archived} archived; {forgotten} request ids forgotten"
             );
         }
     }

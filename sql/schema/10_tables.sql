@@ -243,6 +243,11 @@ CREATE INDEX ON quota.released (released_at);
 -- settled_by: 'settle' (measured usage), 'sweep' (an expired reservation charged at its
 -- estimate), 'correction' (a late settle or refund of a swept request: the difference between
 -- the measured usage and the sweep's charge, which may be negative; it adds no request).
+-- Partitioned by settled_at (sql/schema/70_ledger.sql): quota.maintain_ledger, run by the sweep,
+-- makes a partition per day or week (pg_quota.ledger_partition) ahead of time, files rows the
+-- default partition caught into partitions, and archives or drops partitions older than
+-- pg_quota.ledger_retention. A request id is unique in the ledger while quota.ledger_request
+-- remembers it; no index of the ledger holds request ids, so its cost does not grow with age.
 CREATE TABLE quota.usage_ledger (
     ledger_id        bigint GENERATED ALWAYS AS IDENTITY,  -- insertion order; not indexed
     request_id       text NOT NULL,
@@ -264,13 +269,60 @@ CREATE TABLE quota.usage_ledger (
     counted_scope    bigint[] NOT NULL,
     counted_window   timestamptz[] NOT NULL,
     counted_amount   numeric[] NOT NULL,
-    settled_at       timestamptz NOT NULL,
+    settled_at       timestamptz NOT NULL
+) PARTITION BY RANGE (settled_at);
+-- Catches a row no partition takes (the sweep was off for longer than the partitions made ahead);
+-- quota.maintain_ledger files such rows into partitions, and quota.ledger_partitions() shows them.
+CREATE TABLE quota.usage_ledger_default PARTITION OF quota.usage_ledger DEFAULT;
+-- Each partition has its own indexes (quota.ledger_add_indexes), none on the partitioned table:
+-- partitions made after CREATE EXTENSION are the DBA's tables, which pg_dump writes with their
+-- indexes, and an index of the partitioned table would make them twice on restore.
+-- quota.drift and quota.status read the ledger of the current windows. Rows arrive in
+-- settled_at order, so a block range index finds them for a fraction of a b-tree's cost.
+CREATE INDEX ON quota.usage_ledger_default (key_id, settled_at);
+CREATE INDEX ON quota.usage_ledger_default USING brin (settled_at) WITH (autosummarize = on);
+
+-- The request ids of the ledger's recent rows, one row per ledger row, with what a settle
+-- repeated answers: the ledger's request ids are unique while they are here, and a settle,
+-- refund or admit that repeats one is recognised. Kept for pg_quota.reservation_ttl plus
+-- pg_quota.request_id_retention after the row's settled_at (quota.maintain_ledger forgets them
+-- then), so its size follows the request rate, not the ledger's age. A trigger on the ledger
+-- fills it (sql/schema/60_rollups.sql).
+CREATE TABLE quota.ledger_request (
+    request_id       text NOT NULL,
+    settled_by       text NOT NULL,
+    settled_at       timestamptz NOT NULL,  -- finds the ledger row's partition
+    billed           boolean NOT NULL,
+    unbilled_reason  text,
+    cost             numeric NOT NULL,
     PRIMARY KEY (request_id, settled_by)
 );
-CREATE INDEX ON quota.usage_ledger (key_id, settled_at);
--- quota.drift reads the ledger of the current windows. Rows arrive in settled_at order, so a
--- block range index finds them for a fraction of a b-tree's cost on each insert.
-CREATE INDEX ON quota.usage_ledger USING brin (settled_at) WITH (autosummarize = on);
+CREATE INDEX ON quota.ledger_request USING brin (settled_at) WITH (autosummarize = on);
+
+-- Closed ledger partitions: a partition closes (quota.close_ledger_partition) once its range
+-- has ended; what its rows gave the current windows goes into quota.ledger_checkpoint, and from
+-- then on quota.drift() reads the checkpoints instead of its rows, so the partition may leave
+-- the ledger (quota.archive_ledger: archived_as names where it went, NULL once dropped).
+-- Partitions close in order, so the closed ones cover the ledger up to max(range_to).
+CREATE TABLE quota.ledger_closed (
+    range_from   timestamptz PRIMARY KEY,
+    range_to     timestamptz NOT NULL,
+    ledger_rows  bigint NOT NULL,
+    closed_at    timestamptz NOT NULL,
+    archived_at  timestamptz,
+    archived_as  text
+);
+
+-- What the rows of closed partitions gave each counter's window, summed (rows settled before
+-- the counter's last reset left out); only windows still current are kept. quota.clear_usage
+-- clears a policy's checkpoints with its counters.
+CREATE TABLE quota.ledger_checkpoint (
+    policy_id     bigint NOT NULL REFERENCES quota.policy ON DELETE CASCADE,
+    scope_id      bigint NOT NULL,
+    window_start  timestamptz NOT NULL,  -- the counted window (rolling windows: the minute bucket)
+    amount        numeric NOT NULL,
+    PRIMARY KEY (policy_id, scope_id, window_start)
+);
 
 -- Daily rollups, maintained by a trigger on the ledger in the same transaction.
 CREATE TABLE quota.usage_daily (
@@ -325,6 +377,10 @@ SELECT pg_catalog.pg_extension_config_dump('quota.rolling_usage', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.reservation', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.released', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.usage_ledger', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.usage_ledger_default', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.ledger_request', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.ledger_closed', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.ledger_checkpoint', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.usage_daily', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.event', '');
 -- ... and the positions of their identity sequences, which marking a table does not dump: a

@@ -159,15 +159,16 @@ BEGIN
 END
 $$;
 
--- Starts a policy's windows over at now_ts: no usage (counters and rolling buckets), nothing
--- marked spent, and reset_at tells quota.drift to count the ledger from then on. In-flight
--- holds stay: their settle or refund releases them. For quota.reset, and for a policy that
--- measures something else after an edit.
+-- Starts a policy's windows over at now_ts: no usage (counters, rolling buckets, checkpoints of
+-- closed ledger partitions), nothing marked spent, and reset_at tells quota.drift to count the
+-- ledger from then on. In-flight holds stay: their settle or refund releases them. For
+-- quota.reset, and for a policy that measures something else after an edit.
 CREATE FUNCTION quota.clear_usage(policy_id bigint, now_ts timestamptz) RETURNS void
 LANGUAGE sql VOLATILE AS $$
     UPDATE quota.counter c SET used = 0, exhausted_at = NULL, reset_at = now_ts
     WHERE c.policy_id = clear_usage.policy_id;
     DELETE FROM quota.rolling_usage r WHERE r.policy_id = clear_usage.policy_id;
+    DELETE FROM quota.ledger_checkpoint k WHERE k.policy_id = clear_usage.policy_id;
 $$;
 
 -- An edited policy is judged afresh, like a new one: the keys it suspended resume at once, and

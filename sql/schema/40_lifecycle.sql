@@ -316,19 +316,26 @@ DECLARE
     v_actual numeric;
     v_delta numeric;
     v_ws timestamptz;
+    v_swept_at timestamptz;
     v_policies bigint[] := '{}';
     v_scopes bigint[] := '{}';
     v_windows timestamptz[] := '{}';
     v_amounts numeric[] := '{}';
     i integer;
 BEGIN
-    SELECT l.* INTO s FROM quota.usage_ledger l
-    WHERE l.request_id = correct_swept.request_id AND l.settled_by = 'sweep'
-      AND NOT EXISTS (SELECT 1 FROM quota.usage_ledger c
+    -- the sweep's row, found through quota.ledger_request (its settled_at names the partition)
+    SELECT h.settled_at INTO v_swept_at FROM quota.ledger_request h
+    WHERE h.request_id = correct_swept.request_id AND h.settled_by = 'sweep'
+      AND NOT EXISTS (SELECT 1 FROM quota.ledger_request c
                       WHERE c.request_id = correct_swept.request_id AND c.settled_by = 'correction')
     FOR UPDATE;
     IF NOT FOUND THEN
         RETURN;
+    END IF;
+    SELECT l.* INTO s FROM quota.usage_ledger l
+    WHERE l.settled_at = v_swept_at AND l.request_id = correct_swept.request_id AND l.settled_by = 'sweep';
+    IF NOT FOUND THEN
+        RETURN;  -- archived (quota.archive_ledger refuses partitions this recent)
     END IF;
     SELECT quota.cost_of(mp, input_tokens, output_tokens, cached_tokens) INTO v_cost FROM quota.price_for(s.model) mp;
     FOR i IN 1 .. coalesce(array_length(s.counted_policy, 1), 0) LOOP
@@ -392,10 +399,10 @@ BEGIN
     END IF;
     -- The sweep charged it at its reservation, and the upstream failed after all: the charge is
     -- corrected to nothing, once (a second refund changes nothing).
-    IF EXISTS (SELECT 1 FROM quota.usage_ledger l WHERE l.request_id = refund.request_id AND l.settled_by = 'sweep') THEN
+    IF EXISTS (SELECT 1 FROM quota.ledger_request l WHERE l.request_id = refund.request_id AND l.settled_by = 'sweep') THEN
         RETURN (SELECT c.cost IS NOT NULL FROM quota.correct_swept(refund.request_id, 0, 0, 0, quota.clock()) c);
     END IF;
-    IF EXISTS (SELECT 1 FROM quota.usage_ledger l WHERE l.request_id = refund.request_id) THEN
+    IF EXISTS (SELECT 1 FROM quota.ledger_request l WHERE l.request_id = refund.request_id) THEN
         RAISE EXCEPTION 'refund: request_id % was already settled; a settled request cannot be refunded',
             refund.request_id USING ERRCODE = 'PQ409';
     END IF;

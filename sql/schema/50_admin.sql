@@ -319,9 +319,11 @@ $$;
 
 -- Recomputes every counter's current window (as admit would see it: a window that has ended
 -- holds nothing) from the ledger and the live reservations; returns only the counters that
--- disagree (none when healthy). It reads the ledger from the earliest current window on (all of
--- it only while a lifetime window counts), found by a BRIN index on settled_at, and joins it to
--- the counters by hash: linear in the rows of the current windows, not in the ledger's size.
+-- disagree (none when healthy). It reads the live ledger from the earliest current window on
+-- (all of its open partitions only while a lifetime window counts; closed partitions count
+-- through their checkpoints, quota.ledger_checkpoint), pruned to the partitions of that range and found by a
+-- BRIN index on settled_at, and joins it to the counters by hash: linear in the rows of the
+-- current windows, not in the ledger's size.
 CREATE FUNCTION quota.drift()
 RETURNS TABLE (policy_id bigint, scope_id bigint, counter_used numeric, ledger_used numeric,
                counter_reserved numeric, holds_reserved numeric)
@@ -335,6 +337,7 @@ DECLARE
     v_modes text[];
     v_starts timestamptz[];
     v_since timestamptz;  -- a counter counts the ledger rows of its current window since its last reset
+    v_open_from timestamptz := coalesce((SELECT max(k.range_to) FROM quota.ledger_closed k), '-infinity');
 BEGIN
     SELECT array_agg(w.policy_id), array_agg(w.window_mode), array_agg(w.window_start),
            min(greatest(w.window_start, w.earliest_reset))
@@ -353,18 +356,29 @@ BEGIN
         JOIN unnest(v_policies, v_modes, v_starts) AS w(policy_id, window_mode, current_start)
           ON w.policy_id = c.policy_id
     ),
-    counted AS (  -- what the ledger rows since the counter's last reset gave its current window
-        SELECT c.policy_id, c.scope_id, sum(x.amount) AS amount
-        FROM quota.usage_ledger l,
-             unnest(l.counted_policy, l.counted_scope, l.counted_window, l.counted_amount)
-                 AS x(policy_id, scope_id, window_start, amount)
-        JOIN live c ON c.policy_id = x.policy_id AND c.scope_id = x.scope_id
-        WHERE l.settled_at >= v_since
-          AND l.settled_at >= coalesce(c.reset_at, '-infinity')
-          AND CASE c.window_mode
-                  WHEN 'fixed' THEN x.window_start = c.current_start
-                  ELSE x.window_start >= c.current_start  -- a rolling window counts in a minute bucket
-              END
+    counted AS (  -- what the ledger rows since the counter's last reset gave its current window:
+                  -- the live ledger's, and the checkpoints of archived partitions
+        SELECT x.policy_id, x.scope_id, sum(x.amount) AS amount
+        FROM (SELECT c.policy_id, c.scope_id, x.amount
+              FROM quota.usage_ledger l,
+                   unnest(l.counted_policy, l.counted_scope, l.counted_window, l.counted_amount)
+                       AS x(policy_id, scope_id, window_start, amount)
+              JOIN live c ON c.policy_id = x.policy_id AND c.scope_id = x.scope_id
+              WHERE l.settled_at >= v_since
+                AND l.settled_at >= v_open_from  -- closed partitions count through their checkpoints
+                AND l.settled_at >= coalesce(c.reset_at, '-infinity')
+                AND CASE c.window_mode
+                        WHEN 'fixed' THEN x.window_start = c.current_start
+                        ELSE x.window_start >= c.current_start  -- a rolling window counts in a minute bucket
+                    END
+              UNION ALL
+              SELECT c.policy_id, c.scope_id, k.amount
+              FROM quota.ledger_checkpoint k
+              JOIN live c ON c.policy_id = k.policy_id AND c.scope_id = k.scope_id
+              WHERE CASE c.window_mode
+                        WHEN 'fixed' THEN k.window_start = c.current_start
+                        ELSE k.window_start >= c.current_start
+                    END) x
         GROUP BY 1, 2
     ),
     holds AS (

@@ -35,3 +35,17 @@ $$;
 
 CREATE TRIGGER usage_ledger_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON quota.usage_ledger
     FOR EACH STATEMENT EXECUTE FUNCTION quota.usage_ledger_append_only();
+
+-- Every ledger row's request id goes into quota.ledger_request, whose primary key keeps the
+-- ledger's request ids unique (a second settle of a request fails here), one statement at a time.
+CREATE FUNCTION quota.ledger_request_add() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO quota.ledger_request (request_id, settled_by, settled_at, billed, unbilled_reason, cost)
+    SELECT n.request_id, n.settled_by, n.settled_at, n.billed, n.unbilled_reason, n.cost FROM new_rows n;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER ledger_request_add AFTER INSERT ON quota.usage_ledger
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION quota.ledger_request_add();

@@ -35,7 +35,8 @@ GRANT SELECT (channel_id, name, base_url, priority, weight, status, created_at) 
 GRANT SELECT, DELETE, UPDATE (name, enabled, expires_at, suspended_until, suspended_by) ON quota.api_key
     TO quota_admin;
 GRANT SELECT ON quota.counter, quota.rolling_usage, quota.reservation, quota.released,
-                quota.usage_ledger, quota.usage_daily, quota.event, quota.unpriced_model_day TO quota_admin;
+                quota.usage_ledger, quota.usage_daily, quota.event, quota.unpriced_model_day,
+                quota.ledger_request, quota.ledger_closed, quota.ledger_checkpoint TO quota_admin;
 GRANT EXECUTE ON FUNCTION
     quota.create_user(text),
     quota.create_key(bigint, text, timestamptz),
@@ -45,6 +46,8 @@ GRANT EXECUTE ON FUNCTION
     quota.create_model_group(text, text[]),
     quota.sweep(),
     quota.drift(),
+    quota.ledger_partitions(),
+    quota.maintain_ledger(),
     quota.clock(),
     quota.approx_duration(bigint),
     quota.window_bounds(text, integer, text, timestamptz, text, integer, integer, timestamptz),

@@ -7,7 +7,13 @@
 \pset format unaligned
 WITH ext AS (SELECT oid, extversion, extconfig FROM pg_extension WHERE extname = 'pg_quota'),
 nsp AS (SELECT oid FROM pg_namespace WHERE nspname = 'quota'),
-rel AS (SELECT c.* FROM pg_class c WHERE c.relnamespace = (SELECT oid FROM nsp)),
+-- (the ledger's partitions that quota.maintain_ledger makes are the DBA's tables, not the
+-- extension's: their number depends on the dates of the rows, so they and their indexes are left out)
+parts AS (SELECT i.inhrelid AS oid FROM pg_inherits i
+          WHERE i.inhparent = 'quota.usage_ledger'::regclass AND i.inhrelid <> 'quota.usage_ledger_default'::regclass),
+rel AS (SELECT c.* FROM pg_class c WHERE c.relnamespace = (SELECT oid FROM nsp)
+          AND c.oid NOT IN (SELECT oid FROM parts)
+          AND c.oid NOT IN (SELECT x.indexrelid FROM pg_index x WHERE x.indrelid IN (SELECT oid FROM parts))),
 lines(line) AS (
     SELECT 'extension version ' || extversion FROM ext
     UNION ALL
@@ -29,7 +35,7 @@ lines(line) AS (
     LEFT JOIN pg_attrdef d ON d.adrelid = r.oid AND d.adnum = a.attnum
     UNION ALL
     SELECT format('constraint %s on %s: %s', conname, conrelid::regclass, pg_get_constraintdef(oid))
-    FROM pg_constraint WHERE connamespace = (SELECT oid FROM nsp)
+    FROM pg_constraint WHERE connamespace = (SELECT oid FROM nsp) AND conrelid NOT IN (SELECT oid FROM parts)
     UNION ALL
     SELECT 'index ' || pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid IN (SELECT oid FROM rel)
     UNION ALL
@@ -51,6 +57,7 @@ lines(line) AS (
                   (SELECT string_agg(enumlabel, ',' ORDER BY enumsortorder) FROM pg_enum WHERE enumtypid = t.oid))
     FROM pg_type t WHERE t.typnamespace = (SELECT oid FROM nsp) AND t.typtype IN ('e', 'd', 'c', 'b', 'r')
       AND NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = t.typrelid AND c.relkind <> 'c')
+      AND NOT EXISTS (SELECT 1 FROM pg_type e WHERE e.oid = t.typelem AND e.typrelid IN (SELECT oid FROM parts))
     UNION ALL
     SELECT format('policy %s on %s: %s %s %s %s', polname, polrelid::regclass, polcmd, polroles::regrole[],
                   pg_get_expr(polqual, polrelid), pg_get_expr(polwithcheck, polrelid))

@@ -143,15 +143,26 @@ struct Limit {
     spent_unmarked: Vec<usize>,
 }
 
-const KEY: &str = "\
+macro_rules! key_query {
+    ($known_ids:literal) => {
+        concat!(
+            "\
 SELECT k.key_id, k.user_id, k.enabled, u.enabled, k.expires_at, k.suspended_until,
-       EXISTS (SELECT 1 FROM quota.usage_ledger l WHERE l.request_id = $2)
+       EXISTS (SELECT 1 FROM ",
+            $known_ids,
+            " l WHERE l.request_id = $2)
        OR EXISTS (SELECT 1 FROM quota.released r WHERE r.request_id = $2),
        quota.cost_of(mp, $4, $5, 0), (SELECT g.generation FROM quota.policy_generation g), k.suspended_by,
        r.key_id, r.model, r.est_input_tokens, r.max_output_tokens, r.channel_id
 FROM quota.key_for_secret($1) k JOIN quota.app_user u ON u.user_id = k.user_id
 LEFT JOIN LATERAL quota.price_for($3) mp ON true
-LEFT JOIN quota.reservation r ON r.request_id = $2";
+LEFT JOIN quota.reservation r ON r.request_id = $2"
+        )
+    };
+}
+const KEY: &str = key_query!("quota.ledger_request");
+/// The same on a 0.1.0 schema (see cache::schema).
+const KEY_0_1: &str = key_query!("quota.usage_ledger");
 
 // The upstream of a channel for a model, for a retried admit (see readmit).
 const UPSTREAM: &str = "\
@@ -359,7 +370,8 @@ fn decide(
         est.into(),
         max_out.into(),
     ];
-    let Some(key) = first(client, KEY, &args) else {
+    let key_query = if cache::schema(client).ledger_request { KEY } else { KEY_0_1 };
+    let Some(key) = first(client, key_query, &args) else {
         return Ok(Admission::denied(
             401,
             "invalid_api_key",

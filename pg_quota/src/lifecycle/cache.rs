@@ -38,6 +38,7 @@ struct Selection {
 
 struct Cache {
     generation: i64,
+    schema: Option<Schema>,
     policies: BoundedMap<i64, Option<Policy>>,
     selections: BoundedMap<Subject, Selection>,
     channels: BoundedMap<String, Channels>,
@@ -47,6 +48,7 @@ impl Default for Cache {
     fn default() -> Self {
         Cache {
             generation: 0,
+            schema: None,
             policies: BoundedMap::new(MAX_ENTRIES, MAX_BYTES),
             selections: BoundedMap::new(MAX_ENTRIES, MAX_BYTES),
             channels: BoundedMap::new(MAX_ENTRIES, MAX_BYTES),
@@ -78,6 +80,29 @@ thread_local! {
 }
 
 const GENERATION: &str = "SELECT g.generation FROM quota.policy_generation g";
+
+/// What the database's pg_quota schema has that this library's queries depend on. Between a
+/// package upgrade and `ALTER EXTENSION pg_quota UPDATE`, the new library serves the old schema
+/// (0.1.0: no quota.ledger_request; the ledger's primary key finds request ids). The upgrade
+/// script sets a new generation, so connections look again after it.
+#[derive(Clone, Copy)]
+pub(crate) struct Schema {
+    pub ledger_request: bool,
+}
+
+const SCHEMA: &str = "SELECT pg_catalog.to_regclass('quota.ledger_request') IS NOT NULL";
+
+pub(crate) fn schema(client: &mut SpiClient<'_>) -> Schema {
+    if let Some(s) = CACHE.with(|c| c.borrow().schema) {
+        return s;
+    }
+    let row = first(client, SCHEMA, &[]).expect("a row");
+    let s = Schema {
+        ledger_request: col(&row, 1).unwrap_or(false),
+    };
+    CACHE.with(|c| c.borrow_mut().schema = Some(s));
+    s
+}
 
 /// Reads the generation and forgets what was read under another (for a call whose first
 /// statement does not read it).

@@ -27,12 +27,25 @@ SELECT r.key_id, r.user_id, r.channel_id, r.model, r.counted_in_key_global, r.co
        (SELECT g.generation FROM quota.policy_generation g)
 FROM r LEFT JOIN LATERAL quota.price_for(r.model) mp ON true";
 
-// What the ledger says of a settled request: the latest row's billing, the cost of all its rows
-// (a sweep's charge and its correction), and whether it is a sweep's charge not yet corrected.
-const SETTLED: &str = "\
-SELECT (array_agg(l.billed ORDER BY l.ledger_id DESC))[1], (array_agg(l.unbilled_reason ORDER BY l.ledger_id DESC))[1],
+// What the ledger says of a settled request (quota.ledger_request keeps it for the request id's
+// horizon): the latest row's billing (a correction comes last), the cost of all its rows (a
+// sweep's charge and its correction), and whether it is a sweep's charge not yet corrected.
+macro_rules! settled_query {
+    ($known_ids:literal) => {
+        concat!(
+            "\
+SELECT (array_agg(l.billed ORDER BY l.settled_by = 'correction' DESC))[1],
+       (array_agg(l.unbilled_reason ORDER BY l.settled_by = 'correction' DESC))[1],
        sum(l.cost), bool_or(l.settled_by = 'sweep') AND NOT bool_or(l.settled_by = 'correction')
-FROM quota.usage_ledger l WHERE l.request_id = $1 HAVING count(*) > 0";
+FROM ",
+            $known_ids,
+            " l WHERE l.request_id = $1 HAVING count(*) > 0"
+        )
+    };
+}
+const SETTLED: &str = settled_query!("quota.ledger_request");
+/// The same on a 0.1.0 schema (see cache::schema).
+const SETTLED_0_1: &str = settled_query!("quota.usage_ledger");
 
 const CORRECT_SWEPT: &str = "SELECT c.cost, c.billed FROM quota.correct_swept($1, $2, $3, $4, $5) c";
 
@@ -314,7 +327,8 @@ fn not_reserved(
     (input, output, cached): (Option<i64>, Option<i64>, i64),
     now: TimestampWithTimeZone,
 ) -> Result<Result<Taken, Settlement>, EngineError> {
-    if let Some(l) = first(client, SETTLED, &[request_id.into()]) {
+    let settled = if cache::schema(client).ledger_request { SETTLED } else { SETTLED_0_1 };
+    if let Some(l) = first(client, settled, &[request_id.into()]) {
         let uncorrected_sweep: bool = col(&l, 4).unwrap_or(false);
         if let (true, Some(input), Some(output)) = (uncorrected_sweep, input, output) {
             let args = [request_id.into(), input.into(), output.into(), cached.into(), now.into()];
@@ -330,7 +344,7 @@ fn not_reserved(
             }
         }
         // Settled before (or by a concurrent call that committed first): the same answer again.
-        let l = first(client, SETTLED, &[request_id.into()]).expect("the ledger has the request");
+        let l = first(client, settled, &[request_id.into()]).expect("the ledger has the request");
         let reason: Option<String> = col(&l, 2);
         return Ok(Err(Settlement {
             billed: col(&l, 1).unwrap(),

@@ -8,7 +8,8 @@ SET client_min_messages = warning;
 CREATE EXTENSION pg_quota;
 RESET client_min_messages;
 -- no ANALYZE behind the test's back
-ALTER TABLE quota.usage_ledger SET (autovacuum_enabled = false);
+ALTER TABLE quota.usage_ledger_default SET (autovacuum_enabled = false);
+ALTER TABLE quota.ledger_request SET (autovacuum_enabled = false);
 ALTER TABLE quota.reservation SET (autovacuum_enabled = false);
 ALTER TABLE quota.released SET (autovacuum_enabled = false);
 INSERT INTO quota.model_price VALUES ('gpt-plan', 1, 2, NULL);
@@ -17,12 +18,13 @@ SELECT quota.create_key(:paula, 'plans') AS key \gset
 INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit)
 VALUES ('user', :paula, 'cost', 'day', 1000000);
 VACUUM ANALYZE;
--- The first calls make the plans, while the ledger, reservation and released are empty.
+-- The first calls make the plans, while the ledger (its default partition, which takes the rows
+-- while no upkeep has made partitions), its request ids, reservation and released are empty.
 SELECT allowed FROM quota.admit(:'key', 'plan-0', 'gpt-plan', 1, 1);
 SELECT settled FROM quota.settle('plan-0', 1, 1);
 SELECT allowed FROM quota.admit(:'key', 'plan-r0', 'gpt-plan', 1, 1);
 SELECT quota.refund('plan-r0');
--- Each of them grows by 5,000 rows.
+-- Each of them grows by 5,000 rows (the ledger's request ids with it).
 INSERT INTO quota.usage_ledger (request_id, key_id, user_id, model, input_tokens, output_tokens, cached_tokens,
                                 cost, billed, counted_policy, counted_scope, counted_window, counted_amount,
                                 settled_at)
@@ -40,7 +42,7 @@ SELECT pg_stat_force_next_flush();
 -- (kept in psql variables: a temporary table would change the search path, and that alone
 -- makes every kept plan again)
 SELECT string_agg(relname || '=' || seq_scan, ',' ORDER BY relname) AS scans_before FROM pg_stat_user_tables
-WHERE relname IN ('usage_ledger', 'reservation', 'released') \gset
+WHERE relname IN ('usage_ledger_default', 'ledger_request', 'reservation', 'released') \gset
 SELECT allowed FROM quota.admit(:'key', 'plan-1', 'gpt-plan', 1, 1);
 SELECT settled FROM quota.settle('plan-1', 1, 1);
 SELECT allowed FROM quota.admit(:'key', 'plan-2', 'gpt-plan', 1, 1);
@@ -83,10 +85,10 @@ SELECT 'plan-old-' || i, k.key_id, k.user_id, 'gpt-plan', 1, 1, 0, 0, true, '{}'
 FROM generate_series(1, 50000) i, quota.api_key k WHERE k.name = 'plans';
 VACUUM ANALYZE quota.usage_ledger;
 SELECT pg_stat_force_next_flush();
-SELECT seq_scan AS ledger_scans_before FROM pg_stat_user_tables WHERE relname = 'usage_ledger' \gset
+SELECT seq_scan AS ledger_scans_before FROM pg_stat_user_tables WHERE relname = 'usage_ledger_default' \gset
 SELECT count(*) AS drifting_counters FROM quota.drift() WHERE scope_id < 1000000;
 SELECT pg_stat_force_next_flush();
-SELECT seq_scan - :ledger_scans_before AS full_scans_of_ledger FROM pg_stat_user_tables WHERE relname = 'usage_ledger';
+SELECT seq_scan - :ledger_scans_before AS full_scans_of_ledger FROM pg_stat_user_tables WHERE relname = 'usage_ledger_default';
 -- A policy has one window at any instant, and the planner is told so: its default guess for a
 -- set-returning function, 1,000 rows a call, made queries over many policies look costly enough
 -- to JIT-compile (quota.drift went from 50 ms to 1.5 s). (Last in this file: the temporary
