@@ -2,7 +2,8 @@
 //! pg_quota.sweep_database = pgq_sweeper and pg_quota.sweep_interval = 1s) charges a crashed
 //! relay's reservation without anyone calling quota.sweep(), says so in the server log, and
 //! comes back when it is terminated while the server runs. On a standby it waits, quietly,
-//! until a promotion makes the server a primary, and then sweeps without a restart.
+//! until a promotion makes the server a primary, and then sweeps without a restart. After each
+//! sweep it keeps the ledger's partitions (quota.maintain_ledger).
 use pg_quota_tests::*;
 use std::time::{Duration, Instant};
 
@@ -82,6 +83,55 @@ async fn wait_expired(db: &tokio_postgres::Client, request_id: &str) {
         assert!(Instant::now() < deadline, "the sweeper did not charge {request_id} within 30 s");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// The worker keeps the ledger's partitions by itself: a week of day partitions ahead, and a
+/// row that found none (here, settled a month ahead, as after a month without upkeep) filed
+/// into a partition of its own day, with a WARNING in the server log.
+#[tokio::test]
+async fn background_worker_keeps_the_ledger_partitioned() {
+    let (db, key) = an_hour_ago().await;
+    eventually("a week of ledger partitions ahead", Duration::from_secs(30), || async {
+        let ahead: i64 = db
+            .query_one(
+                "SELECT count(*) FROM quota.ledger_partitions() \
+                 WHERE NOT is_default AND range_to > now() + interval '7 days'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        ahead > 0
+    })
+    .await;
+    let logged_before = server_log().len();
+    db.query_one("SELECT set_config('pg_quota.fake_now', (now() + interval '30 days')::text, false)", &[])
+        .await
+        .unwrap();
+    let settled: bool = db
+        .query_one(
+            "SELECT s.settled FROM quota.admit($1, 'late', 'm', 1, 1) a, LATERAL quota.settle('late', 1, 1) s",
+            &[&key],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(settled);
+    eventually("the stray row filed into a partition", Duration::from_secs(30), || async {
+        let partition: String = db
+            .query_one("SELECT tableoid::regclass::text FROM quota.usage_ledger WHERE request_id = 'late'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        partition != "quota.usage_ledger_default"
+    })
+    .await;
+    eventually("the upkeep's warning in the server log", Duration::from_secs(5), || async {
+        String::from_utf8_lossy(&server_log()[logged_before..])
+            .contains("ledger rows that no partition took, filed into partitions now: 1")
+    })
+    .await;
+    assert_no_drift(&db).await;
 }
 
 #[tokio::test]
