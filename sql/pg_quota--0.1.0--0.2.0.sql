@@ -517,7 +517,8 @@ $$;
 -- Rollups (quota.usage_daily) and quota.ledger_closed keep their rows. Refuses a `before` later
 -- than the request ids' horizon (pg_quota.reservation_ttl + pg_quota.request_id_retention ago):
 -- a late settle may still need those rows. DETACH takes an ACCESS EXCLUSIVE lock on the ledger
--- for a moment; it waits at most 5 s for requests in flight, then fails (try again).
+-- for a moment; it waits at most 0.2 s for requests in flight (settles queue behind it meanwhile),
+-- then fails with lock_not_available (the upkeep tries again after the next sweep).
 CREATE FUNCTION quota.archive_ledger(before timestamptz, archive_schema text DEFAULT 'quota_archive')
 RETURNS TABLE (range_from timestamptz, range_to timestamptz, ledger_rows bigint, archived_as text)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET datestyle = 'ISO, YMD'
@@ -543,6 +544,8 @@ BEGIN
     IF archive_schema IS NOT NULL THEN
         EXECUTE format('CREATE SCHEMA IF NOT EXISTS %I', archive_schema);
     END IF;
+    -- while DETACH waits for its lock, requests queue behind it: it waits a moment, no more
+    PERFORM pg_catalog.set_config('lock_timeout', '200ms', true);
     FOR v IN SELECT b.relid, b.range_from, b.range_to, k.ledger_rows
              FROM quota.ledger_bounds() b JOIN quota.ledger_closed k ON k.range_from = b.range_from
              WHERE NOT b.is_default AND b.range_to <= before ORDER BY b.range_from LOOP
