@@ -8,6 +8,7 @@
 use pg_quota_tests::*;
 use serde_json::json;
 use std::collections::HashSet;
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -83,8 +84,11 @@ async fn a_failover_to_a_synchronous_standby_under_streamed_load_charges_each_an
     }
     let partial: Vec<&str> = answers.iter().filter(|a| !a.whole).map(|a| a.request_id.as_str()).collect();
     assert!(partial.is_empty(), "streams cut short: {partial:?}");
+    // straight to stderr, past the test harness's capture, so that scripts/test.sh shows it
+    let mut said = std::io::stderr();
     match (refused.first(), refused.last()) {
-        (Some(first), Some(last)) => println!(
+        (Some(first), Some(last)) => writeln!(
+            said,
             "failover: {} answers of 503 for {:.2} s (first {:.2} s and last {:.2} s after the kill; \
              kill and promotion took {:.2} s); {} answers of 200",
             refused.len(),
@@ -94,8 +98,9 @@ async fn a_failover_to_a_synchronous_standby_under_streamed_load_charges_each_an
             promoted.duration_since(killed).as_secs_f64(),
             answers.len() - refused.len(),
         ),
-        _ => println!("failover: no 503 ({} answers of 200)", answers.len()),
+        _ => writeln!(said, "failover: no 503 ({} answers of 200)", answers.len()),
     }
+    .unwrap();
 
     // On the new primary: the relay settles (or refunds) everything by itself ...
     let db = connect(&format!("{} dbname=pgq_failover", standby.dsn())).await;
