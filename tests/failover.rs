@@ -1,10 +1,11 @@
 //! A failover under streamed load: a primary with a synchronous standby made by
 //! `pg_basebackup`, the relay given both hosts (`target_session_attrs=read-write`), clients
-//! streaming chat completions through it; the primary is killed (immediate stop) and the
-//! standby promoted. As in a crash, every 200 a client saw is charged exactly once on the new
-//! primary, a request refused with 503 is charged nothing, the counters match the ledger, and
-//! no reservation is left for the sweep, which runs on the promoted server. Prints how long the
-//! relay answered 503.
+//! streaming chat completions through it; the primary is killed (immediate stop) and, once the
+//! relay has answered 503 (a failover manager takes a while to act), the standby is promoted.
+//! As in a crash, every 200 a client saw is charged exactly once on the new primary, a request
+//! refused with 503 is charged nothing, the counters match the ledger, and no reservation is
+//! left for the sweep, which runs on the promoted server. Prints how long the relay answered
+//! 503, and how long after the promotion.
 use pg_quota_tests::*;
 use serde_json::json;
 use std::collections::HashSet;
@@ -66,9 +67,16 @@ async fn a_failover_to_a_synchronous_standby_under_streamed_load_charges_each_an
     let started = Instant::now();
     eventually("answers before the failover", Duration::from_secs(30), answered_since(started)).await;
 
-    // The primary dies; a failover manager promotes the standby.
+    // The primary dies; while no server takes writes the relay refuses (fail closed) ...
     let killed = Instant::now();
     primary.kill().await;
+    eventually("503s while no server takes writes", Duration::from_secs(30), || {
+        let refused = answers.lock().unwrap().iter().any(|a| a.status != 200);
+        async move { refused }
+    })
+    .await;
+    // ... until a failover manager promotes the standby.
+    let promoting = Instant::now();
     standby.promote().await;
     let promoted = Instant::now();
     eventually("answers after the promotion", Duration::from_secs(30), answered_since(promoted)).await;
@@ -85,21 +93,25 @@ async fn a_failover_to_a_synchronous_standby_under_streamed_load_charges_each_an
     let partial: Vec<&str> = answers.iter().filter(|a| !a.whole).map(|a| a.request_id.as_str()).collect();
     assert!(partial.is_empty(), "streams cut short: {partial:?}");
     // straight to stderr, past the test harness's capture, so that scripts/test.sh shows it
-    let mut said = std::io::stderr();
-    match (refused.first(), refused.last()) {
-        (Some(first), Some(last)) => writeln!(
-            said,
-            "failover: {} answers of 503 for {:.2} s (first {:.2} s and last {:.2} s after the kill; \
-             kill and promotion took {:.2} s); {} answers of 200",
-            refused.len(),
-            last.at.duration_since(first.at).as_secs_f64(),
-            first.at.saturating_duration_since(killed).as_secs_f64(),
-            last.at.saturating_duration_since(killed).as_secs_f64(),
-            promoted.duration_since(killed).as_secs_f64(),
-            answers.len() - refused.len(),
-        ),
-        _ => writeln!(said, "failover: no 503 ({} answers of 200)", answers.len()),
-    }
+    let (first, last) = (refused.first().unwrap(), refused.last().unwrap());
+    let secs = |d: Duration| d.as_secs_f64();
+    // negative when the relay answered 200s again before `pg_ctl promote` returned
+    let last_after_promotion = if last.at >= promoted {
+        secs(last.at - promoted)
+    } else {
+        -secs(promoted - last.at)
+    };
+    writeln!(
+        std::io::stderr(),
+        "failover: {} answers of 503 for {:.2} s, the last {:.2} s after the promotion ended \
+         (the promotion took {:.2} s, from {:.2} s after the kill); {} answers of 200",
+        refused.len(),
+        secs(last.at - first.at),
+        last_after_promotion,
+        secs(promoted - promoting),
+        secs(promoting - killed),
+        answers.len() - refused.len(),
+    )
     .unwrap();
 
     // On the new primary: the relay settles (or refunds) everything by itself ...
