@@ -9,6 +9,13 @@
 # relay saw, and one database round trip at the same rate; asserts nothing. BENCH_PG_EXTRA
 # adds postgres settings, e.g. BENCH_PG_EXTRA=synchronous_commit=off to see the figures
 # without WAL flushes everywhere.
+#
+# `bench-relay.sh replication`: what synchronous replication costs instead. The cluster gets a
+# streaming standby (pg_basebackup, on port PGQ_BENCH_PORT + 1) that is synchronous
+# (synchronous_standby_names = '*'); the relay's latency at the same rate, its commits
+# waiting for the standby's flush (synchronous_commit = on) against a second relay on the
+# same database whose commits wait only for the local flush (synchronous_commit = local: what
+# asynchronous replication waits for), taking turns with the direct call; no throughput run.
 set -euo pipefail
 LOG_TAG=bench
 source "$(dirname "$0")/lib.sh"
@@ -16,6 +23,8 @@ cd "$REPO_ROOT"
 DURATION=${BENCH_SECONDS:-15}
 RATE=${BENCH_RATE:-200}       # requests per second for the latency runs (4 workers)
 PORT=${PGQ_BENCH_PORT:-54393}
+MODE=${1:-relay}
+case "$MODE" in relay | replication) ;; *) fail "usage: bench-relay.sh [replication]" ;; esac
 
 bash scripts/bootstrap.sh >/dev/null
 for tool in hey wrk; do
@@ -34,12 +43,25 @@ cleanup() {
   local pid
   for pid in "${SPAWNED_PIDS[@]}"; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done
   cluster_stop "$WORK/cluster"
+  cluster_stop "$WORK/standby"
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 cluster_init "$WORK/cluster"
 cluster_start "$WORK/cluster" "$PORT" "shared_buffers=512MB" "max_connections=50" ${BENCH_PG_EXTRA:-}
 export PGHOST="$WORK/cluster/socket" PGPORT=$PORT PGUSER=postgres PGDATABASE=postgres
+if [ "$MODE" = replication ]; then
+  cluster_standby_of "$WORK/cluster" "$PORT" "$WORK/standby"
+  cluster_start "$WORK/standby" $((PORT + 1)) "shared_buffers=512MB" "max_connections=50" ${BENCH_PG_EXTRA:-}
+  psql -X -q -c "ALTER SYSTEM SET synchronous_standby_names = '*'" -c "SELECT pg_reload_conf()" >/dev/null \
+    || fail "making the standby synchronous"
+  for _ in $(seq 1 100); do
+    [ "$(psql -X -At -c "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'")" = 1 ] && break
+    sleep 0.1
+  done
+  [ "$(psql -X -At -c "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'")" = 1 ] \
+    || fail "the standby did not become synchronous within 10 s"
+fi
 psql -X -q -v ON_ERROR_STOP=1 >/dev/null <<'SQL' || fail "benchmark setup"
 CREATE EXTENSION pg_quota;
 INSERT INTO quota.model_price (model, input_per_mtok, output_per_mtok) VALUES ('gpt-4o-mini', 0.15, 0.60);
@@ -55,6 +77,11 @@ MOCK=$SPAWNED_URL
 spawn_listening "$WORK/relay.log" "$BIN" serve --listen 127.0.0.1:0 --upstream-url "$MOCK/v1" \
   --database-url "host=$PGHOST port=$PORT user=postgres dbname=postgres"
 RELAY=$SPAWNED_URL
+if [ "$MODE" = replication ]; then
+  spawn_listening "$WORK/relay-async.log" "$BIN" serve --listen 127.0.0.1:0 --upstream-url "$MOCK/v1" \
+    --database-url "host=$PGHOST port=$PORT user=postgres dbname=postgres options='-c synchronous_commit=local'"
+  ASYNC=$SPAWNED_URL
+else
 psql -X -q -c "CREATE DATABASE relay_floor" || fail "creating the relay floor's database"
 psql -X -q -v ON_ERROR_STOP=1 -d relay_floor -c "CREATE EXTENSION pg_quota" \
   -f tests/bench/floor_setup.sql -f tests/bench/relay_floor.sql >/dev/null || fail "relay floor setup"
@@ -64,6 +91,7 @@ FLOOR=$SPAWNED_URL
 spawn_listening "$WORK/floor-nosync.log" "$BIN" serve --listen 127.0.0.1:0 --upstream-url "$MOCK/v1" \
   --database-url "host=$PGHOST port=$PORT user=postgres dbname=relay_floor options='-c synchronous_commit=off'"
 FLOOR_NOSYNC=$SPAWNED_URL
+fi
 
 BODY='{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"Hello, how are you today?"}]}'
 printf '%s' "$BODY" >"$WORK/body.json"
@@ -122,20 +150,28 @@ pgbench_ms() {
     | awk '/^latency average = / {printf "%.2f", $4}'
 }
 
-# The four targets take turns, a round each, so that the machine's drift (its wake-up latency
+# The targets take turns, a round each, so that the machine's drift (its wake-up latency
 # moves by 1.5x within minutes) falls on all of them alike; each relay is driven only in its
 # rounds, so its histograms' change over the whole phase is its rounds' means.
 ROUNDS=${BENCH_ROUNDS:-3}
-say "latency at $RATE requests/s, $ROUNDS rounds of $DURATION s in all per target; then max rate, $DURATION s each"
-declare -A URL=([direct]="$MOCK" [relay]="$RELAY" [floor]="$FLOOR" [nosync]="$FLOOR_NOSYNC")
+if [ "$MODE" = replication ]; then
+  TARGETS=(direct async sync)
+  declare -A URL=([direct]="$MOCK" [async]="$ASYNC" [sync]="$RELAY")
+  say "latency at $RATE requests/s, $ROUNDS rounds of $DURATION s in all per target"
+else
+  TARGETS=(direct relay floor nosync)
+  declare -A URL=([direct]="$MOCK" [relay]="$RELAY" [floor]="$FLOOR" [nosync]="$FLOOR_NOSYNC")
+  say "latency at $RATE requests/s, $ROUNDS rounds of $DURATION s in all per target; then max rate, $DURATION s each"
+fi
 declare -A BEFORE
-for t in direct relay floor nosync; do
+for t in "${TARGETS[@]}"; do
   sample warmup "${URL[$t]}/v1/chat/completions" 1
   [ "$t" = direct ] || BEFORE[$t]=$(relay_seconds "${URL[$t]}")
 done
 for round in $(seq 1 "$ROUNDS"); do
-  for t in direct relay floor nosync; do
-    sample "$t" "${URL[$t]}/v1/chat/completions" $(( (DURATION + ROUNDS - 1) / ROUNDS ))
+  for t in "${TARGETS[@]}"; do
+    sample "$t.$round" "${URL[$t]}/v1/chat/completions" $(( (DURATION + ROUNDS - 1) / ROUNDS ))
+    cat "$WORK/$t.$round.ms" >>"$WORK/$t.ms"
   done
 done
 # TARGET -> "p50 p99 admit_ms upstream_ms"
@@ -144,6 +180,40 @@ figures() {
     printf "%s %s %.2f %.2f", $1, $2, ($7 - $3) / ($8 - $4) * 1000, ($9 - $5) / ($10 - $6) * 1000}'
 }
 read -r direct_p50 direct_p99 <<<"$(percentiles direct)"
+left() {
+  sleep 1
+  echo "  reservations left after the runs: $(psql -X -At -c "SELECT count(*) FROM quota.reservation");" \
+    "counters drifting from the ledger: $(psql -X -At -c "SELECT count(*) FROM quota.drift()")"
+}
+if [ "$MODE" = replication ]; then
+  read -r async_p50 async_p99 async_admit async_upstream <<<"$(figures async)"
+  read -r sync_p50 sync_p99 sync_admit sync_upstream <<<"$(figures sync)"
+  printf "\n  %-52s %7s %7s %7s\n" "ms, round by round" "direct" "async" "sync"
+  for round in $(seq 1 "$ROUNDS"); do
+    printf "  %-52s %7s %7s %7s\n" "round $round p50 / p99" \
+      "$(percentiles "direct.$round" | tr ' ' /)" "$(percentiles "async.$round" | tr ' ' /)" "$(percentiles "sync.$round" | tr ' ' /)"
+  done
+  # the median over the rounds of what sync adds to async in each round
+  median_cost() { # column (1: p50, 2: p99)
+    for round in $(seq 1 "$ROUNDS"); do
+      echo "$(percentiles "async.$round") $(percentiles "sync.$round")" | awk -v c="$1" '{print $(c + 2) - $c}'
+    done | sort -n | awk '{t[NR] = $1} END {printf "%.2f", t[int((NR + 1) / 2)]}'
+  }
+  printf "\n  %-52s %7s %7s %7s %7s\n" "ms, all rounds" "p50" "p99" "admit" "upstr."
+  printf "  %-52s %7.2f %7.2f\n" "mock upstream, direct" "$direct_p50" "$direct_p99"
+  printf "  %-52s %7.2f %7.2f %7.2f %7.2f\n" "relay, asynchronous (synchronous_commit=local)" \
+    "$async_p50" "$async_p99" "$async_admit" "$async_upstream"
+  printf "  %-52s %7.2f %7.2f %7.2f %7.2f\n" "relay, synchronous standby (synchronous_commit=on)" \
+    "$sync_p50" "$sync_p99" "$sync_admit" "$sync_upstream"
+  echo "  synchronous minus asynchronous, median of the rounds: p50 +$(median_cost 1) ms, p99 +$(median_cost 2) ms"
+  psql -X -q -c "CREATE TABLE bench_floor (id int PRIMARY KEY, n bigint); INSERT INTO bench_floor VALUES (1, 0), (2, 0), (3, 0), (4, 0)"
+  echo "  one committed UPDATE at the same rate (pgbench): synchronous" \
+    "$(pgbench_ms 'UPDATE bench_floor SET n = n + 1 WHERE id = :client_id + 1;') ms, asynchronous" \
+    "$(PGOPTIONS='-c synchronous_commit=local' pgbench_ms 'UPDATE bench_floor SET n = n + 1 WHERE id = :client_id + 1;') ms"
+  echo "  (latency at $RATE req/s, $ROUNDS rounds taking turns; standby on the same machine)"
+  left
+  exit 0
+fi
 read -r relay_p50 relay_p99 admit_ms upstream_ms <<<"$(figures relay)"
 read -r floor_p50 floor_p99 floor_admit floor_upstream <<<"$(figures floor)"
 read -r nosync_p50 nosync_p99 nosync_admit nosync_upstream <<<"$(figures nosync)"
@@ -156,9 +226,6 @@ select_ms=$(pgbench_ms 'SELECT 1;')
 [ -n "$update_ms" ] && [ -n "$select_ms" ] || fail "pgbench reference runs"
 direct_rps=$(throughput "$MOCK/v1/chat/completions")
 relay_rps=$(throughput "$RELAY/v1/chat/completions")
-sleep 1
-left=$(psql -X -At -c "SELECT count(*) FROM quota.reservation")
-drift=$(psql -X -At -c "SELECT count(*) FROM quota.drift()")
 
 row() { # label p50 p99 admit upstream
   awk -v l="$1" -v p50="$2" -v p99="$3" -v a="$4" -v u="$5" -v d50="$direct_p50" -v d99="$direct_p99" \
@@ -173,4 +240,4 @@ echo "  (latency at $RATE req/s, $ROUNDS rounds taking turns; +: added to the di
 echo "  one database round trip at the same rate (pgbench): committed UPDATE $update_ms ms, SELECT 1 $select_ms ms"
 awk -v d="$direct_rps" -v r="$relay_rps" 'BEGIN {
   printf "  max rate: direct %d req/s, through the relay %d req/s, ratio %.3f\n", d, r, r / d }'
-echo "  reservations left after the runs: $left; counters drifting from the ledger: $drift"
+left

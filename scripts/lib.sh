@@ -27,6 +27,17 @@ cluster_init() {
     >"$dir/initdb.log" 2>&1 || fail "initdb of $dir failed (see $dir/initdb.log)"
 }
 
+# cluster_standby_of PRIMARY_DIR PRIMARY_PORT DIR: a streaming standby of the running cluster in
+# PRIMARY_DIR (pg_basebackup over its socket, with its configuration and standby.signal), not
+# started; start it with cluster_start on a port of its own.
+cluster_standby_of() {
+  local primary=$1 port=$2 dir=$3
+  mkdir -p "$dir/socket" || fail "cannot create $dir"
+  chown -R postgres:postgres "$dir" || fail "cannot chown $dir to postgres"
+  as_postgres "$PG_BIN/pg_basebackup" -D "$dir/data" -h "$primary/socket" -p "$port" -U postgres \
+    -X stream -R -c fast >"$dir/basebackup.log" 2>&1 || fail "pg_basebackup into $dir failed (see $dir/basebackup.log)"
+}
+
 # cluster_start DIR PORT [extra postgres -c options...]
 cluster_start() {
   local dir=$1 port=$2; shift 2

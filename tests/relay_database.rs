@@ -439,6 +439,62 @@ async fn an_admit_whose_connection_is_lost_is_run_again_and_the_request_passes()
 }
 
 #[tokio::test]
+async fn an_admit_that_committed_unanswered_is_refunded_once_the_database_is_back() {
+    let cluster = PrivateCluster::start("e2e-admit-unknown").await;
+    let dsn = fresh_database_at(&cluster.dsn(), "pgq_e2e_admit_unknown").await;
+    let r = relayed_on(&dsn, "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    assert_eq!(r.chat(chat_body(10), &[]).send().await.unwrap().status(), 200);
+    r.wait_ledger_rows(1).await;
+
+    // Commits wait for a synchronous standby that never comes: the next admit is flushed to
+    // the server's WAL and then waits for an acknowledgement, unanswered.
+    let admin = connect(&cluster.dsn()).await;
+    for sql in ["ALTER SYSTEM SET synchronous_standby_names = 'nobody'", "SELECT pg_reload_conf()"] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    let pending = tokio::spawn(r.chat(chat_body(10), &[]).send());
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg-quota-relay' \
+                   AND wait_event = 'SyncRep'";
+    eventually("the admit waits for the standby", Duration::from_secs(10), || async {
+        admin.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 1
+    })
+    .await;
+    // The server dies before it answers (it comes back without the standby requirement), and
+    // the relay's attempts run out while it is away: the client is refused ...
+    admin.batch_execute("ALTER SYSTEM RESET synchronous_standby_names").await.unwrap();
+    cluster.kill().await;
+    let resp = pending.await.unwrap().unwrap();
+    let id = request_id(&resp);
+    openai_error(resp, 503, "server_error", "quota_database_unavailable").await;
+    assert_eq!(mock_requests(&r.mock).await.len(), 1, "the refused request was not forwarded");
+
+    // ... but its admit had committed: once the server is back, the relay refunds the
+    // reservation, so the sweep never charges a request the client saw refused.
+    cluster.start_again().await;
+    let db = connect(&dsn).await;
+    let refunded = "SELECT count(*) FROM quota.released WHERE request_id = $1 AND kind = 'refunded' \
+                    AND reason = 'admit_outcome_unknown'";
+    eventually("the reservation is refunded", Duration::from_secs(20), || async {
+        db.query_one(refunded, &[&id]).await.unwrap().get::<_, i64>(0) == 1
+    })
+    .await;
+    let (reservations, charged): (i64, i64) = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM quota.reservation), \
+                    (SELECT count(*) FROM quota.usage_ledger WHERE request_id = $1)",
+            &[&id],
+        )
+        .await
+        .map(|row| (row.get(0), row.get(1)))
+        .unwrap();
+    assert_eq!((reservations, charged), (0, 0), "nothing held, nothing charged");
+    assert_no_drift(&db).await;
+    let metrics = r.http.get(format!("{}/metrics", r.relay.url)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"pgq_relay_settle_seconds_count{call="refund_if_admitted"}"#), "{metrics}");
+    drop(r); // relay and mock go before the cluster
+}
+
+#[tokio::test]
 async fn the_relay_follows_the_primary_through_a_failover_without_a_restart() {
     let primary = PrivateCluster::start("fo-primary").await;
     let dsn = fresh_database_at(&primary.dsn(), "pgq_e2e_failover").await;

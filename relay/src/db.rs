@@ -180,10 +180,17 @@ pub struct AdmitArgs<'a> {
 /// decision if the first one committed, so running it again never holds twice.
 const ADMIT_ATTEMPTS: u32 = 3;
 
-pub async fn admit(pool: &Pool, a: &AdmitArgs<'_>) -> Result<Admission, DbError> {
-    again_when_worth_it(ADMIT_ATTEMPTS, || admit_once(pool, a))
-        .await
-        .map_err(|failed| failed.error)
+/// An admit that failed: the last attempt's error, and whether the admit may have committed
+/// all the same (an attempt was sent and no answer came, and no later attempt answered), so
+/// that its reservation may hold although the client is refused.
+#[derive(Debug)]
+pub struct AdmitFailure {
+    pub error: DbError,
+    pub may_have_committed: bool,
+}
+
+pub async fn admit(pool: &Pool, a: &AdmitArgs<'_>) -> Result<Admission, AdmitFailure> {
+    again_when_worth_it(ADMIT_ATTEMPTS, || admit_once(pool, a)).await
 }
 
 /// An attempt that failed, and whether its call had been sent to the database.
@@ -193,29 +200,40 @@ struct Failed {
 }
 
 impl Failed {
-    /// Run again: a conflict rolled it back, or it was sent and no answer came (a lost
-    /// connection, no answer in time: it may have committed).
+    /// Sent, and no answer came (a lost connection, no answer in time): it may have committed.
+    fn unanswered(&self) -> bool {
+        self.sent && matches!(self.error, DbError::Unavailable(_) | DbError::Busy(_))
+    }
+
+    /// Run again: a conflict rolled it back, or its outcome is unknown.
     fn worth_again(&self) -> bool {
-        self.error.is_conflict()
-            || (self.sent && matches!(self.error, DbError::Unavailable(_) | DbError::Busy(_)))
+        self.error.is_conflict() || self.unanswered()
     }
 }
 
 /// Runs `call` until it ends in anything but a failure worth running again
 /// ([`Failed::worth_again`]), at most `attempts` times.
-async fn again_when_worth_it<T, F, Fut>(attempts: u32, mut call: F) -> Result<T, Failed>
+async fn again_when_worth_it<T, F, Fut>(attempts: u32, mut call: F) -> Result<T, AdmitFailure>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, Failed>>,
 {
     let mut attempt = 1;
+    let mut unanswered = false;
     loop {
         match call().await {
+            Ok(t) => return Ok(t),
             Err(f) if f.worth_again() && attempt < attempts => {
                 tracing::warn!(attempt, error = %f.error, "admit rolled back or its outcome unknown; running it again");
+                unanswered |= f.unanswered();
                 attempt += 1;
             }
-            other => return other,
+            Err(f) => {
+                return Err(AdmitFailure {
+                    may_have_committed: unanswered || f.unanswered(),
+                    error: f.error,
+                })
+            }
         }
     }
 }
@@ -389,7 +407,9 @@ mod tests {
             async { Err::<(), _>(sent(sql("40001"))) }
         })
         .await;
-        assert!(always.err().unwrap().error.is_conflict());
+        let always = always.err().unwrap();
+        assert!(always.error.is_conflict());
+        assert!(!always.may_have_committed, "each attempt was rolled back");
         assert_eq!(calls.get(), 3, "gives up after the last attempt");
 
         for other in [
@@ -419,7 +439,7 @@ mod tests {
                 async move { Err::<(), _>(f) }
             })
             .await;
-            assert!(once.is_err());
+            assert!(!once.unwrap_err().may_have_committed, "{} answered", other.error);
             assert_eq!(calls.get(), 1, "{} is not run again", other.error);
         }
     }
@@ -437,6 +457,31 @@ mod tests {
             .await;
             assert_eq!(answered.ok(), Some(2), "{lost} is run again");
         }
+    }
+
+    #[tokio::test]
+    async fn an_admit_left_unanswered_until_the_attempts_run_out_may_have_committed() {
+        // sent and the connection lost, then the database cannot be reached: a 503 for the
+        // client, and a reservation that may hold
+        let calls = std::cell::Cell::new(0);
+        let failed = again_when_worth_it(3, || {
+            calls.set(calls.get() + 1);
+            let f = Failed {
+                error: DbError::Unavailable("connection closed".into()),
+                sent: calls.get() == 1,
+            };
+            async move { Err::<(), _>(f) }
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(calls.get(), 2, "run again once, then the database is away");
+        assert!(matches!(failed.error, DbError::Unavailable(_)));
+        assert!(failed.may_have_committed);
+        // unanswered on every attempt
+        let failed = again_when_worth_it(3, || async { Err::<(), _>(sent(DbError::Busy("no answer".into()))) })
+            .await
+            .unwrap_err();
+        assert!(failed.may_have_committed);
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! The settlement journal: settlements (and refunds) not yet recorded by the database are kept
-//! here while they are retried. Those still pending when shutdown's grace period ends, or whose
-//! retries ran out, are written to `<state dir>/settlements.journal` (one JSON object a line,
-//! written to a new file, fsynced, renamed over the old one, the directory fsynced) and replayed
-//! at the next start. Replaying is safe: settle and refund are idempotent by request id.
+//! The settlement journal: settlements and refunds (also of admits whose outcome stayed unknown)
+//! not yet recorded by the database are kept here while they are retried. Those still pending
+//! when shutdown's grace period ends, or whose retries ran out, are written to
+//! `<state dir>/settlements.journal` (one JSON object a line, written to a new file, fsynced,
+//! renamed over the old one, the directory fsynced) and replayed at the next start. Replaying is
+//! safe: settle and refund are idempotent by request id.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -28,6 +29,8 @@ pub struct Entry {
 pub enum Call {
     Settle { usage: Usage },
     Refund { reason: String },
+    /// An admit whose outcome stayed unknown (the client got 503): refunded if it committed.
+    RefundIfAdmitted,
 }
 
 pub struct Journal {
@@ -165,7 +168,8 @@ mod tests {
         );
         j.begin("req_c", Call::Settle { usage });
         j.done("req_c");
-        assert_eq!(j.write_pending().unwrap(), 2);
+        j.begin("req_e", Call::RefundIfAdmitted);
+        assert_eq!(j.write_pending().unwrap(), 3);
 
         let again = Journal::open(Some(&dir)).unwrap();
         let mut entries = again.load().unwrap();
@@ -182,6 +186,10 @@ mod tests {
                     call: Call::Refund {
                         reason: "upstream_error".into()
                     }
+                },
+                Entry {
+                    request_id: "req_e".into(),
+                    call: Call::RefundIfAdmitted
                 }
             ]
         );
@@ -190,7 +198,7 @@ mod tests {
         let mut text = std::fs::read_to_string(&file).unwrap();
         text.push_str("{\"request_id\":\"req_d\",\"ca");
         std::fs::write(&file, text).unwrap();
-        assert_eq!(again.load().unwrap().len(), 2);
+        assert_eq!(again.load().unwrap().len(), 3);
         // nothing pending: the file goes
         assert_eq!(again.write_pending().unwrap(), 0);
         assert!(!file.exists());

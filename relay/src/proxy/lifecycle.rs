@@ -16,7 +16,7 @@ use crate::error::{AppError, DbError};
 use crate::openai::Endpoint;
 use crate::proxy::ingress::{self, Job};
 use crate::proxy::ratelimit::ratelimit_headers;
-use crate::proxy::settlement::{settle_or_refund, stream_outcome, Outcome};
+use crate::proxy::settlement::{settle_or_refund, spawn_settlement, stream_outcome, Outcome};
 use crate::proxy::streaming::{pump, stream_response, SseFilter, StreamEnd, STREAM_BUFFER_EVENTS};
 use crate::proxy::upstream::{call_upstream, complete_response, Failure, Upstream, UpstreamReply};
 use crate::state::AppState;
@@ -85,39 +85,16 @@ async fn lifecycle(state: AppState, job: Job, reply: oneshot::Sender<Response>) 
             }
             a
         }
-        Err(DbError::Unavailable(cause)) if state.fail_open.enabled() => {
-            match state.fail_open.pass(&job.api_key) {
-                Ok(key_id) => {
-                    tracing::warn!(
-                        request_id = %job.request_id,
-                        key_id,
-                        %cause,
-                        "quota database unreachable: forwarding WITHOUT quota accounting (--fail-open)"
-                    );
-                    return forward_unaccounted(state, job, reply).await;
-                }
-                Err(refusal) => {
-                    tracing::error!(
-                        ?refusal,
-                        %cause,
-                        "admit failed: quota database unreachable, refusing (fail-open does not apply)"
-                    );
-                    let err = AppError::DatabaseUnavailable;
-                    state.metrics.request(label, err.outcome());
-                    let _ = reply.send(err.into_response());
-                    return;
-                }
-            }
+        Err(failure) if failure.may_have_committed => {
+            // Sent, and no answer came on any attempt: it may hold a reservation after all.
+            // The client is answered as for an outage, and the reservation, if there is one,
+            // is refunded once the database answers (journaled, like a settlement), so the
+            // sweep never charges a request that was refused.
+            tracing::warn!(error = %failure.error, "admit outcome unknown after every attempt: it is refunded if it committed");
+            spawn_settlement(&state, &job.request_id, Outcome::RefundIfAdmitted);
+            return refuse_or_fail_open(state, job, reply, failure.error).await;
         }
-        Err(e) => {
-            if matches!(e, DbError::Unavailable(_)) {
-                tracing::error!(error = %e, "admit failed: quota database unavailable, refusing (fail closed)");
-            }
-            let err = AppError::from(e);
-            state.metrics.request(label, err.outcome());
-            let _ = reply.send(err.into_response());
-            return;
-        }
+        Err(failure) => return refuse_or_fail_open(state, job, reply, failure.error).await,
     };
     let span = tracing::Span::current();
     for (field, value) in [
@@ -231,6 +208,50 @@ async fn lifecycle(state: AppState, job: Job, reply: oneshot::Sender<Response>) 
                 },
             );
             settle_or_refund(&state, &job.request_id, outcome).await;
+        }
+    }
+}
+
+/// An admit that failed: 503 for an outage (or, with `--fail-open`, forwarded unaccounted),
+/// the error's own answer otherwise.
+async fn refuse_or_fail_open(
+    state: AppState,
+    job: Job,
+    reply: oneshot::Sender<Response>,
+    error: DbError,
+) {
+    let label = job.endpoint.label();
+    match error {
+        DbError::Unavailable(cause) if state.fail_open.enabled() => {
+            match state.fail_open.pass(&job.api_key) {
+                Ok(key_id) => {
+                    tracing::warn!(
+                        request_id = %job.request_id,
+                        key_id,
+                        %cause,
+                        "quota database unreachable: forwarding WITHOUT quota accounting (--fail-open)"
+                    );
+                    forward_unaccounted(state, job, reply).await;
+                }
+                Err(refusal) => {
+                    tracing::error!(
+                        ?refusal,
+                        %cause,
+                        "admit failed: quota database unreachable, refusing (fail-open does not apply)"
+                    );
+                    let err = AppError::DatabaseUnavailable;
+                    state.metrics.request(label, err.outcome());
+                    let _ = reply.send(err.into_response());
+                }
+            }
+        }
+        e => {
+            if matches!(e, DbError::Unavailable(_)) {
+                tracing::error!(error = %e, "admit failed: quota database unavailable, refusing (fail closed)");
+            }
+            let err = AppError::from(e);
+            state.metrics.request(label, err.outcome());
+            let _ = reply.send(err.into_response());
         }
     }
 }

@@ -5,12 +5,14 @@ use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use crate::db;
+use crate::error::DbError;
 use crate::estimate::Tokenizer;
 use crate::openai::Usage;
 use crate::proxy::ingress::Job;
 use crate::proxy::journal::Call;
 use crate::proxy::streaming::{SseFilter, StreamEnd};
 use crate::state::AppState;
+use tracing::Instrument;
 
 /// Backoff between settlement attempts: from the first, times four, at most the last.
 const SETTLE_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
@@ -20,7 +22,13 @@ const SETTLE_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Durati
 pub enum Outcome {
     Settle(Usage),
     Refund(Cow<'static, str>),
+    /// The admit's outcome stayed unknown and the client got 503: if the admit committed after
+    /// all, its reservation is refunded (the sweep would otherwise charge a refused request).
+    RefundIfAdmitted,
 }
+
+/// The refund reason of [`Outcome::RefundIfAdmitted`].
+pub const ADMIT_OUTCOME_UNKNOWN: &str = "admit_outcome_unknown";
 
 impl Outcome {
     fn journal_call(&self) -> Call {
@@ -29,6 +37,16 @@ impl Outcome {
             Outcome::Refund(reason) => Call::Refund {
                 reason: reason.to_string(),
             },
+            Outcome::RefundIfAdmitted => Call::RefundIfAdmitted,
+        }
+    }
+
+    /// The call's label in logs and metrics.
+    fn call(&self) -> &'static str {
+        match self {
+            Outcome::Settle(_) => "settle",
+            Outcome::Refund(_) => "refund",
+            Outcome::RefundIfAdmitted => "refund_if_admitted",
         }
     }
 }
@@ -38,6 +56,7 @@ impl From<Call> for Outcome {
         match call {
             Call::Settle { usage } => Outcome::Settle(usage),
             Call::Refund { reason } => Outcome::Refund(reason.into()),
+            Call::RefundIfAdmitted => Outcome::RefundIfAdmitted,
         }
     }
 }
@@ -66,16 +85,14 @@ pub fn stream_outcome(end: StreamEnd, filter: &SseFilter, job: &Job) -> Outcome 
 /// sweep released it, is still charged), and a repeated call changes nothing, so retrying is
 /// always safe. While it runs it is pending in the journal; retries run out, it stays there
 /// (with `--state-dir`, written at shutdown and replayed at the next start) or, without a state
-/// directory, is lost: logged at ERROR and counted.
+/// directory, is lost: logged at ERROR and counted. A refund of an admit whose outcome was
+/// unknown that finds no such request (PQ404) is done: that admit never committed.
 pub async fn settle_or_refund(
     state: &AppState,
     request_id: &str,
     outcome: Outcome,
 ) -> Option<db::Settlement> {
-    let call = match outcome {
-        Outcome::Settle(_) => "settle",
-        Outcome::Refund(_) => "refund",
-    };
+    let call = outcome.call();
     state.journal.begin(request_id, outcome.journal_call());
     let (mut delay, max_delay) = SETTLE_BACKOFF;
     let give_up = Instant::now() + state.config.settle_retry;
@@ -100,6 +117,19 @@ pub async fn settle_or_refund(
                         tracing::info!(%reason, refunded, "reservation refunded");
                         None
                     })
+            }
+            Outcome::RefundIfAdmitted => {
+                match db::refund(&state.pool, request_id, ADMIT_OUTCOME_UNKNOWN).await {
+                    Ok(refunded) => {
+                        tracing::warn!(refunded, "the admit whose outcome was unknown had committed: reservation refunded");
+                        Ok(None)
+                    }
+                    Err(DbError::Sql { code, .. }) if code == "PQ404" => {
+                        tracing::info!("the admit whose outcome was unknown had not committed: nothing to refund");
+                        Ok(None)
+                    }
+                    Err(e) => Err(e),
+                }
             }
         };
         state
@@ -161,19 +191,22 @@ pub async fn settle_or_refund(
     }
 }
 
+/// `settle_or_refund` as a task of its own, which shutdown waits for; pending in the journal
+/// at once, so a shutdown before the task runs still keeps it.
+pub fn spawn_settlement(state: &AppState, request_id: &str, outcome: Outcome) {
+    state.journal.begin(request_id, outcome.journal_call());
+    let (state2, request_id) = (state.clone(), request_id.to_string());
+    state.tasks.spawn(
+        async move { settle_or_refund(&state2, &request_id, outcome).await }.in_current_span(),
+    );
+}
+
 /// Replays the settlements the journal kept at the last shutdown, each as its own tracked task.
 pub fn replay_journal(state: &AppState) -> Result<usize, String> {
     let entries = state.journal.load()?;
     for entry in &entries {
-        // pending at once, so a shutdown before the task runs still keeps it
-        state.journal.begin(&entry.request_id, entry.call.clone());
-    }
-    for entry in entries.iter().cloned() {
-        let state2 = state.clone();
-        state.tasks.spawn(async move {
-            tracing::info!(request_id = %entry.request_id, "replaying a journaled settlement");
-            settle_or_refund(&state2, &entry.request_id, entry.call.into()).await;
-        });
+        tracing::info!(request_id = %entry.request_id, "replaying a journaled settlement");
+        spawn_settlement(state, &entry.request_id, entry.call.clone().into());
     }
     Ok(entries.len())
 }
