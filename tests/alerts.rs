@@ -37,7 +37,13 @@ async fn receive(State(rx): State<Arc<Receiver>>, headers: HeaderMap, body: Byte
         *rx.refused.lock().unwrap() += 1;
         return StatusCode::SERVICE_UNAVAILABLE;
     }
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
     rx.received.lock().unwrap().push(Received {
         event_id: header("x-pgquota-event-id").parse().unwrap_or(-1),
         timestamp: header("x-pgquota-timestamp"),
@@ -49,7 +55,9 @@ async fn receive(State(rx): State<Arc<Receiver>>, headers: HeaderMap, body: Byte
 
 /// A webhook receiver on 127.0.0.1:0; its URL.
 async fn start_receiver(rx: Arc<Receiver>) -> String {
-    let app = axum::Router::new().route("/hook/secret-path", axum::routing::post(receive)).with_state(rx);
+    let app = axum::Router::new()
+        .route("/hook/secret-path", axum::routing::post(receive))
+        .with_state(rx);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -59,15 +67,22 @@ async fn start_receiver(rx: Arc<Receiver>) -> String {
 /// What a receiver checks: the signature is HMAC-SHA256 of "<timestamp>.<body>" under the
 /// shared secret, and the timestamp is recent (against replays).
 fn signature_valid(r: &Received) -> bool {
-    let Some(hex) = r.signature.strip_prefix("v1=") else { return false };
+    let Some(hex) = r.signature.strip_prefix("v1=") else {
+        return false;
+    };
     let Ok(tag) = (0..hex.len() / 2)
         .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16))
         .collect::<Result<Vec<u8>, _>>()
     else {
         return false;
     };
-    let Ok(ts) = r.timestamp.parse::<u64>() else { return false };
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let Ok(ts) = r.timestamp.parse::<u64>() else {
+        return false;
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let mut signed = format!("{ts}.").into_bytes();
     signed.extend_from_slice(&r.body);
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
@@ -76,8 +91,19 @@ fn signature_valid(r: &Received) -> bool {
 
 async fn notifier(dsn: &str, url: &str) -> Server {
     Server::spawn(
-        &["notify", "--webhook-url", url, "--kinds", "threshold_crossed,exhausted", "--poll-s", "0.5",
-          "--retry-s", "0.2", "--retry-max-s", "1"],
+        &[
+            "notify",
+            "--webhook-url",
+            url,
+            "--kinds",
+            "threshold_crossed,exhausted",
+            "--poll-s",
+            "0.5",
+            "--retry-s",
+            "0.2",
+            "--retry-max-s",
+            "1",
+        ],
         &[("DATABASE_URL", dsn), ("PGQ_WEBHOOK_SECRET", SECRET)],
     )
     .await
@@ -85,17 +111,25 @@ async fn notifier(dsn: &str, url: &str) -> Server {
 
 /// The distinct event ids the receiver has had.
 fn received_ids(rx: &Receiver) -> BTreeSet<i64> {
-    rx.received.lock().unwrap().iter().map(|r| r.event_id).collect()
+    rx.received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.event_id)
+        .collect()
 }
 
 /// The ids of the events of the log the notifier is to deliver.
 async fn alert_ids(r: &Relayed) -> BTreeSet<i64> {
-    r.db.query("SELECT event_id FROM quota.event WHERE kind IN ('threshold_crossed', 'exhausted')", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect()
+    r.db.query(
+        "SELECT event_id FROM quota.event WHERE kind IN ('threshold_crossed', 'exhausted')",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| row.get(0))
+    .collect()
 }
 
 async fn requests(r: &Relayed, n: usize) {
@@ -111,20 +145,31 @@ async fn requests(r: &Relayed, n: usize) {
 async fn alerts_reach_a_webhook_once_each_across_a_notifier_restart_with_valid_signatures() {
     // 5 requests a day, alerts at 80 % and 100 %.
     let r = relayed("pgq_alerts_e2e", "'requests', 'day', 5, 'strict'", &[]).await;
-    r.db.batch_execute("UPDATE quota.policy SET alert_at = '{0.8, 1}'").await.unwrap();
+    r.db.batch_execute("UPDATE quota.policy SET alert_at = '{0.8, 1}'")
+        .await
+        .unwrap();
     let rx = Arc::new(Receiver::default());
     let url = start_receiver(rx.clone()).await;
     let mut notify = notifier(&r.dsn, &url).await;
 
     // 4 of 5: 80 % crossed, delivered.
     requests(&r, 4).await;
-    eventually("the 80 % alert at the webhook", WITHIN, || async { received_ids(&rx).len() == 1 }).await;
+    eventually("the 80 % alert at the webhook", WITHIN, || async {
+        received_ids(&rx).len() == 1
+    })
+    .await;
     let first = rx.received.lock().unwrap()[0].clone();
     let body: serde_json::Value = serde_json::from_slice(&first.body).unwrap();
     assert_eq!(body["kind"], "threshold_crossed");
     assert_eq!(body["event_id"], first.event_id);
     assert_eq!(body["detail"]["threshold"], 0.8);
-    assert_eq!((body["detail"]["used"].clone(), body["detail"]["limit"].clone()), (4.into(), 5.into()));
+    assert_eq!(
+        (
+            body["detail"]["used"].clone(),
+            body["detail"]["limit"].clone()
+        ),
+        (4.into(), 5.into())
+    );
     assert_eq!(body["key_id"], r.key.key_id);
 
     // The webhook goes down; the 5th request crosses 100 % and exhausts the window. The failed
@@ -143,14 +188,23 @@ async fn alerts_reach_a_webhook_once_each_across_a_notifier_restart_with_valid_s
     // 4 more requests cross 80 % again.
     notify.child.kill().await.unwrap();
     rx.down.store(false, Ordering::SeqCst);
-    r.db.batch_execute("SELECT quota.reset(policy_id) FROM quota.policy").await.unwrap();
+    r.db.batch_execute("SELECT quota.reset(policy_id) FROM quota.policy")
+        .await
+        .unwrap();
     requests(&r, 4).await;
-    assert_eq!(alert_ids(&r).await.len(), 4, "80 %, 100 %, exhausted, 80 % again");
+    assert_eq!(
+        alert_ids(&r).await.len(),
+        4,
+        "80 %, 100 %, exhausted, 80 % again"
+    );
 
     // Started again, it retries what failed and delivers what it had not read yet.
     let _notify = notifier(&r.dsn, &url).await;
     let expected = alert_ids(&r).await;
-    eventually("every alert at the webhook", WITHIN, || async { received_ids(&rx) == expected }).await;
+    eventually("every alert at the webhook", WITHIN, || async {
+        received_ids(&rx) == expected
+    })
+    .await;
     eventually("the failed deliveries marked delivered", WITHIN, || async {
         r.db.query_one("SELECT count(*) FILTER (WHERE status = 'delivered') = 2 AND count(*) = 2 FROM quota.webhook_delivery", &[])
             .await
@@ -164,7 +218,10 @@ async fn alerts_reach_a_webhook_once_each_across_a_notifier_restart_with_valid_s
     for delivery in &received {
         assert!(signature_valid(delivery), "invalid signature: {delivery:?}");
         let body: serde_json::Value = serde_json::from_slice(&delivery.body).unwrap();
-        assert_eq!(body["event_id"], delivery.event_id, "the header names the body's event");
+        assert_eq!(
+            body["event_id"], delivery.event_id,
+            "the header names the body's event"
+        );
     }
     // Deduplicated by event id, the receiver has exactly the log's alerts: 80 %, 100 %,
     // exhausted, 80 % after the reset.
@@ -173,7 +230,10 @@ async fn alerts_reach_a_webhook_once_each_across_a_notifier_restart_with_valid_s
         .map(|id| {
             let d = received.iter().find(|d| d.event_id == *id).unwrap();
             let body: serde_json::Value = serde_json::from_slice(&d.body).unwrap();
-            (body["kind"].as_str().unwrap().to_string(), body["detail"]["threshold"].as_f64())
+            (
+                body["kind"].as_str().unwrap().to_string(),
+                body["detail"]["threshold"].as_f64(),
+            )
         })
         .collect();
     assert_eq!(
@@ -189,9 +249,11 @@ async fn alerts_reach_a_webhook_once_each_across_a_notifier_restart_with_valid_s
     let mut forged = received[0].clone();
     forged.body = Bytes::from(String::from_utf8_lossy(&forged.body).replace("0.8", "0.1"));
     assert!(!signature_valid(&forged));
-    let cursor: i64 = r
-        .db
-        .query_one("SELECT last_event_id FROM quota.notifier_cursor WHERE notifier = 'default'", &[])
+    let cursor: i64 =
+        r.db.query_one(
+            "SELECT last_event_id FROM quota.notifier_cursor WHERE notifier = 'default'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);

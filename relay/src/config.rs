@@ -63,8 +63,14 @@ pub struct NotifyArgs {
 
     /// A webhook URL to POST each event to. Repeat the flag, or list them comma-separated in
     /// the environment variable (a Slack URL is a secret: prefer the environment).
-    #[arg(long = "webhook-url", env = "PGQ_WEBHOOK_URLS", value_delimiter = ',', required = true,
-          hide_env_values = true, value_name = "URL")]
+    #[arg(
+        long = "webhook-url",
+        env = "PGQ_WEBHOOK_URLS",
+        value_delimiter = ',',
+        required = true,
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     pub webhook_urls: Vec<String>,
 
     /// Key of the HMAC-SHA256 signature sent with each delivery (header x-pgquota-signature).
@@ -73,8 +79,12 @@ pub struct NotifyArgs {
     pub webhook_secret: Option<String>,
 
     /// The event kinds to deliver (comma-separated), or `all`.
-    #[arg(long, env = "PGQ_NOTIFY_KINDS", value_delimiter = ',',
-          default_value = "threshold_crossed,exhausted,disabled,shadow_refusal")]
+    #[arg(
+        long,
+        env = "PGQ_NOTIFY_KINDS",
+        value_delimiter = ',',
+        default_value = "threshold_crossed,exhausted,disabled,shadow_refusal"
+    )]
     pub kinds: Vec<String>,
 
     /// The payload: the event as JSON, or a Slack-compatible `text`.
@@ -113,7 +123,10 @@ impl std::fmt::Debug for NotifyArgs {
         f.debug_struct("NotifyArgs")
             .field("name", &self.name)
             .field("webhook_urls", &self.webhook_urls.len())
-            .field("webhook_secret", &self.webhook_secret.as_ref().map(|_| "<redacted>"))
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "<redacted>"),
+            )
             .field("kinds", &self.kinds)
             .field("format", &self.format)
             .finish_non_exhaustive()
@@ -480,18 +493,36 @@ mod tests {
             })
         };
         assert!(parse(&[]).is_err(), "--webhook-url is required");
-        let a = parse(&["--webhook-url", "http://a/1", "--webhook-url", "http://b/2", "--kinds", "exhausted,reset"])
-            .unwrap();
+        let a = parse(&[
+            "--webhook-url",
+            "http://a/1",
+            "--webhook-url",
+            "http://b/2",
+            "--kinds",
+            "exhausted,reset",
+        ])
+        .unwrap();
         assert_eq!(a.webhook_urls, ["http://a/1", "http://b/2"]);
         assert_eq!(a.kinds, ["exhausted", "reset"]);
         assert_eq!(a.format, WebhookFormat::Json);
         assert_eq!(a.name, "default");
-        let a = parse(&["--webhook-url", "http://a/1", "--format", "slack", "--webhook-secret", "s"]).unwrap();
+        let a = parse(&[
+            "--webhook-url",
+            "http://a/1",
+            "--format",
+            "slack",
+            "--webhook-secret",
+            "s",
+        ])
+        .unwrap();
         assert_eq!(a.format, WebhookFormat::Slack);
         assert!(a.kinds.contains(&"threshold_crossed".to_string()));
         // the secret and the URLs stay out of Debug output
         let shown = format!("{a:?}");
-        assert!(!shown.contains("http://a/1") && !shown.contains("\"s\""), "{shown}");
+        assert!(
+            !shown.contains("http://a/1") && !shown.contains("\"s\""),
+            "{shown}"
+        );
     }
 
     #[test]

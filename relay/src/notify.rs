@@ -81,7 +81,9 @@ pub fn summary(event: &Event) -> String {
         v => v.to_string(),
     };
     let policy = event.policy_id.map_or("?".into(), |p| p.to_string());
-    let key = event.key_id.map_or(String::new(), |k| format!(" (key {k})"));
+    let key = event
+        .key_id
+        .map_or(String::new(), |k| format!(" (key {k})"));
     let line = match event.kind.as_str() {
         "threshold_crossed" => format!(
             "Policy {policy} ({} {}) has used {} of its {} limit: {} of {}{key}, in the window from {}.",
@@ -108,7 +110,10 @@ pub fn summary(event: &Event) -> String {
 
 /// A fraction (0.8) as a percentage (80 %), for text only.
 fn percent(fraction: &Value) -> String {
-    let Some(f) = fraction.as_f64().or_else(|| fraction.as_str().and_then(|s| s.parse().ok())) else {
+    let Some(f) = fraction
+        .as_f64()
+        .or_else(|| fraction.as_str().and_then(|s| s.parse().ok()))
+    else {
         return "?".into();
     };
     format!("{} %", (f * 10_000.0).round() / 100.0)
@@ -129,7 +134,9 @@ pub fn signature(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
 /// The wait before retry number `attempt` (1 = the first retry): `base` doubled each time, at
 /// most `max`.
 pub fn backoff(attempt: i32, base: Duration, max: Duration) -> Duration {
-    let exp = u32::try_from(attempt.saturating_sub(1)).unwrap_or(0).min(30);
+    let exp = u32::try_from(attempt.saturating_sub(1))
+        .unwrap_or(0)
+        .min(30);
     base.saturating_mul(1u32 << exp).min(max)
 }
 
@@ -138,13 +145,18 @@ pub fn backoff(attempt: i32, base: Duration, max: Duration) -> Duration {
 pub fn target_label(url: &str) -> String {
     let host = reqwest::Url::parse(url)
         .ok()
-        .and_then(|u| u.host_str().map(|h| match u.port() {
-            Some(p) => format!("{h}:{p}"),
-            None => h.to_string(),
-        }))
+        .and_then(|u| {
+            u.host_str().map(|h| match u.port() {
+                Some(p) => format!("{h}:{p}"),
+                None => h.to_string(),
+            })
+        })
         .unwrap_or_else(|| "invalid-url".into());
     let digest = ring::digest::digest(&ring::digest::SHA256, url.as_bytes());
-    let hex: String = digest.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = digest.as_ref()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     format!("{host}#{hex}")
 }
 
@@ -186,7 +198,10 @@ pub async fn run(args: NotifyArgs) -> ExitCode {
     };
     let files = db_tls::TlsFiles {
         ca: args.database_ca_file.as_deref(),
-        client: args.database_cert_file.as_deref().zip(args.database_key_file.as_deref()),
+        client: args
+            .database_cert_file
+            .as_deref()
+            .zip(args.database_key_file.as_deref()),
     };
     let (connector, db_tls) = match db_tls::connector(&pg, files) {
         Ok(c) => c,
@@ -199,7 +214,12 @@ pub async fn run(args: NotifyArgs) -> ExitCode {
                 url: url.clone(),
                 label: target_label(url),
             }),
-            _ => return fail(format!("--webhook-url {}: not an http(s) URL", target_label(url))),
+            _ => {
+                return fail(format!(
+                    "--webhook-url {}: not an http(s) URL",
+                    target_label(url)
+                ))
+            }
         }
     }
     let secs = |what: &str, s: f64| {
@@ -261,7 +281,11 @@ pub async fn run(args: NotifyArgs) -> ExitCode {
         };
         if let Err(e) = outcome {
             failures += 1;
-            let wait = backoff(failures.min(6) as i32, Duration::from_secs(1), Duration::from_secs(30));
+            let wait = backoff(
+                failures.min(6) as i32,
+                Duration::from_secs(1),
+                Duration::from_secs(30),
+            );
             tracing::warn!(error = %e, retry_in_s = wait.as_secs(), "notifier: database session ended");
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -317,7 +341,12 @@ type SessionResult = Result<(), String>;
 
 impl Notifier {
     /// One database session: lock the name, LISTEN, then deliver until the connection fails.
-    async fn session(&self, pg: &tokio_postgres::Config, connector: &Connector, announced: &mut bool) -> SessionResult {
+    async fn session(
+        &self,
+        pg: &tokio_postgres::Config,
+        connector: &Connector,
+        announced: &mut bool,
+    ) -> SessionResult {
         let db = |e: tokio_postgres::Error| e.to_string();
         let (client, mut wake) = connect(pg, connector).await.map_err(db)?;
         // one notifier per name: a session-level advisory lock, released when the connection ends
@@ -332,7 +361,10 @@ impl Notifier {
         if !locked {
             return Err(format!("another notifier named {:?} is running", self.name));
         }
-        client.batch_execute(&format!("LISTEN {CHANNEL}")).await.map_err(db)?;
+        client
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .await
+            .map_err(db)?;
         client
             .execute(
                 "INSERT INTO quota.notifier_cursor (notifier, last_event_id)
@@ -399,13 +431,19 @@ impl Notifier {
                 None => false,
                 Some(g) => {
                     let xmin: i64 = client
-                        .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint", &[])
+                        .query_one(
+                            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+                            &[],
+                        )
                         .await
                         .map_err(db)?
                         .get(0);
                     let waited = g.since.elapsed();
                     if waited >= GAP_GIVE_UP {
-                        tracing::warn!(event_id = g.event_id, "notifier: an event id never appeared; moving on");
+                        tracing::warn!(
+                            event_id = g.event_id,
+                            "notifier: an event id never appeared; moving on"
+                        );
                     }
                     (xmin >= g.xmax && waited >= GAP_MIN) || waited >= GAP_GIVE_UP
                 }
@@ -437,7 +475,8 @@ impl Notifier {
             for row in &rows {
                 let event_id: i64 = row.get(0);
                 if event_id != expected {
-                    let passable = gap_passable && gap.as_ref().is_some_and(|g| g.event_id == expected);
+                    let passable =
+                        gap_passable && gap.as_ref().is_some_and(|g| g.event_id == expected);
                     if !passable {
                         if gap.as_ref().is_none_or(|g| g.event_id != expected) {
                             *gap = Some(Gap {
@@ -497,10 +536,15 @@ impl Notifier {
     /// and the cursor moved over the event, in one transaction.
     async fn deliver_first(&self, client: &Client, event: &Event) -> SessionResult {
         let mut failed: Vec<(&Target, String)> = Vec::new();
-        let posts = self.targets.iter().map(|t| async move { (t, self.post(&t.url, event).await) });
+        let posts = self
+            .targets
+            .iter()
+            .map(|t| async move { (t, self.post(&t.url, event).await) });
         for (target, outcome) in futures_util::future::join_all(posts).await {
             match outcome {
-                Ok(()) => tracing::info!(event_id = event.event_id, kind = %event.kind, target = %target.label, "delivered"),
+                Ok(()) => {
+                    tracing::info!(event_id = event.event_id, kind = %event.kind, target = %target.label, "delivered")
+                }
                 Err(e) => {
                     tracing::warn!(event_id = event.event_id, target = %target.label, error = %e, "delivery failed; will retry");
                     failed.push((target, e));
@@ -544,7 +588,10 @@ impl Notifier {
         if attempts >= self.max_attempts {
             ("failed", 0.0)
         } else {
-            ("retrying", backoff(attempts, self.retry, self.retry_max).as_secs_f64())
+            (
+                "retrying",
+                backoff(attempts, self.retry, self.retry_max).as_secs_f64(),
+            )
         }
     }
 
@@ -590,9 +637,17 @@ impl Notifier {
                     ("delivered", None, None)
                 }
                 Err(e) => {
-                    let (status, wait) = if target.is_none() { ("failed", 0.0) } else { self.after_failure(attempts) };
+                    let (status, wait) = if target.is_none() {
+                        ("failed", 0.0)
+                    } else {
+                        self.after_failure(attempts)
+                    };
                     tracing::warn!(event_id, target = %label, attempts, error = %e, status, "delivery failed");
-                    (status, (status == "retrying").then_some(wait), Some(e.clone()))
+                    (
+                        status,
+                        (status == "retrying").then_some(wait),
+                        Some(e.clone()),
+                    )
                 }
             };
             client
@@ -600,7 +655,9 @@ impl Notifier {
                     "UPDATE quota.webhook_delivery SET status = $4, attempts = $5, last_error = $6,
                             next_attempt_at = now() + make_interval(secs => $7), updated_at = now()
                      WHERE notifier = $1 AND event_id = $2 AND target = $3",
-                    &[&self.name, &event_id, &label, &status, &attempts, &error, &next],
+                    &[
+                        &self.name, &event_id, &label, &status, &attempts, &error, &next,
+                    ],
                 )
                 .await
                 .map_err(db)?;
@@ -619,7 +676,9 @@ impl Notifier {
             .header("x-pgquota-event-kind", &event.kind)
             .header("idempotency-key", event.event_id.to_string());
         if let Some(secret) = &self.secret {
-            let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let timestamp = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
             request = request
                 .header("x-pgquota-timestamp", timestamp.to_string())
                 .header("x-pgquota-signature", signature(secret, timestamp, &body));
@@ -661,7 +720,9 @@ mod tests {
         let sig = signature(b"s3cret", 1_700_000_000, b"{\"a\":1}");
         let hex = sig.strip_prefix("v1=").expect("v1= prefix");
         assert_eq!(hex.len(), 64);
-        let tag: Vec<u8> = (0..32).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect();
+        let tag: Vec<u8> = (0..32)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"s3cret");
         assert!(ring::hmac::verify(&key, b"1700000000.{\"a\":1}", &tag).is_ok());
         assert!(ring::hmac::verify(&key, b"1700000001.{\"a\":1}", &tag).is_err());
@@ -669,7 +730,10 @@ mod tests {
         let jefe = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"Jefe");
         let known = ring::hmac::sign(&jefe, b"what do ya want for nothing?");
         let known_hex: String = known.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(known_hex, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+        assert_eq!(
+            known_hex,
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
     }
 
     #[test]
@@ -684,9 +748,18 @@ mod tests {
     fn a_target_is_named_without_the_secret_path_of_its_url() {
         let label = target_label("https://hooks.example.com/services/T000/B000/XXXXSECRET");
         assert!(label.starts_with("hooks.example.com#"), "{label}");
-        assert!(!label.contains("XXXX") && !label.contains("services"), "{label}");
-        assert_ne!(label, target_label("https://hooks.example.com/services/T000/B000/OTHER"));
-        assert_eq!(target_label("http://127.0.0.1:8080/x").split('#').next(), Some("127.0.0.1:8080"));
+        assert!(
+            !label.contains("XXXX") && !label.contains("services"),
+            "{label}"
+        );
+        assert_ne!(
+            label,
+            target_label("https://hooks.example.com/services/T000/B000/OTHER")
+        );
+        assert_eq!(
+            target_label("http://127.0.0.1:8080/x").split('#').next(),
+            Some("127.0.0.1:8080")
+        );
     }
 
     #[test]
@@ -703,8 +776,14 @@ mod tests {
         let slack = payload(&e, WebhookFormat::Slack);
         assert_eq!(slack.as_object().unwrap().len(), 1, "{slack}");
         let text = slack["text"].as_str().unwrap();
-        assert!(text.contains("80 %") && text.contains("80 of 100") && text.contains("[event 42]"), "{text}");
+        assert!(
+            text.contains("80 %") && text.contains("80 of 100") && text.contains("[event 42]"),
+            "{text}"
+        );
         let shadow = summary(&event("shadow_refusal", json!({"used": 3, "limit": 2})));
-        assert!(shadow.contains("would have refused") && shadow.contains("3 of 2"), "{shadow}");
+        assert!(
+            shadow.contains("would have refused") && shadow.contains("3 of 2"),
+            "{shadow}"
+        );
     }
 }
