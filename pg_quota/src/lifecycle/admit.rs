@@ -271,7 +271,9 @@ const WORDS: &str = "SELECT quota.policy_words(p) FROM quota.policy p WHERE p.po
 
 const RESUME_KEY: &str = "SELECT quota.resume_key($1, $2, $3)";
 
-/// A suspended key's suspension, judged now.
+/// A suspended key's suspension, judged now. (Made once per request of a suspended key: its
+/// size does not matter.)
+#[allow(clippy::large_enum_variant)]
 enum Suspension {
     /// still in force, by this policy (None: it is not known which)
     Holds(Option<Applicable>),
