@@ -40,21 +40,9 @@ pub enum WebhookFormat {
 
 #[derive(Args)]
 pub struct NotifyArgs {
-    /// libpq-style URL or key=value string of the pg_quota database (a role granted quota_admin).
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
-
-    /// As for `serve`: the CAs that sign the database server's certificate.
-    #[arg(long, env = "PGQ_DATABASE_CA_FILE")]
-    pub database_ca_file: Option<std::path::PathBuf>,
-
-    /// As for `serve`: the client certificate presented to the database.
-    #[arg(long, env = "PGQ_DATABASE_CERT_FILE", requires = "database_key_file")]
-    pub database_cert_file: Option<std::path::PathBuf>,
-
-    /// As for `serve`: the key of --database-cert-file.
-    #[arg(long, env = "PGQ_DATABASE_KEY_FILE", requires = "database_cert_file")]
-    pub database_key_file: Option<std::path::PathBuf>,
+    /// The database (connect as a login role granted quota_admin).
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 
     /// The notifier's name: its cursor (quota.notifier_cursor) and its deliveries
     /// (quota.webhook_delivery). Two notifiers of one name never run at once.
@@ -133,8 +121,9 @@ impl std::fmt::Debug for NotifyArgs {
     }
 }
 
+/// Where the database is and how TLS to it is checked (`serve` and `notify`).
 #[derive(Args)]
-pub struct ServeArgs {
+pub struct DatabaseArgs {
     /// libpq-style URL or key=value string of the pg_quota database.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
@@ -154,6 +143,35 @@ pub struct ServeArgs {
     /// PEM file of the private key of --database-cert-file (libpq's sslkey).
     #[arg(long, env = "PGQ_DATABASE_KEY_FILE", requires = "database_cert_file")]
     pub database_key_file: Option<std::path::PathBuf>,
+}
+
+impl DatabaseArgs {
+    pub fn tls_files(&self) -> crate::db_tls::TlsFiles<'_> {
+        crate::db_tls::TlsFiles {
+            ca: self.database_ca_file.as_deref(),
+            client: self
+                .database_cert_file
+                .as_deref()
+                .zip(self.database_key_file.as_deref()),
+        }
+    }
+}
+
+// Hand-written so that the database URL (it may hold a password) never reaches a log.
+impl std::fmt::Debug for DatabaseArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseArgs")
+            .field("database_ca_file", &self.database_ca_file)
+            .field("database_cert_file", &self.database_cert_file)
+            .field("database_key_file", &self.database_key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 
     /// Address to listen on; port 0 picks a free port (printed on stdout).
     #[arg(long, env = "PGQ_LISTEN", default_value = "127.0.0.1:8080")]
@@ -242,9 +260,7 @@ pub struct ServeArgs {
 impl std::fmt::Debug for ServeArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServeArgs")
-            .field("database_ca_file", &self.database_ca_file)
-            .field("database_cert_file", &self.database_cert_file)
-            .field("database_key_file", &self.database_key_file)
+            .field("database", &self.database)
             .field("listen", &self.listen)
             .field("pool_size", &self.pool_size)
             .field("upstream_url", &self.upstream_url)
@@ -629,11 +645,11 @@ mod tests {
             "k.pem",
         ]);
         assert_eq!(
-            a.database_cert_file.as_deref(),
+            a.database.database_cert_file.as_deref(),
             Some(std::path::Path::new("c.pem"))
         );
         assert_eq!(
-            a.database_key_file.as_deref(),
+            a.database.database_key_file.as_deref(),
             Some(std::path::Path::new("k.pem"))
         );
     }

@@ -71,18 +71,12 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let pg = match db::parse_database_url(&args.database_url) {
+    let pg = match db::parse_database_url(&args.database.database_url) {
         Ok(pg) => pg,
         Err(e) => return fail(e),
     };
     let target = db::describe_target(&pg);
-    let tls_files = db_tls::TlsFiles {
-        ca: args.database_ca_file.as_deref(),
-        client: args
-            .database_cert_file
-            .as_deref()
-            .zip(args.database_key_file.as_deref()),
-    };
+    let tls_files = args.database.tls_files();
     let (pool, db_tls) = match db::build_pool(pg, args.pool_size, tls_files) {
         Ok(p) => p,
         Err(e) => return fail(e),

@@ -192,17 +192,11 @@ pub async fn run(args: NotifyArgs) -> ExitCode {
         eprintln!("pg-quota-relay notify: {msg}");
         ExitCode::from(2)
     };
-    let pg = match crate::db::parse_database_url(&args.database_url) {
+    let pg = match crate::db::parse_database_url(&args.database.database_url) {
         Ok(pg) => pg,
         Err(e) => return fail(e),
     };
-    let files = db_tls::TlsFiles {
-        ca: args.database_ca_file.as_deref(),
-        client: args
-            .database_cert_file
-            .as_deref()
-            .zip(args.database_key_file.as_deref()),
-    };
+    let files = args.database.tls_files();
     let (connector, db_tls) = match db_tls::connector(&pg, files) {
         Ok(c) => c,
         Err(e) => return fail(e),
