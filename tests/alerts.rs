@@ -259,3 +259,50 @@ async fn alerts_reach_a_webhook_once_each_across_a_notifier_restart_with_valid_s
         .get(0);
     assert!(cursor >= *expected.last().unwrap());
 }
+
+#[tokio::test]
+async fn an_event_that_commits_after_a_later_one_is_delivered_too() {
+    // Event ids come from a sequence: a transaction can draw an id, and a later id commit
+    // first. The notifier must not move its cursor over the earlier id while that
+    // transaction may still commit.
+    let dsn = fresh_database("pgq_alerts_gap").await;
+    let db = connect(&dsn).await;
+    let rx = Arc::new(Receiver::default());
+    let url = start_receiver(rx.clone()).await;
+    let _notify = Server::spawn(
+        &[
+            "notify",
+            "--webhook-url",
+            &url,
+            "--kinds",
+            "all",
+            "--poll-s",
+            "0.2",
+        ],
+        &[("DATABASE_URL", &dsn), ("PGQ_WEBHOOK_SECRET", SECRET)],
+    )
+    .await;
+    let insert = "INSERT INTO quota.event (at, kind) VALUES (now(), 'reset') RETURNING event_id";
+    let slow = connect(&dsn).await;
+    slow.batch_execute("BEGIN").await.unwrap();
+    let earlier: i64 = slow.query_one(insert, &[]).await.unwrap().get(0);
+    let later: i64 = db.query_one(insert, &[]).await.unwrap().get(0);
+    assert!(later > earlier);
+    slow.batch_execute("COMMIT").await.unwrap();
+    eventually("both events at the webhook", WITHIN, || async {
+        let ids = received_ids(&rx);
+        ids.contains(&earlier) && ids.contains(&later)
+    })
+    .await;
+    // and one that rolls back leaves a gap the notifier moves past
+    slow.batch_execute("BEGIN").await.unwrap();
+    let rolled_back: i64 = slow.query_one(insert, &[]).await.unwrap().get(0);
+    slow.batch_execute("ROLLBACK").await.unwrap();
+    let last: i64 = db.query_one(insert, &[]).await.unwrap().get(0);
+    eventually("the event after a rolled-back one", WITHIN, || async {
+        received_ids(&rx).contains(&last)
+    })
+    .await;
+    assert!(!received_ids(&rx).contains(&rolled_back));
+    assert!(rx.received.lock().unwrap().iter().all(signature_valid));
+}
