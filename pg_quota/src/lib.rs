@@ -42,6 +42,7 @@ extension_sql_file!(
 );
 extension_sql_file!("../../sql/schema/50_admin.sql", name = "admin", requires = ["lifecycle"]);
 extension_sql_file!("../../sql/schema/60_rollups.sql", name = "rollups", requires = ["tables"]);
+extension_sql_file!("../../sql/schema/70_alerts.sql", name = "alerts", requires = ["tables"]);
 extension_sql_file!("../../sql/schema/70_ledger.sql", name = "ledger", requires = ["admin", "rollups"]);
 extension_sql_file!("../../sql/schema/90_roles.sql", name = "roles", finalize);
 

@@ -24,10 +24,106 @@ pub enum Command {
     Serve(ServeArgs),
     /// A fake OpenAI-compatible upstream for demos and tests.
     MockUpstream(MockArgs),
+    /// Follow quota.event and POST the events of chosen kinds to webhooks (Slack too), signed,
+    /// retried, at least once.
+    Notify(NotifyArgs),
+}
+
+/// The payload a webhook receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WebhookFormat {
+    /// the event as JSON: event_id, kind, at, policy_id, key_id, user_id, detail
+    Json,
+    /// `{"text": "..."}`, which a Slack incoming webhook (and its look-alikes) posts as is
+    Slack,
 }
 
 #[derive(Args)]
-pub struct ServeArgs {
+pub struct NotifyArgs {
+    /// The database (connect as a login role granted quota_admin).
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// The notifier's name: its cursor (quota.notifier_cursor) and its deliveries
+    /// (quota.webhook_delivery). Two notifiers of one name never run at once.
+    #[arg(long, env = "PGQ_NOTIFY_NAME", default_value = "default")]
+    pub name: String,
+
+    /// A webhook URL to POST each event to. Repeat the flag, or list them comma-separated in
+    /// the environment variable (a Slack URL is a secret: prefer the environment).
+    #[arg(
+        long = "webhook-url",
+        env = "PGQ_WEBHOOK_URLS",
+        value_delimiter = ',',
+        required = true,
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub webhook_urls: Vec<String>,
+
+    /// Key of the HMAC-SHA256 signature sent with each delivery (header x-pgquota-signature).
+    /// Without it deliveries are not signed.
+    #[arg(long, env = "PGQ_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// The event kinds to deliver (comma-separated), or `all`.
+    #[arg(
+        long,
+        env = "PGQ_NOTIFY_KINDS",
+        value_delimiter = ',',
+        default_value = "threshold_crossed,exhausted,disabled,shadow_refusal"
+    )]
+    pub kinds: Vec<String>,
+
+    /// The payload: the event as JSON, or a Slack-compatible `text`.
+    #[arg(long, env = "PGQ_WEBHOOK_FORMAT", value_enum, default_value_t = WebhookFormat::Json)]
+    pub format: WebhookFormat,
+
+    /// On the very first start (no cursor yet), deliver the events already in the log; by
+    /// default a new notifier starts after the latest one.
+    #[arg(long)]
+    pub from_start: bool,
+
+    /// Seconds between two reads of the event log when no NOTIFY wakes the notifier.
+    #[arg(long, env = "PGQ_NOTIFY_POLL_S", default_value_t = 5.0)]
+    pub poll_s: f64,
+
+    /// Seconds before the first retry of a failed delivery; each retry waits twice as long.
+    #[arg(long, env = "PGQ_WEBHOOK_RETRY_S", default_value_t = 2.0)]
+    pub retry_s: f64,
+
+    /// Longest wait between two retries, in seconds.
+    #[arg(long, env = "PGQ_WEBHOOK_RETRY_MAX_S", default_value_t = 600.0)]
+    pub retry_max_s: f64,
+
+    /// Attempts of one delivery before it is marked failed and retried no more.
+    #[arg(long, env = "PGQ_WEBHOOK_MAX_ATTEMPTS", default_value_t = 12)]
+    pub max_attempts: i32,
+
+    /// Seconds one POST may take.
+    #[arg(long, env = "PGQ_WEBHOOK_TIMEOUT_S", default_value_t = 10.0)]
+    pub timeout_s: f64,
+}
+
+// Hand-written so that the database URL, the webhook URLs and the secret never reach a log.
+impl std::fmt::Debug for NotifyArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NotifyArgs")
+            .field("name", &self.name)
+            .field("webhook_urls", &self.webhook_urls.len())
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("kinds", &self.kinds)
+            .field("format", &self.format)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the database is and how TLS to it is checked (`serve` and `notify`).
+#[derive(Args)]
+pub struct DatabaseArgs {
     /// libpq-style URL or key=value string of the pg_quota database.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
@@ -47,6 +143,35 @@ pub struct ServeArgs {
     /// PEM file of the private key of --database-cert-file (libpq's sslkey).
     #[arg(long, env = "PGQ_DATABASE_KEY_FILE", requires = "database_cert_file")]
     pub database_key_file: Option<std::path::PathBuf>,
+}
+
+impl DatabaseArgs {
+    pub fn tls_files(&self) -> crate::db_tls::TlsFiles<'_> {
+        crate::db_tls::TlsFiles {
+            ca: self.database_ca_file.as_deref(),
+            client: self
+                .database_cert_file
+                .as_deref()
+                .zip(self.database_key_file.as_deref()),
+        }
+    }
+}
+
+// Hand-written so that the database URL (it may hold a password) never reaches a log.
+impl std::fmt::Debug for DatabaseArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseArgs")
+            .field("database_ca_file", &self.database_ca_file)
+            .field("database_cert_file", &self.database_cert_file)
+            .field("database_key_file", &self.database_key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 
     /// Address to listen on; port 0 picks a free port (printed on stdout).
     #[arg(long, env = "PGQ_LISTEN", default_value = "127.0.0.1:8080")]
@@ -135,9 +260,7 @@ pub struct ServeArgs {
 impl std::fmt::Debug for ServeArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServeArgs")
-            .field("database_ca_file", &self.database_ca_file)
-            .field("database_cert_file", &self.database_cert_file)
-            .field("database_key_file", &self.database_key_file)
+            .field("database", &self.database)
             .field("listen", &self.listen)
             .field("pool_size", &self.pool_size)
             .field("upstream_url", &self.upstream_url)
@@ -371,8 +494,51 @@ mod tests {
         argv.extend_from_slice(args);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Serve(a) => a,
-            Command::MockUpstream(_) => unreachable!(),
+            _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn notify_needs_a_webhook_and_takes_kinds_and_urls_as_lists() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["pg-quota-relay", "notify", "--database-url", "host=db"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).map(|cli| match cli.command {
+                Command::Notify(a) => a,
+                _ => unreachable!(),
+            })
+        };
+        assert!(parse(&[]).is_err(), "--webhook-url is required");
+        let a = parse(&[
+            "--webhook-url",
+            "http://a/1",
+            "--webhook-url",
+            "http://b/2",
+            "--kinds",
+            "exhausted,reset",
+        ])
+        .unwrap();
+        assert_eq!(a.webhook_urls, ["http://a/1", "http://b/2"]);
+        assert_eq!(a.kinds, ["exhausted", "reset"]);
+        assert_eq!(a.format, WebhookFormat::Json);
+        assert_eq!(a.name, "default");
+        let a = parse(&[
+            "--webhook-url",
+            "http://a/1",
+            "--format",
+            "slack",
+            "--webhook-secret",
+            "s",
+        ])
+        .unwrap();
+        assert_eq!(a.format, WebhookFormat::Slack);
+        assert!(a.kinds.contains(&"threshold_crossed".to_string()));
+        // the secret and the URLs stay out of Debug output
+        let shown = format!("{a:?}");
+        assert!(
+            !shown.contains("http://a/1") && !shown.contains("\"s\""),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -479,11 +645,11 @@ mod tests {
             "k.pem",
         ]);
         assert_eq!(
-            a.database_cert_file.as_deref(),
+            a.database.database_cert_file.as_deref(),
             Some(std::path::Path::new("c.pem"))
         );
         assert_eq!(
-            a.database_key_file.as_deref(),
+            a.database.database_key_file.as_deref(),
             Some(std::path::Path::new("k.pem"))
         );
     }

@@ -70,12 +70,33 @@ pub struct TlsFiles<'a> {
     pub client: Option<(&'a Path, &'a Path)>,
 }
 
+/// How connections to the database are made: in the clear, or over TLS with this connector.
+#[derive(Clone)]
+pub enum Connector {
+    Plain,
+    Tls(MakeRustlsConnect),
+}
+
 /// The pool manager for `pg`, with TLS as its sslmode and `files` ask.
 pub fn manager(
     pg: tokio_postgres::Config,
     files: TlsFiles<'_>,
     config: ManagerConfig,
 ) -> Result<(Manager, DbTls), String> {
+    let (connector, tls) = connector(&pg, files)?;
+    let manager = match connector {
+        Connector::Plain => Manager::from_config(pg, NoTls, config),
+        Connector::Tls(tls) => Manager::from_config(pg, tls, config),
+    };
+    Ok((manager, tls))
+}
+
+/// The connector for `pg`, with TLS as its sslmode and `files` ask (for [`manager`], and for
+/// the notifier's own connection).
+pub fn connector(
+    pg: &tokio_postgres::Config,
+    files: TlsFiles<'_>,
+) -> Result<(Connector, DbTls), String> {
     let over_tcp = pg.get_hosts().iter().all(|h| matches!(h, Host::Tcp(_)));
     if pg.get_ssl_mode() == SslMode::Disable || !over_tcp {
         if files.client.is_some() {
@@ -86,7 +107,7 @@ pub fn manager(
                     .into(),
             );
         }
-        return Ok((Manager::from_config(pg, NoTls, config), DbTls::Off));
+        return Ok((Connector::Plain, DbTls::Off));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
@@ -123,9 +144,8 @@ pub fn manager(
         }
         None => builder.with_no_client_auth(),
     };
-    let connector = MakeRustlsConnect::new(tls);
     Ok((
-        Manager::from_config(pg, connector, config),
+        Connector::Tls(MakeRustlsConnect::new(tls)),
         DbTls::On {
             required,
             verified,

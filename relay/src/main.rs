@@ -1,10 +1,11 @@
 //! pg-quota-relay: an OpenAI-compatible relay that calls pg_quota's `quota.admit` before and
 //! `quota.settle` / `quota.refund` after every forwarded request; plus `mock-upstream`, a fake
-//! OpenAI upstream for demos and tests.
+//! OpenAI upstream for demos and tests; and `notify`, which delivers pg_quota's events to webhooks.
 //!
-//! Both servers print exactly one line on stdout once their socket is bound
-//! (`pg-quota-relay listening on http://IP:PORT` / `mock-upstream listening on http://IP:PORT`);
-//! logs go to stderr.
+//! The servers print exactly one line on stdout once their socket is bound
+//! (`pg-quota-relay listening on http://IP:PORT` / `mock-upstream listening on http://IP:PORT`),
+//! and `notify` once it listens for events (`pg-quota-relay notify listening on pg_quota_event
+//! (notifier NAME)`); logs go to stderr.
 
 mod app;
 mod config;
@@ -15,6 +16,7 @@ mod estimate;
 mod fail_open;
 mod metrics;
 mod mock;
+mod notify;
 mod openai;
 mod proxy;
 mod server;
@@ -56,6 +58,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::MockUpstream(args) => runtime.block_on(mock::run(args)),
+        Command::Notify(args) => runtime.block_on(notify::run(args)),
     }
 }
 
@@ -68,18 +71,12 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let pg = match db::parse_database_url(&args.database_url) {
+    let pg = match db::parse_database_url(&args.database.database_url) {
         Ok(pg) => pg,
         Err(e) => return fail(e),
     };
     let target = db::describe_target(&pg);
-    let tls_files = db_tls::TlsFiles {
-        ca: args.database_ca_file.as_deref(),
-        client: args
-            .database_cert_file
-            .as_deref()
-            .zip(args.database_key_file.as_deref()),
-    };
+    let tls_files = args.database.tls_files();
     let (pool, db_tls) = match db::build_pool(pg, args.pool_size, tls_files) {
         Ok(p) => p,
         Err(e) => return fail(e),

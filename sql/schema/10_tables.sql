@@ -140,7 +140,10 @@ CREATE TABLE quota.policy (
     exclusive      boolean NOT NULL DEFAULT false,
     enabled        boolean NOT NULL DEFAULT true,
     created_at     timestamptz NOT NULL DEFAULT now(),
-    updated_at     timestamptz NOT NULL DEFAULT now()
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    -- (issue 20) added after 0.1.0, so last: an upgraded table has them in this order too
+    enforce        boolean NOT NULL DEFAULT true,
+    alert_at       numeric[]
 );
 CREATE INDEX ON quota.policy (subject_type, subject_id) WHERE enabled;
 COMMENT ON TABLE quota.policy IS
@@ -151,6 +154,10 @@ COMMENT ON COLUMN quota.policy.anchor IS
     'Aligns 5h and minutes windows, gives month windows their day-of-month, and starts total windows. Manual reset never moves it.';
 COMMENT ON COLUMN quota.policy.week_start IS 'ISO weekday a week window starts on: 1 = Monday … 7 = Sunday.';
 COMMENT ON COLUMN quota.policy.reset_hour IS 'Local hour (0-23, in time_zone) at which day, week and month windows start.';
+COMMENT ON COLUMN quota.policy.enforce IS
+    'false: shadow mode. The policy is counted and shows in quota.status, but never refuses or suspends; a shadow_refusal event is logged once per window when it would have refused.';
+COMMENT ON COLUMN quota.policy.alert_at IS
+    'Alert thresholds, fractions of the effective limit in (0, 1], e.g. {0.8,0.95,1}: settled usage crossing one logs a threshold_crossed event, once per threshold and window. NULL or empty: none.';
 
 -- Temporary grants that add to the effective limit of the matching policies (same axis and
 -- subject, model group, metric and period) while starts_at <= now < expires_at.
@@ -187,6 +194,13 @@ CREATE TABLE quota.counter (
     reserved      numeric NOT NULL DEFAULT 0 CHECK (reserved >= 0),
     exhausted_at  timestamptz,
     reset_at      timestamptz,  -- last cleared (quota.clear_usage): quota.drift counts the ledger from here
+    -- (issue 20) the highest alert threshold (policy.alert_at) that the usage of the counter's
+    -- window alert_window has reached and logged; shadow_refused_at: when a shadow policy's
+    -- window was logged as refusing (once per window: a mark older than the window's start is
+    -- an ended window's). Quota.clear_usage and policy edits clear both.
+    alert_level       numeric,
+    alert_window      timestamptz,
+    shadow_refused_at timestamptz,
     PRIMARY KEY (policy_id, scope_id)
 ) WITH (fillfactor = 70);
 -- The sweep finds marked windows through this index. Requests do not change exhausted_at
@@ -349,7 +363,8 @@ CREATE TABLE quota.event (
                                              'reservation_expired', 'boost_created', 'boost_changed',
                                              'boost_deleted', 'unpriced_model', 'channel_created',
                                              'channel_changed', 'channel_deleted', 'channel_grant_created',
-                                             'channel_grant_changed', 'channel_grant_deleted')),
+                                             'channel_grant_changed', 'channel_grant_deleted',
+                                             'threshold_crossed', 'shadow_refusal')),
     policy_id  bigint,
     key_id     bigint,
     user_id    bigint,

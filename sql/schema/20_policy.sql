@@ -108,6 +108,14 @@ BEGIN
     IF problem IS NOT NULL THEN
         PERFORM quota.refuse_row('policy', problem[1], problem[2]);
     END IF;
+    -- Alert thresholds are fractions of the limit (1 = the limit itself); kept sorted, each once.
+    IF array_ndims(NEW.alert_at) > 1
+       OR EXISTS (SELECT 1 FROM unnest(NEW.alert_at) t WHERE t IS NULL OR NOT (t > 0 AND t <= 1)) THEN
+        PERFORM quota.refuse_row('policy', 'alert_at', format(
+            'invalid policy: alert_at: each threshold must be a fraction of the limit greater than 0 and at most 1 (0.8 = 80 %%), got %s',
+            NEW.alert_at));
+    END IF;
+    NEW.alert_at := (SELECT array_agg(DISTINCT t ORDER BY t) FROM unnest(NEW.alert_at) t);
     NEW.updated_at := quota.clock();
     RETURN NEW;
 END
@@ -160,21 +168,24 @@ END
 $$;
 
 -- Starts a policy's windows over at now_ts: no usage (counters, rolling buckets, checkpoints of
--- closed ledger partitions), nothing marked spent, and reset_at tells quota.drift to count the
--- ledger from then on. In-flight holds stay: their settle or refund releases them. For
--- quota.reset, and for a policy that measures something else after an edit.
+-- closed ledger partitions), nothing marked spent, alerts re-armed (quota.cross_thresholds,
+-- quota.log_shadow_refusal), and reset_at tells quota.drift to count the ledger from then on.
+-- In-flight holds stay: their settle or refund releases them. For quota.reset, and for a policy
+-- that measures something else after an edit.
 CREATE FUNCTION quota.clear_usage(policy_id bigint, now_ts timestamptz) RETURNS void
 LANGUAGE sql VOLATILE AS $$
-    UPDATE quota.counter c SET used = 0, exhausted_at = NULL, reset_at = now_ts
+    UPDATE quota.counter c SET used = 0, exhausted_at = NULL, reset_at = now_ts,
+                               alert_level = NULL, alert_window = NULL, shadow_refused_at = NULL
     WHERE c.policy_id = clear_usage.policy_id;
     DELETE FROM quota.rolling_usage r WHERE r.policy_id = clear_usage.policy_id;
     DELETE FROM quota.ledger_checkpoint k WHERE k.policy_id = clear_usage.policy_id;
 $$;
 
 -- An edited policy is judged afresh, like a new one: the keys it suspended resume at once, and
--- its counters forget that they were marked spent, so it refuses, logs and suspends again only
--- if its window is spent under the new settings. The counters keep their usage when only the
--- limit, boundary, action, exclusivity or enabled flag changed; an edit of what the policy
+-- its counters forget that they were marked spent (and which alerts they logged), so it
+-- refuses, logs, alerts and suspends again only if its window is spent under the new settings. The counters keep their usage when only the
+-- limit, boundary, action, exclusivity, enabled flag, enforce flag or thresholds changed
+-- (a shadow policy switched to enforcing keeps what it counted); an edit of what the policy
 -- measures (subject, model group, metric, window) starts its windows over, as if it were new:
 -- usage in other units or in another window cannot count in the new one. A deleted policy
 -- releases its keys too (its counters go with it).
@@ -189,8 +200,9 @@ BEGIN
             OLD.window_mode, OLD.anchor, OLD.time_zone, OLD.week_start, OLD.reset_hour) THEN
             PERFORM quota.clear_usage(NEW.policy_id, quota.clock());
         ELSE
-            UPDATE quota.counter c SET exhausted_at = NULL
-            WHERE c.policy_id = NEW.policy_id AND c.exhausted_at IS NOT NULL;
+            UPDATE quota.counter c SET exhausted_at = NULL, alert_level = NULL, shadow_refused_at = NULL
+            WHERE c.policy_id = NEW.policy_id
+              AND (c.exhausted_at IS NOT NULL OR c.alert_level IS NOT NULL OR c.shadow_refused_at IS NOT NULL);
         END IF;
     END IF;
     PERFORM quota.lift_suspensions(OLD.policy_id,

@@ -61,7 +61,8 @@ $$;
 --   scope_id         whose counter it is: the key, the user (also for group policies: each
 --                    member has its own counter and the full amount), or the channel;
 --   limit_key        policies of one axis with the same model group, metric, period and window
---                    kind form one limit;
+--                    kind form one limit; shadow policies (enforce = false) form limits of their
+--                    own, so a shadow limit never raises an enforced one;
 --   effective_limit  the largest quota_limit of that limit's policies (several sources merge by
 --                    MAX) plus the boosts active at `at` for that axis, model group, metric and
 --                    period. A limit admits a request when any of its policies does.
@@ -93,7 +94,8 @@ LANGUAGE sql STABLE AS $$
     ), kept AS (
         SELECT m.policy, m.axis,
                concat_ws('/', m.axis, coalesce((m.policy).model_group::text, '*'), (m.policy).metric,
-                         (m.policy).period, (m.policy).period_minutes, (m.policy).window_mode) AS limit_key
+                         (m.policy).period, (m.policy).period_minutes, (m.policy).window_mode,
+                         CASE WHEN NOT (m.policy).enforce THEN 'shadow' END) AS limit_key
         FROM matched m
         WHERE policies_for.model IS NULL OR (m.policy).model_group IS NOT NULL
            OR NOT EXISTS (SELECT 1 FROM matched x WHERE x.axis = m.axis AND (x.policy).exclusive)

@@ -39,13 +39,14 @@ $$;
 -- effective_limit is what the request is judged against (several sources merged by MAX, plus
 -- active boosts); limit_key groups the policies that form one limit. unbilled_requests: the
 -- key's requests settled in the window without a price or without usage (cost policies could
--- not count them; see the unpriced_model events).
+-- not count them; see the unpriced_model events). enforce false: a shadow policy, whose state
+-- is the one it would have (it never refuses or suspends: it logs shadow_refusal instead).
 CREATE FUNCTION quota.status(key_id bigint, model text DEFAULT NULL)
 RETURNS TABLE (policy_id bigint, subject_type text, subject_id bigint, model_group text, metric text,
                period text, window_mode text, quota_limit numeric, boost numeric, effective_limit numeric,
                used numeric, reserved numeric, remaining numeric, window_start timestamptz,
                next_reset timestamptz, state text, exclusive boolean, limit_key text,
-               unbilled_requests bigint)
+               unbilled_requests bigint, enforce boolean)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     WITH k AS (SELECT * FROM quota.api_key k WHERE k.key_id = status.key_id),
     now_ts AS (SELECT quota.clock() AS t)
@@ -62,7 +63,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
            (f.policy).exclusive, f.limit_key,
            (SELECT count(*) FROM quota.usage_ledger l
              WHERE l.key_id = k.key_id AND l.settled_at >= s.window_start AND l.settled_at <= n.t
-               AND NOT l.billed AND l.settled_by <> 'correction')
+               AND NOT l.billed AND l.settled_by <> 'correction'),
+           (f.policy).enforce
     FROM k CROSS JOIN now_ts n
     CROSS JOIN LATERAL quota.policies_for(k.key_id, k.user_id, status.model, NULL, n.t) f
     CROSS JOIN LATERAL quota.window_state(f.policy, f.scope_id, f.effective_limit, n.t) s
@@ -102,10 +104,10 @@ $$;
 -- free): each hold moves to the usage of its policy's current window (a rolling window's: the
 -- minute's bucket), summed per counter and in lock order (a request that holds one counter
 -- while it waits for the next cannot be waiting for the sweep); a window that this spends is
--- marked, logged and acted on like a settle's. Then one ledger row per reservation (settled_by
--- 'sweep': the estimate, est_input_tokens + max_output_tokens at the model's price; unbilled
--- only for a model without a price), whose trigger adds it to the day's rollups, after the
--- counters as in a settle. A late settle corrects the charge (quota.correct_swept).
+-- marked, logged and acted on like a settle's, and the alert thresholds it crosses logged. Then
+-- one ledger row per reservation (settled_by 'sweep': the estimate, est_input_tokens +
+-- max_output_tokens at the model's price; unbilled only for a model without a price), whose
+-- trigger adds it to the day's rollups, after the counters as in a settle. A late settle corrects the charge (quota.correct_swept).
 CREATE FUNCTION quota.charge_expired(expired quota.reservation[], now_ts timestamptz) RETURNS void
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
@@ -149,7 +151,14 @@ BEGIN
             VALUES ((v.p).policy_id, v.scope_id, quota.minute_bucket(now_ts), v.amount)
             ON CONFLICT (policy_id, scope_id, bucket) DO UPDATE SET used = r.used + EXCLUDED.used;
         END IF;
-        IF quota.window_used(v.p, v_counter, v.window_start) >= v.lim
+        IF cardinality((v.p).alert_at) > 0 THEN
+            PERFORM quota.cross_thresholds(v.p, v.scope_id, CASE v.axis WHEN 'key' THEN v.scope_id ELSE v.key_id END,
+                                           CASE v.axis WHEN 'user' THEN v.scope_id ELSE v.user_id END,
+                                           v.window_start, quota.window_used(v.p, v_counter, v.window_start),
+                                           v.lim, now_ts);
+        END IF;
+        -- a shadow policy never marks, logs or acts on a spent window (admit logs shadow_refusal)
+        IF (v.p).enforce AND quota.window_used(v.p, v_counter, v.window_start) >= v.lim
            AND NOT coalesce(v_counter.exhausted_at >= v_counter.window_start, false) THEN
             PERFORM quota.mark_exhausted(v.p, v.scope_id, CASE v.axis WHEN 'key' THEN v.scope_id ELSE v.key_id END,
                                          CASE v.axis WHEN 'user' THEN v.scope_id ELSE v.user_id END,

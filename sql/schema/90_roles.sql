@@ -37,6 +37,9 @@ GRANT SELECT, DELETE, UPDATE (name, enabled, expires_at, suspended_until, suspen
 GRANT SELECT ON quota.counter, quota.rolling_usage, quota.reservation, quota.released,
                 quota.usage_ledger, quota.usage_daily, quota.event, quota.unpriced_model_day,
                 quota.ledger_request, quota.ledger_closed, quota.ledger_checkpoint TO quota_admin;
+-- The webhook notifier (pg-quota-relay notify) runs as a login role granted quota_admin: it reads
+-- the event log and keeps its cursor and its failed deliveries.
+GRANT SELECT, INSERT, UPDATE, DELETE ON quota.notifier_cursor, quota.webhook_delivery TO quota_admin;
 GRANT EXECUTE ON FUNCTION
     quota.create_user(text),
     quota.create_key(bigint, text, timestamptz),

@@ -8,6 +8,7 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::AnyNumeric;
 
+use super::alerts;
 use super::cache::{self, Applicable};
 use super::{
     clock, col, fail, first, key_refused, mark_exhausted, metric_amount, recover_window, refuses, row, run,
@@ -138,9 +139,14 @@ struct Limit {
     /// is a channel's
     frees: Option<TimestampWithTimeZone>,
     refusing_policy: Option<(i64, bool, bool)>,
+    /// the hold of that refusing policy
+    refusing_hold: Option<usize>,
     /// holds whose window is spent but not yet marked so (no settle has seen it: the limit was
     /// lowered, a boost ended)
     spent_unmarked: Vec<usize>,
+    /// a limit of shadow policies (enforce = false; they form limits of their own): it never
+    /// refuses (see [`admit_shadow`])
+    shadow: bool,
 }
 
 macro_rules! key_query {
@@ -276,7 +282,9 @@ const WORDS: &str = "SELECT quota.policy_words(p) FROM quota.policy p WHERE p.po
 
 const RESUME_KEY: &str = "SELECT quota.resume_key($1, $2, $3)";
 
-/// A suspended key's suspension, judged now.
+/// A suspended key's suspension, judged now. (Made once per request of a suspended key: its
+/// size does not matter.)
+#[allow(clippy::large_enum_variant)]
 enum Suspension {
     /// still in force, by this policy (None: it is not known which)
     Holds(Option<Applicable>),
@@ -560,7 +568,12 @@ fn decide(
             marked_spent,
         });
     }
-    let limits = judge(client, &holds, &seen, now, hold_refused);
+    let mut limits = judge(client, &holds, &seen, now, hold_refused);
+    for (hi, spent) in admit_shadow(&mut limits) {
+        let (h, s) = (&holds[hi], &seen[hi]);
+        let used_limit = (s.used.clone(), h.effective_limit.clone());
+        alerts::log_shadow_refusal(client, &h.policy, h.scope_id, Some(who), h.ws, used_limit, spent, now);
+    }
 
     // A window marked spent that is not spent any more (a boost, a rolling window's usage aged
     // out) has recovered too: logged and unmarked, so that it is logged and acted on again when
@@ -582,7 +595,7 @@ fn decide(
         return Ok(with_key(refused));
     }
     // The tightest admitted limit (least share left) feeds the rate-limit headers.
-    let tight = limits.iter().filter(|l| l.ok).min_by(|a, b| {
+    let tight = limits.iter().filter(|l| l.ok && !l.shadow).min_by(|a, b| {
         let share = |l: &Limit| l.left.clone().unwrap_or_else(|| AnyNumeric::from(0)) / l.effective_limit.clone();
         share(a).partial_cmp(&share(b)).unwrap_or(std::cmp::Ordering::Equal)
     });
@@ -747,7 +760,9 @@ fn judge(
                     reset: None,
                     frees: None,
                     refusing_policy: None,
+                    refusing_hold: None,
                     spent_unmarked: vec![],
+                    shadow: !h.policy.enforce,
                 });
                 limits.len() - 1
             }
@@ -773,10 +788,25 @@ fn judge(
             if limit.frees.is_none_or(|f| frees.into_inner() < f.into_inner()) {
                 limit.frees = Some(frees);
                 limit.refusing_policy = Some((h.policy.policy_id, spent, h.policy.subject_type == "channel"));
+                limit.refusing_hold = Some(hi);
             }
         }
     }
     limits
+}
+
+/// Shadow limits admit what they would refuse: returns, for each that would, the hold of its
+/// refusing policy and whether its window is spent, for the caller to log (on locked counters).
+fn admit_shadow(limits: &mut [Limit]) -> Vec<(usize, bool)> {
+    let mut would_refuse = Vec::new();
+    for l in limits.iter_mut().filter(|l| l.shadow && !l.ok) {
+        if let (Some(hi), Some((_, spent, _))) = (l.refusing_hold, l.refusing_policy) {
+            would_refuse.push((hi, spent));
+        }
+        l.ok = true;
+        l.spent_unmarked.clear();
+    }
+    would_refuse
 }
 
 /// The 429 of a request that a limit refuses, or None when every limit admits it. With several
@@ -893,7 +923,8 @@ fn refused_by_own_limits(
     }
     let windows: Vec<_> = holds.iter().map(|h| (&h.policy, h.scope_id, h.ws)).collect();
     let seen = counters_now(client, &windows, false);
-    let limits = judge(client, &holds, &seen, now, hold_refused);
+    let mut limits = judge(client, &holds, &seen, now, hold_refused);
+    admit_shadow(&mut limits); // logged by the judgement on locked counters
     refusal(client, &limits, &holds, who, None, now)
 }
 
@@ -967,7 +998,14 @@ fn channel_blocked_until(
         };
         let used = if window_start == ws { used } else { AnyNumeric::from(0) };
         let used = window_used(client, &a.policy, a.scope_id, ws, used);
-        if refuses(&a.policy.boundary, a.effective_limit.clone(), used, reserved, amount) {
+        if refuses(&a.policy.boundary, a.effective_limit.clone(), used.clone(), reserved, amount) {
+            if !a.policy.enforce {
+                // a shadow cap never takes a channel out of routing
+                let spent = used >= a.effective_limit;
+                let used_limit = (used, a.effective_limit.clone());
+                alerts::log_shadow_refusal(client, &a.policy, a.scope_id, None, ws, used_limit, spent, now);
+                continue;
+            }
             let frees = frees_at(client, a.policy.policy_id, a.scope_id, ws, we, now);
             if blocked
                 .as_ref()

@@ -72,7 +72,12 @@ const MAX_BYTES: usize = 4 << 20;
 
 /// What a policy row takes on the heap, roughly: its struct and its strings.
 fn policy_bytes(p: &Policy) -> usize {
-    std::mem::size_of::<Policy>() + p.subject_type.len() + p.metric.len() + p.window_mode.len() + p.boundary.len()
+    std::mem::size_of::<Policy>()
+        + p.subject_type.len()
+        + p.metric.len()
+        + p.window_mode.len()
+        + p.boundary.len()
+        + p.alert_at.len() * 32
 }
 
 thread_local! {
@@ -163,10 +168,10 @@ pub(crate) fn policies_for(client: &mut SpiClient<'_>, subject: Subject, at: Tim
     )
     .map(|r| Applicable {
         policy: Policy::read(&r, 1),
-        scope_id: col(&r, 13).unwrap(),
-        axis: col(&r, 14).unwrap(),
-        limit_key: col(&r, 15).unwrap(),
-        effective_limit: col(&r, 16).unwrap(),
+        scope_id: col(&r, 15).unwrap(),
+        axis: col(&r, 16).unwrap(),
+        limit_key: col(&r, 17).unwrap(),
+        effective_limit: col(&r, 18).unwrap(),
     })
     .collect();
     let span = first(client, BOOST_SPAN, &[at.into()]).expect("an aggregate returns a row");

@@ -15,11 +15,18 @@
 //! first, then by policy_id: `quota.lock_order`), the day's rollup row (settle only), then the
 //! api_key row. Rows that no other request shares (reservation, ledger) are written before the
 //! counters, so a busy key's counter rows stay locked only from their update to the commit.
-/// The select list that [`Policy::read`] reads (12 columns), for a `quota.policy` row `p`.
+/// The select list that [`Policy::read`] reads (14 columns), for a `quota.policy` row `p`.
+/// The columns added after 0.1.0 (enforce, alert_at) are read through `to_jsonb(p)`, with
+/// their defaults when missing: this library also serves a database still at 0.1.0, between
+/// its installation and `ALTER EXTENSION pg_quota UPDATE` (policy rows are cached per backend,
+/// so this costs only on a cache miss).
 macro_rules! policy_columns {
     () => {
         "p.policy_id, p.subject_type, p.metric, p.window_mode, p.boundary, p.exclusive, \
-         p.period, p.period_minutes, p.anchor, p.time_zone, p.week_start, p.reset_hour"
+         p.period, p.period_minutes, p.anchor, p.time_zone, p.week_start, p.reset_hour, \
+         coalesce((to_jsonb(p) ->> 'enforce')::boolean, true), \
+         CASE WHEN jsonb_typeof(to_jsonb(p) -> 'alert_at') = 'array' \
+              THEN ARRAY(SELECT a::numeric FROM jsonb_array_elements_text(to_jsonb(p) -> 'alert_at') a) END"
     };
 }
 
@@ -45,6 +52,7 @@ macro_rules! marks {
 }
 
 mod admit;
+mod alerts;
 mod cache;
 mod settle;
 
@@ -194,6 +202,10 @@ pub(crate) struct Policy {
     pub boundary: String,
     pub exclusive: bool,
     pub spec: WindowSpec,
+    /// false: shadow mode (counted, never refuses or suspends: see [`alerts`])
+    pub enforce: bool,
+    /// alert thresholds, fractions of the effective limit (empty: none)
+    pub alert_at: Vec<AnyNumeric>,
 }
 
 impl Policy {
@@ -218,6 +230,8 @@ impl Policy {
             boundary: text(4),
             exclusive: col(row, first + 5).unwrap_or(false),
             spec,
+            enforce: col(row, first + 12).unwrap_or(true),
+            alert_at: col(row, first + 13).unwrap_or_default(),
         }
     }
 

@@ -5,7 +5,7 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::AnyNumeric;
 
-use super::cache;
+use super::{alerts, cache};
 use super::{
     clock, col, fail, first, mark_exhausted, metric_amount, recover_window, rolling_used, row, run, EngineError,
     Policy, Recovered,
@@ -303,7 +303,9 @@ fn settle_in(
             }
             used = rolling_used(client, c.policy.policy_id, c.scope_id, c.ws);
         }
-        if used >= c.limit && !already_exhausted {
+        alerts::cross_thresholds(client, &c.policy, c.scope_id, who, c.ws, used.clone(), c.limit.clone(), now);
+        // a shadow policy never marks, logs or acts on a spent window (admit logs shadow_refusal)
+        if used >= c.limit && !already_exhausted && c.policy.enforce {
             mark_exhausted(client, &c.policy, c.scope_id, who, (c.ws, c.we), now);
         }
     }
