@@ -394,7 +394,8 @@ $$;
 -- Makes the partition [range_from, range_to) with its indexes, moving into it the rows of that
 -- range that the default partition caught (they keep their ledger_id and are not counted again:
 -- they go straight into the new table, before it joins the ledger). Returns the rows moved.
--- ATTACH takes a SHARE UPDATE EXCLUSIVE lock on the ledger: settles go on meanwhile.
+-- ATTACH takes a SHARE UPDATE EXCLUSIVE lock on the ledger: settles go on meanwhile (except
+-- while rows move: see below).
 CREATE FUNCTION quota.ledger_make_partition(range_from timestamptz, range_to timestamptz) RETURNS bigint
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET datestyle = 'ISO, YMD' AS $$
 DECLARE
@@ -405,6 +406,13 @@ BEGIN
     -- a constraint that implies the range spares ATTACH a scan of the table
     EXECUTE format('ALTER TABLE %s ADD CONSTRAINT in_range CHECK (settled_at >= %L AND settled_at < %L)',
                    v_table, range_from, range_to);
+    -- Rows to move: a query planned before the new partition joins and run after this commits
+    -- would miss them (in neither partition). So readers wait for this (rare) move: the sweeper
+    -- was off for a week, or the ledger is new or just upgraded. An empty partition needs no lock.
+    IF EXISTS (SELECT 1 FROM quota.usage_ledger_default d
+               WHERE d.settled_at >= range_from AND d.settled_at < range_to) THEN
+        LOCK TABLE quota.usage_ledger IN ACCESS EXCLUSIVE MODE;
+    END IF;
     EXECUTE format('WITH moved AS (DELETE FROM quota.usage_ledger_default d WHERE d.settled_at >= %L AND d.settled_at < %L
                                    RETURNING d.*)
                     INSERT INTO %s SELECT * FROM moved', range_from, range_to, v_table);
