@@ -45,6 +45,7 @@ macro_rules! marks {
 }
 
 mod admit;
+mod batch;
 mod cache;
 mod settle;
 
