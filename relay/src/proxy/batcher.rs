@@ -1,0 +1,226 @@
+//! Natural batching of lifecycle calls (`--batch-max`): concurrent admits go to the database as
+//! one `quota.admit_many`, concurrent settlements as one `quota.settle_many`, one transaction
+//! and one commit for the lot.
+//!
+//! No timer: a call joins a queue; the queue's dispatcher takes the first call, waits for a
+//! pooled connection, then takes whatever else is queued by then (up to `--batch-max`) and
+//! sends it as one batch on that connection. A lone call goes at once, alone; under load the
+//! calls that queue while every connection is busy go together. The engine answers a batch's
+//! items as the same single calls made in that order would be answered.
+//!
+//! A batch that fails as a whole (the database away, a deadlock or serialization failure, no
+//! answer in time) is answered per item by the single call (`db::admit`, `db::settle`), with
+//! its own retries: each item ends exactly as if it had never been batched. (An admit batch
+//! whose outcome is unknown may have committed: the single admit of the same request id then
+//! gets the original decision back, holding nothing twice; a settle is idempotent.)
+
+use std::sync::Mutex;
+
+use deadpool_postgres::Pool;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::db::{self, Admission, AdmitItem, Settlement, SettleItem};
+use crate::error::DbError;
+
+/// `--batch-max`'s default.
+pub const DEFAULT_BATCH_MAX: usize = 64;
+/// The same, as the command-line flag reads it.
+pub const DEFAULT_BATCH_MAX_FLAG: u64 = DEFAULT_BATCH_MAX as u64;
+
+struct Job<I, A> {
+    item: I,
+    reply: oneshot::Sender<Result<A, DbError>>,
+}
+
+/// A queue and its dispatcher, started on first use (inside the runtime).
+struct Queue<I, A> {
+    tx: mpsc::UnboundedSender<Job<I, A>>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<Job<I, A>>>>,
+}
+
+impl<I, A> Queue<I, A> {
+    fn new() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Queue {
+            tx,
+            rx: Mutex::new(Some(rx)),
+        }
+    }
+
+    fn take_receiver(&self) -> Option<mpsc::UnboundedReceiver<Job<I, A>>> {
+        self.rx.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+pub struct Batcher {
+    pool: Pool,
+    max: usize,
+    admits: Queue<AdmitItem, Admission>,
+    settles: Queue<SettleItem, Settlement>,
+}
+
+impl Batcher {
+    /// `max` items per batch at most; 1 turns batching off (every call goes alone).
+    pub fn new(pool: Pool, max: usize) -> Self {
+        Batcher {
+            pool,
+            max: max.max(1),
+            admits: Queue::new(),
+            settles: Queue::new(),
+        }
+    }
+
+    pub async fn admit(&self, item: AdmitItem) -> Result<Admission, DbError> {
+        if self.max == 1 {
+            return db::admit(&self.pool, &item.args()).await;
+        }
+        if let Some(rx) = self.admits.take_receiver() {
+            tokio::spawn(dispatch(self.pool.clone(), self.max, rx, run_admits));
+        }
+        submit(&self.admits, item).await
+    }
+
+    pub async fn settle(&self, item: SettleItem) -> Result<Settlement, DbError> {
+        if self.max == 1 {
+            return settle_alone(self.pool.clone(), item).await;
+        }
+        if let Some(rx) = self.settles.take_receiver() {
+            tokio::spawn(dispatch(self.pool.clone(), self.max, rx, run_settles));
+        }
+        submit(&self.settles, item).await
+    }
+}
+
+async fn submit<I, A>(queue: &Queue<I, A>, item: I) -> Result<A, DbError> {
+    let (reply, answer) = oneshot::channel();
+    if queue.tx.send(Job { item, reply }).is_err() {
+        return Err(DbError::Unavailable("the relay's batching has stopped".into()));
+    }
+    answer
+        .await
+        .unwrap_or_else(|_| Err(DbError::Unavailable("the relay's batching has stopped".into())))
+}
+
+/// Takes the first queued call, waits for a connection, then takes whatever else is queued by
+/// then (up to `max`) and runs it as one batch on that connection, in a task of its own.
+async fn dispatch<I, A, F, Fut>(pool: Pool, max: usize, mut rx: mpsc::UnboundedReceiver<Job<I, A>>, run: F)
+where
+    I: Send + 'static,
+    A: Send + 'static,
+    F: Fn(Pool, Result<deadpool_postgres::Object, DbError>, Vec<Job<I, A>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    while let Some(first) = rx.recv().await {
+        let client = pool.get().await.map_err(DbError::from);
+        let mut jobs = vec![first];
+        while jobs.len() < max {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        tokio::spawn(run(pool.clone(), client, jobs));
+    }
+}
+
+/// Answers each job by its single call, concurrently (a batch of one, or a failed batch).
+fn answer_alone<I, A, Fut>(jobs: Vec<Job<I, A>>, call: impl Fn(I) -> Fut)
+where
+    I: Send + 'static,
+    A: Send + 'static,
+    Fut: std::future::Future<Output = Result<A, DbError>> + Send + 'static,
+{
+    for job in jobs {
+        let answer = call(job.item);
+        tokio::spawn(async move {
+            let _ = job.reply.send(answer.await);
+        });
+    }
+}
+
+/// Sends each answer to its job; with the batch failed as a whole, answers each by its single
+/// call instead.
+fn answer<I, A>(
+    jobs: Vec<Job<I, A>>,
+    items: Vec<I>,
+    batch: Result<Vec<Result<A, DbError>>, DbError>,
+    alone: impl Fn(Vec<Job<I, A>>),
+) {
+    match batch {
+        Ok(answers) => {
+            for (job, answer) in jobs.into_iter().zip(answers) {
+                let _ = job.reply.send(answer);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, items = items.len(), "a batch failed as a whole; answering its items one by one");
+            let jobs = jobs
+                .into_iter()
+                .zip(items)
+                .map(|(job, item)| Job { item, reply: job.reply })
+                .collect();
+            alone(jobs);
+        }
+    }
+}
+
+/// Answers every job with the pool's error, as a single call that could not get a connection
+/// is answered.
+fn no_connection<I, A>(jobs: Vec<Job<I, A>>, e: DbError) {
+    for job in jobs {
+        let _ = job.reply.send(Err(e.clone()));
+    }
+}
+
+async fn admit_alone(pool: Pool, item: AdmitItem) -> Result<Admission, DbError> {
+    db::admit(&pool, &item.args()).await
+}
+
+async fn settle_alone(pool: Pool, item: SettleItem) -> Result<Settlement, DbError> {
+    db::settle(
+        &pool,
+        &item.request_id,
+        item.input_tokens,
+        item.output_tokens,
+        item.cached_tokens,
+    )
+    .await
+}
+
+async fn run_admits(pool: Pool, client: Result<deadpool_postgres::Object, DbError>, jobs: Vec<Job<AdmitItem, Admission>>) {
+    let alone = |jobs| answer_alone(jobs, |item| admit_alone(pool.clone(), item));
+    match client {
+        Ok(client) if jobs.len() > 1 => {
+            let items: Vec<AdmitItem> = jobs.iter().map(|j| j.item.clone()).collect();
+            let batch = db::admit_many(client, &items).await;
+            answer(jobs, items, batch, alone);
+        }
+        Ok(client) => {
+            drop(client); // a batch of one: the single call, on the connection just freed
+            alone(jobs);
+        }
+        // no connection came: what the single call would answer (it was not sent)
+        Err(e) => no_connection(jobs, e),
+    }
+}
+
+async fn run_settles(
+    pool: Pool,
+    client: Result<deadpool_postgres::Object, DbError>,
+    jobs: Vec<Job<SettleItem, Settlement>>,
+) {
+    let alone = |jobs| answer_alone(jobs, |item| settle_alone(pool.clone(), item));
+    match client {
+        Ok(client) if jobs.len() > 1 => {
+            let items: Vec<SettleItem> = jobs.iter().map(|j| j.item.clone()).collect();
+            let batch = db::settle_many(client, &items).await;
+            answer(jobs, items, batch, alone);
+        }
+        Ok(client) => {
+            drop(client); // a batch of one: the single call, on the connection just freed
+            alone(jobs);
+        }
+        // no connection came: what the single call would answer (it was not sent)
+        Err(e) => no_connection(jobs, e),
+    }
+}
