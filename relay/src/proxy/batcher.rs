@@ -2,10 +2,12 @@
 //! one `quota.admit_many`, concurrent settlements as one `quota.settle_many`, one transaction
 //! and one commit for the lot.
 //!
-//! No timer: a call joins a queue; the queue's dispatcher takes the first call, waits for a
-//! pooled connection, then takes whatever else is queued by then (up to `--batch-max`) and
-//! sends it as one batch on that connection. A lone call goes at once, alone; under load the
-//! calls that queue while every connection is busy go together. The engine answers a batch's
+//! No timer: a call made while no other call of its kind is in flight goes at once, alone, as
+//! the single call (so a lone request pays nothing for batching). Otherwise it joins a queue;
+//! the queue's dispatcher takes the first call, waits for one of a few batch slots
+//! ([`BATCHES_IN_FLIGHT`]) and a pooled connection, then takes whatever else is queued by then
+//! (up to `--batch-max`) and sends it as one batch on that connection. Under load, the calls
+//! that queue while the batches in flight run go together. The engine answers a batch's
 //! items as the same single calls made in that order would be answered.
 //!
 //! A batch that fails as a whole (the database away, a deadlock or serialization failure, no
@@ -14,6 +16,7 @@
 //! whose outcome is unknown may have committed: the single admit of the same request id then
 //! gets the original decision back, holding nothing twice; a settle is idempotent.)
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use deadpool_postgres::Pool;
@@ -27,6 +30,27 @@ pub const DEFAULT_BATCH_MAX: usize = 64;
 /// The same, as the command-line flag reads it.
 pub const DEFAULT_BATCH_MAX_FLAG: u64 = DEFAULT_BATCH_MAX as u64;
 
+/// Batches of one kind (admits, settlements) running at once: few, so that under load calls
+/// queue and go together instead of each finding a free connection and going alone.
+pub const BATCHES_IN_FLIGHT: usize = 4;
+
+/// Calls of one kind in flight, counted while its guard lives.
+struct InFlight(std::sync::Arc<AtomicUsize>);
+
+impl InFlight {
+    /// Counts a call in; true when it is the only one.
+    fn enter(counter: &std::sync::Arc<AtomicUsize>) -> (InFlight, bool) {
+        let alone = counter.fetch_add(1, Ordering::AcqRel) == 0;
+        (InFlight(counter.clone()), alone)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 struct Job<I, A> {
     item: I,
     reply: oneshot::Sender<Result<A, DbError>>,
@@ -36,6 +60,7 @@ struct Job<I, A> {
 struct Queue<I, A> {
     tx: mpsc::UnboundedSender<Job<I, A>>,
     rx: Mutex<Option<mpsc::UnboundedReceiver<Job<I, A>>>>,
+    in_flight: std::sync::Arc<AtomicUsize>,
 }
 
 impl<I, A> Queue<I, A> {
@@ -44,6 +69,7 @@ impl<I, A> Queue<I, A> {
         Queue {
             tx,
             rx: Mutex::new(Some(rx)),
+            in_flight: std::sync::Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -71,7 +97,8 @@ impl Batcher {
     }
 
     pub async fn admit(&self, item: AdmitItem) -> Result<Admission, DbError> {
-        if self.max == 1 {
+        let (_counted, alone) = InFlight::enter(&self.admits.in_flight);
+        if self.max == 1 || alone {
             return db::admit(&self.pool, &item.args()).await;
         }
         if let Some(rx) = self.admits.take_receiver() {
@@ -81,7 +108,8 @@ impl Batcher {
     }
 
     pub async fn settle(&self, item: SettleItem) -> Result<Settlement, DbError> {
-        if self.max == 1 {
+        let (_counted, alone) = InFlight::enter(&self.settles.in_flight);
+        if self.max == 1 || alone {
             return settle_alone(self.pool.clone(), item).await;
         }
         if let Some(rx) = self.settles.take_receiver() {
@@ -110,7 +138,9 @@ where
     F: Fn(Pool, Result<deadpool_postgres::Object, DbError>, Vec<Job<I, A>>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
+        let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
         let client = pool.get().await.map_err(DbError::from);
         let mut jobs = vec![first];
         while jobs.len() < max {
@@ -119,7 +149,11 @@ where
                 Err(_) => break,
             }
         }
-        tokio::spawn(run(pool.clone(), client, jobs));
+        let batch = run(pool.clone(), client, jobs);
+        tokio::spawn(async move {
+            batch.await;
+            drop(slot);
+        });
     }
 }
 
