@@ -12,7 +12,9 @@ const NOW: &str = "SET pg_quota.fake_now = '2026-06-01 12:00:00+00'";
 /// Three users with a key each under a strict limit of 6 requests a day and a strict token
 /// limit; returns the keys' secrets.
 async fn three_keys(db: &Client) -> Vec<String> {
-    db.batch_execute("INSERT INTO quota.model_price VALUES ('m', 1, 2, NULL)").await.unwrap();
+    db.batch_execute("INSERT INTO quota.model_price VALUES ('m', 1, 2, NULL)")
+        .await
+        .unwrap();
     let mut secrets = Vec::new();
     for u in 0..3 {
         let key = key_with_policy(db, &format!("user{u}"), "'requests', 'day', 6, 'strict'").await;
@@ -41,7 +43,10 @@ struct Admit {
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (self.0 >> 33) % n
     }
 }
@@ -82,7 +87,10 @@ fn batches(seed: u64) -> Vec<Vec<Admit>> {
 }
 
 fn secret(secrets: &[String], key: usize) -> String {
-    secrets.get(key).cloned().unwrap_or_else(|| "sk-pgq-unknown".into())
+    secrets
+        .get(key)
+        .cloned()
+        .unwrap_or_else(|| "sk-pgq-unknown".into())
 }
 
 /// What an answer shows a caller (key ids equal in both databases, made in the same order).
@@ -136,7 +144,13 @@ fn settles(batch: &[Admit], seed: u64) -> Vec<(String, i64, i64)> {
     let mut rng = Lcg(seed);
     let mut out: Vec<(String, i64, i64)> = batch
         .iter()
-        .map(|a| (a.id.clone(), [5, 80, -3][rng.next(3) as usize], [1, 40][rng.next(2) as usize]))
+        .map(|a| {
+            (
+                a.id.clone(),
+                [5, 80, -3][rng.next(3) as usize],
+                [1, 40][rng.next(2) as usize],
+            )
+        })
         .collect();
     out.push(("never-admitted".into(), 1, 1));
     out
@@ -166,7 +180,10 @@ async fn settle_one_by_one(db: &Client, items: &[(String, i64, i64)]) -> Vec<Str
     let mut answers = Vec::new();
     for (id, input, output) in items {
         let got = db
-            .query_one(&format!("SELECT row({SETTLEMENT})::text FROM quota.settle($1, $2, $3)"), &[id, input, output])
+            .query_one(
+                &format!("SELECT row({SETTLEMENT})::text FROM quota.settle($1, $2, $3)"),
+                &[id, input, output],
+            )
             .await;
         answers.push(match got {
             Ok(r) => r.get(0),
@@ -215,11 +232,24 @@ async fn a_batch_answers_as_the_same_single_calls_in_its_order() {
                     "seed {seed}, settle batch {b}"
                 );
             }
-            assert_eq!(state(&batched).await, state(&single).await, "seed {seed}, after batch {b}");
+            assert_eq!(
+                state(&batched).await,
+                state(&single).await,
+                "seed {seed}, after batch {b}"
+            );
         }
-        assert!(answers.iter().any(|a| a.starts_with("(f,429,")), "seed {seed}: some item met a spent limit");
-        assert!(answers.iter().any(|a| a.starts_with("error PQ409")), "seed {seed}: some item reused an id");
-        assert!(answers.iter().any(|a| a.starts_with("error PQ400")), "seed {seed}: some item had a bad count");
+        assert!(
+            answers.iter().any(|a| a.starts_with("(f,429,")),
+            "seed {seed}: some item met a spent limit"
+        );
+        assert!(
+            answers.iter().any(|a| a.starts_with("error PQ409")),
+            "seed {seed}: some item reused an id"
+        );
+        assert!(
+            answers.iter().any(|a| a.starts_with("error PQ400")),
+            "seed {seed}: some item had a bad count"
+        );
         assert_no_drift(&batched).await;
     }
 }
@@ -229,15 +259,37 @@ async fn an_id_named_twice_in_a_batch_is_refused_for_the_second_item_only() {
     let db = connect(&fresh_database("pgq_batch_twice").await).await;
     let secrets = three_keys(&db).await;
     let batch = vec![
-        Admit { key: 0, id: "twice".into(), est: 10, max_out: 10 },
-        Admit { key: 1, id: "other".into(), est: 10, max_out: 10 },
-        Admit { key: 0, id: "twice".into(), est: 10, max_out: 10 },
+        Admit {
+            key: 0,
+            id: "twice".into(),
+            est: 10,
+            max_out: 10,
+        },
+        Admit {
+            key: 1,
+            id: "other".into(),
+            est: 10,
+            max_out: 10,
+        },
+        Admit {
+            key: 0,
+            id: "twice".into(),
+            est: 10,
+            max_out: 10,
+        },
     ];
     let got = admit_many(&db, &secrets, &batch).await;
     assert!(got[0].starts_with("(t,200"), "{got:?}");
     assert!(got[1].starts_with("(t,200"), "{got:?}");
-    assert_eq!(got[2], "error PQ409: admit: request_id twice was already used in this batch");
-    let reserved: i64 = db.query_one("SELECT count(*) FROM quota.reservation", &[]).await.unwrap().get(0);
+    assert_eq!(
+        got[2],
+        "error PQ409: admit: request_id twice was already used in this batch"
+    );
+    let reserved: i64 = db
+        .query_one("SELECT count(*) FROM quota.reservation", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(reserved, 2, "the repeated item holds nothing");
 }
 
@@ -269,7 +321,12 @@ async fn batches_in_opposite_orders_neither_deadlock_nor_overshoot() {
                 // every key, forwards in even workers and backwards in odd ones
                 let mut batch: Vec<Admit> = (0..3)
                     .flat_map(|k| (0..2).map(move |j| (k, j)))
-                    .map(|(k, j)| Admit { key: k, id: format!("w{w}-r{round}-k{k}-{j}"), est: 10, max_out: 10 })
+                    .map(|(k, j)| Admit {
+                        key: k,
+                        id: format!("w{w}-r{round}-k{k}-{j}"),
+                        est: 10,
+                        max_out: 10,
+                    })
                     .collect();
                 if w % 2 == 1 {
                     batch.reverse();
@@ -292,21 +349,37 @@ async fn batches_in_opposite_orders_neither_deadlock_nor_overshoot() {
         t.await.expect("no batch failed (a deadlock would have)");
     }
     let per_user: Vec<i64> = db
-        .query("SELECT count(*) FROM quota.usage_ledger GROUP BY user_id ORDER BY user_id", &[])
+        .query(
+            "SELECT count(*) FROM quota.usage_ledger GROUP BY user_id ORDER BY user_id",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(per_user, vec![6, 6, 6], "each strict limit of 6 requests is reached, never overshot");
-    let reserved: i64 = db.query_one("SELECT count(*) FROM quota.reservation", &[]).await.unwrap().get(0);
+    assert_eq!(
+        per_user,
+        vec![6, 6, 6],
+        "each strict limit of 6 requests is reached, never overshot"
+    );
+    let reserved: i64 = db
+        .query_one("SELECT count(*) FROM quota.reservation", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(reserved, 0);
     assert_no_drift(&db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_strict_key_relayed_by_64_connections_through_a_batching_relay_admits_its_limit() {
-    let r = relayed("pgq_batch_relay", "'requests', 'day', 50, 'strict'", &["--batch-max", "64"]).await;
+    let r = relayed(
+        "pgq_batch_relay",
+        "'requests', 'day', 50, 'strict'",
+        &["--batch-max", "64"],
+    )
+    .await;
     let mut tasks = Vec::new();
     for _ in 0..64 {
         let req = r.chat(json!({"model": "gpt-4o", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}), &[]);
@@ -328,11 +401,19 @@ async fn a_strict_key_relayed_by_64_connections_through_a_batching_relay_admits_
     }
     assert_eq!(ok, 50, "exactly the strict limit is admitted");
     eventually("every admitted request settled", SETTLE_WITHIN, || async {
-        let n: i64 = r.db.query_one("SELECT count(*) FROM quota.usage_ledger", &[]).await.unwrap().get(0);
+        let n: i64 =
+            r.db.query_one("SELECT count(*) FROM quota.usage_ledger", &[])
+                .await
+                .unwrap()
+                .get(0);
         n == 50
     })
     .await;
-    let reserved: i64 = r.db.query_one("SELECT count(*) FROM quota.reservation", &[]).await.unwrap().get(0);
+    let reserved: i64 =
+        r.db.query_one("SELECT count(*) FROM quota.reservation", &[])
+            .await
+            .unwrap()
+            .get(0);
     assert_eq!(reserved, 0);
     assert_no_drift(&r.db).await;
 }

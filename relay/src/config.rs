@@ -130,8 +130,8 @@ pub struct ServeArgs {
     /// batch, one transaction (quota.admit_many / quota.settle_many). No timer: whatever is
     /// queued when a connection is free goes; a lone request waits for nothing. 1 turns it off.
     #[arg(long, env = "PGQ_BATCH_MAX", default_value_t = crate::proxy::batcher::DEFAULT_BATCH_MAX_FLAG,
-          value_parser = clap::value_parser!(u64).range(1..=1000))]
-    pub batch_max: u64,
+          value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub batch_max: u16,
 
     /// How long shutdown waits for in-flight settlements after the listener has closed.
     #[arg(long, env = "PGQ_SHUTDOWN_GRACE_S", default_value_t = 30)]
@@ -335,7 +335,7 @@ impl RelayConfig {
             forward_headers,
             upstream_timeout: Duration::from_secs_f64(args.upstream_timeout_s),
             settle_retry: Duration::from_secs(args.settle_retry_s),
-            batch_max: usize::try_from(args.batch_max).unwrap_or(1),
+            batch_max: usize::from(args.batch_max),
         })
     }
 }

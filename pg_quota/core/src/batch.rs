@@ -76,26 +76,49 @@ mod tests {
             (counter(false, 1, 7), ()),
             (counter(true, 4, 3), ()),
         ]);
-        let keys: Vec<_> = plan.iter().map(|(c, _)| (c.channel, c.policy_id, c.scope_id)).collect();
-        assert_eq!(keys, vec![(true, 4, 3), (true, 9, 3), (false, 1, 2), (false, 1, 7)]);
+        let keys: Vec<_> = plan
+            .iter()
+            .map(|(c, _)| (c.channel, c.policy_id, c.scope_id))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![(true, 4, 3), (true, 9, 3), (false, 1, 2), (false, 1, 7)]
+        );
     }
 
     #[test]
     fn a_counter_named_twice_is_locked_once_with_the_first_value() {
-        let plan = lock_plan([(counter(false, 5, 1), "first"), (counter(false, 5, 1), "second")]);
+        let plan = lock_plan([
+            (counter(false, 5, 1), "first"),
+            (counter(false, 5, 1), "second"),
+        ]);
         assert_eq!(plan, vec![(counter(false, 5, 1), "first")]);
     }
 
     #[test]
     fn only_later_items_repeat_an_id() {
-        let ids = [Some("a"), Some("b"), None, Some("a"), None, Some("b"), Some("a")];
-        assert_eq!(repeats(ids), vec![false, false, false, true, false, true, true]);
+        let ids = [
+            Some("a"),
+            Some("b"),
+            None,
+            Some("a"),
+            None,
+            Some("b"),
+            Some("a"),
+        ];
+        assert_eq!(
+            repeats(ids),
+            vec![false, false, false, true, false, true, true]
+        );
     }
 
     fn counters() -> impl Strategy<Value = Vec<CounterRef>> {
         // a policy belongs to one subject type: its id decides whether it is a channel's
-        prop::collection::vec((0i64..12, 0i64..6), 0..40)
-            .prop_map(|v| v.into_iter().map(|(p, s)| counter(p % 4 == 0, p, s)).collect())
+        prop::collection::vec((0i64..12, 0i64..6), 0..40).prop_map(|v| {
+            v.into_iter()
+                .map(|(p, s)| counter(p % 4 == 0, p, s))
+                .collect()
+        })
     }
 
     proptest! {

@@ -22,13 +22,13 @@ use std::sync::Mutex;
 use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::db::{self, Admission, AdmitItem, Settlement, SettleItem};
+use crate::db::{self, Admission, AdmitItem, SettleItem, Settlement};
 use crate::error::DbError;
 
 /// `--batch-max`'s default.
 pub const DEFAULT_BATCH_MAX: usize = 64;
 /// The same, as the command-line flag reads it.
-pub const DEFAULT_BATCH_MAX_FLAG: u64 = DEFAULT_BATCH_MAX as u64;
+pub const DEFAULT_BATCH_MAX_FLAG: u16 = DEFAULT_BATCH_MAX as u16;
 
 /// Batches of one kind (admits, settlements) running at once: few, so that under load calls
 /// queue and go together instead of each finding a free connection and going alone.
@@ -122,17 +122,25 @@ impl Batcher {
 async fn submit<I, A>(queue: &Queue<I, A>, item: I) -> Result<A, DbError> {
     let (reply, answer) = oneshot::channel();
     if queue.tx.send(Job { item, reply }).is_err() {
-        return Err(DbError::Unavailable("the relay's batching has stopped".into()));
+        return Err(DbError::Unavailable(
+            "the relay's batching has stopped".into(),
+        ));
     }
-    answer
-        .await
-        .unwrap_or_else(|_| Err(DbError::Unavailable("the relay's batching has stopped".into())))
+    answer.await.unwrap_or_else(|_| {
+        Err(DbError::Unavailable(
+            "the relay's batching has stopped".into(),
+        ))
+    })
 }
 
 /// Takes the first queued call, waits for a connection, then takes whatever else is queued by
 /// then (up to `max`) and runs it as one batch on that connection, in a task of its own.
-async fn dispatch<I, A, F, Fut>(pool: Pool, max: usize, mut rx: mpsc::UnboundedReceiver<Job<I, A>>, run: F)
-where
+async fn dispatch<I, A, F, Fut>(
+    pool: Pool,
+    max: usize,
+    mut rx: mpsc::UnboundedReceiver<Job<I, A>>,
+    run: F,
+) where
     I: Send + 'static,
     A: Send + 'static,
     F: Fn(Pool, Result<deadpool_postgres::Object, DbError>, Vec<Job<I, A>>) -> Fut,
@@ -140,7 +148,11 @@ where
 {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
-        let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let slot = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
         let client = pool.get().await.map_err(DbError::from);
         let mut jobs = vec![first];
         while jobs.len() < max {
@@ -191,7 +203,10 @@ fn answer<I, A>(
             let jobs = jobs
                 .into_iter()
                 .zip(items)
-                .map(|(job, item)| Job { item, reply: job.reply })
+                .map(|(job, item)| Job {
+                    item,
+                    reply: job.reply,
+                })
                 .collect();
             alone(jobs);
         }
@@ -221,7 +236,11 @@ async fn settle_alone(pool: Pool, item: SettleItem) -> Result<Settlement, DbErro
     .await
 }
 
-async fn run_admits(pool: Pool, client: Result<deadpool_postgres::Object, DbError>, jobs: Vec<Job<AdmitItem, Admission>>) {
+async fn run_admits(
+    pool: Pool,
+    client: Result<deadpool_postgres::Object, DbError>,
+    jobs: Vec<Job<AdmitItem, Admission>>,
+) {
     let alone = |jobs| answer_alone(jobs, |item| admit_alone(pool.clone(), item));
     match client {
         Ok(client) if jobs.len() > 1 => {
