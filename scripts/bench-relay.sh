@@ -16,6 +16,10 @@
 # waiting for the standby's flush (synchronous_commit = on) against a second relay on the
 # same database whose commits wait only for the local flush (synchronous_commit = local: what
 # asynchronous replication waits for), taking turns with the direct call; no throughput run.
+# The relay runs twice on the same database: with natural batching (--batch-max, default 64:
+# quota.admit_many / quota.settle_many) and with --batch-max 1 (every call alone); the floor
+# relays run with --batch-max 1 (their database's floor functions are single calls).
+# PG_BIN / PG_CONFIG name the PostgreSQL to use (scripts/lib.sh), PGQ_BENCH_PORT its port.
 set -euo pipefail
 LOG_TAG=bench
 source "$(dirname "$0")/lib.sh"
@@ -82,14 +86,17 @@ if [ "$MODE" = replication ]; then
     --database-url "host=$PGHOST port=$PORT user=postgres dbname=postgres options='-c synchronous_commit=local'"
   ASYNC=$SPAWNED_URL
 else
+  spawn_listening "$WORK/relay-single.log" "$BIN" serve --listen 127.0.0.1:0 --upstream-url "$MOCK/v1" \
+    --database-url "host=$PGHOST port=$PORT user=postgres dbname=postgres" --batch-max 1
+  SINGLE=$SPAWNED_URL
 psql -X -q -c "CREATE DATABASE relay_floor" || fail "creating the relay floor's database"
 psql -X -q -v ON_ERROR_STOP=1 -d relay_floor -c "CREATE EXTENSION pg_quota" \
   -f tests/bench/floor_setup.sql -f tests/bench/relay_floor.sql >/dev/null || fail "relay floor setup"
 spawn_listening "$WORK/floor.log" "$BIN" serve --listen 127.0.0.1:0 --upstream-url "$MOCK/v1" \
-  --database-url "host=$PGHOST port=$PORT user=postgres dbname=relay_floor"
+  --database-url "host=$PGHOST port=$PORT user=postgres dbname=relay_floor" --batch-max 1
 FLOOR=$SPAWNED_URL
 spawn_listening "$WORK/floor-nosync.log" "$BIN" serve --listen 127.0.0.1:0 --upstream-url "$MOCK/v1" \
-  --database-url "host=$PGHOST port=$PORT user=postgres dbname=relay_floor options='-c synchronous_commit=off'"
+  --database-url "host=$PGHOST port=$PORT user=postgres dbname=relay_floor options='-c synchronous_commit=off'" --batch-max 1
 FLOOR_NOSYNC=$SPAWNED_URL
 fi
 
@@ -159,8 +166,8 @@ if [ "$MODE" = replication ]; then
   declare -A URL=([direct]="$MOCK" [async]="$ASYNC" [sync]="$RELAY")
   say "latency at $RATE requests/s, $ROUNDS rounds of $DURATION s in all per target"
 else
-  TARGETS=(direct relay floor nosync)
-  declare -A URL=([direct]="$MOCK" [relay]="$RELAY" [floor]="$FLOOR" [nosync]="$FLOOR_NOSYNC")
+  TARGETS=(direct relay single floor nosync)
+  declare -A URL=([direct]="$MOCK" [relay]="$RELAY" [single]="$SINGLE" [floor]="$FLOOR" [nosync]="$FLOOR_NOSYNC")
   say "latency at $RATE requests/s, $ROUNDS rounds of $DURATION s in all per target; then max rate, $DURATION s each"
 fi
 declare -A BEFORE
@@ -215,6 +222,7 @@ if [ "$MODE" = replication ]; then
   exit 0
 fi
 read -r relay_p50 relay_p99 admit_ms upstream_ms <<<"$(figures relay)"
+read -r single_p50 single_p99 single_admit single_upstream <<<"$(figures single)"
 read -r floor_p50 floor_p99 floor_admit floor_upstream <<<"$(figures floor)"
 read -r nosync_p50 nosync_p99 nosync_admit nosync_upstream <<<"$(figures nosync)"
 # What one database round trip costs on this machine right now, at the same rate: a committed
@@ -226,6 +234,7 @@ select_ms=$(pgbench_ms 'SELECT 1;')
 [ -n "$update_ms" ] && [ -n "$select_ms" ] || fail "pgbench reference runs"
 direct_rps=$(throughput "$MOCK/v1/chat/completions")
 relay_rps=$(throughput "$RELAY/v1/chat/completions")
+single_rps=$(throughput "$SINGLE/v1/chat/completions")
 
 row() { # label p50 p99 admit upstream
   awk -v l="$1" -v p50="$2" -v p99="$3" -v a="$4" -v u="$5" -v d50="$direct_p50" -v d99="$direct_p99" \
@@ -233,11 +242,14 @@ row() { # label p50 p99 admit upstream
 }
 printf "\n  %-42s %7s %7s %7s %7s %8s %8s\n" "ms" "p50" "p99" "admit" "upstr." "+p50" "+p99"
 printf "  %-42s %7.2f %7.2f\n" "mock upstream, direct" "$direct_p50" "$direct_p99"
-row "through the relay, pg_quota" "$relay_p50" "$relay_p99" "$admit_ms" "$upstream_ms"
+row "through the relay, pg_quota (batching)" "$relay_p50" "$relay_p99" "$admit_ms" "$upstream_ms"
+row "  the same relay, --batch-max 1" "$single_p50" "$single_p99" "$single_admit" "$single_upstream"
 row "through the relay, floor (relay_floor.sql)" "$floor_p50" "$floor_p99" "$floor_admit" "$floor_upstream"
 row "  the same without WAL flushes" "$nosync_p50" "$nosync_p99" "$nosync_admit" "$nosync_upstream"
 echo "  (latency at $RATE req/s, $ROUNDS rounds taking turns; +: added to the direct call; goals: +p50 < 1 ms, +p99 < 5 ms)"
 echo "  one database round trip at the same rate (pgbench): committed UPDATE $update_ms ms, SELECT 1 $select_ms ms"
 awk -v d="$direct_rps" -v r="$relay_rps" 'BEGIN {
   printf "  max rate: direct %d req/s, through the relay %d req/s, ratio %.3f\n", d, r, r / d }'
+awk -v b="$relay_rps" -v s="$single_rps" 'BEGIN {
+  printf "  max rate through the relay: batching %d req/s, --batch-max 1 %d req/s, ratio %.2f (goal >= 4)\n", b, s, b / s }'
 left

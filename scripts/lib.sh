@@ -89,15 +89,16 @@ spawn_listening() {
   fail "$1 did not report a listening address within 10 s (see $log)"
 }
 
-# Benchmarks (scripts/bench-*.sh). pgbench_tps SCRIPT SECONDS: transactions per second of
-# tests/bench/SCRIPT, 8 clients over 2 threads, prepared, after a VACUUM ANALYZE and a
+# Benchmarks (scripts/bench-*.sh). pgbench_tps SCRIPT SECONDS [PGBENCH ARGS]: transactions per
+# second of tests/bench/SCRIPT, 8 clients over 2 threads, prepared, after a VACUUM ANALYZE and a
 # CHECKPOINT (so no case pays for the one before). ratio A B: A / B. median X...: the middle one.
 pgbench_tps() {
   psql -X -q -c "VACUUM ANALYZE" -c "CHECKPOINT" >/dev/null
-  local tps
-  tps=$("$PG_BIN/pgbench" -n -M prepared -c 8 -j 2 -T "$2" -f "$REPO_ROOT/tests/bench/$1" 2>&1 \
+  local tps script=$1 seconds=$2
+  shift 2
+  tps=$("$PG_BIN/pgbench" -n -M prepared -c 8 -j 2 -T "$seconds" "$@" -f "$REPO_ROOT/tests/bench/$script" 2>&1 \
         | awk '/^tps = / {print $3; exit}')
-  [ -n "$tps" ] || fail "pgbench $1 produced no result"
+  [ -n "$tps" ] || fail "pgbench $script produced no result"
   echo "$tps"
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }

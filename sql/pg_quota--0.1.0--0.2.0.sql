@@ -1056,5 +1056,32 @@ REVOKE ALL ON quota.notifier_cursor, quota.webhook_delivery FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION quota.status(bigint, text) TO quota_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE ON quota.notifier_cursor, quota.webhook_delivery TO quota_admin;
 
+-- Issue 19: batched admission
+-- quota.admit_many and quota.settle_many (sql/schema/45_batch.sql), executable by the relay role.
+CREATE FUNCTION quota.admit_many(api_keys text[], request_ids text[], models text[],
+                                 est_input_tokens bigint[], max_output_tokens bigint[],
+                                 channel_ids bigint[] DEFAULT NULL)
+RETURNS TABLE (ordinal integer, allowed boolean, http_status integer, error_code text, message text,
+               retry_after_s integer, key_id bigint, user_id bigint, channel_id bigint,
+               upstream_base_url text, upstream_api_key text, upstream_model text,
+               ratelimit_limit numeric, ratelimit_remaining numeric, ratelimit_metric text,
+               ratelimit_reset_at timestamptz, sqlstate text)
+LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off
+AS 'MODULE_PATHNAME', 'admit_many_wrapper';
+
+CREATE FUNCTION quota.settle_many(request_ids text[], input_tokens bigint[], output_tokens bigint[],
+                                  cached_tokens bigint[] DEFAULT NULL)
+RETURNS TABLE (ordinal integer, settled boolean, billed boolean, unbilled_reason text, cost numeric,
+               replay boolean, sqlstate text, message text)
+LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off
+AS 'MODULE_PATHNAME', 'settle_many_wrapper';
+
+REVOKE ALL ON FUNCTION quota.admit_many(text[], text[], text[], bigint[], bigint[], bigint[]),
+    quota.settle_many(text[], bigint[], bigint[], bigint[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION quota.admit_many(text[], text[], text[], bigint[], bigint[], bigint[]),
+    quota.settle_many(text[], bigint[], bigint[], bigint[]) TO quota_relay;
+
 -- Connections served by the new library look at the schema again (cache::schema in the library).
 UPDATE quota.policy_generation SET generation = generation + 1;

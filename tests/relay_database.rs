@@ -143,7 +143,8 @@ async fn charged_9_output_tokens(dsn: &str, id: &str) {
 #[tokio::test]
 async fn a_moderate_load_runs_on_the_connections_used_last() {
     let dsn = fresh_database("pgq_e2e_lifo").await;
-    let r = relayed_on(&dsn, "'tokens', 'day', 1000000, 'strict'", &[]).await;
+    // the pool's order, not batching, is under test: every call on a connection of its own
+    let r = relayed_on(&dsn, "'tokens', 'day', 1000000, 'strict'", &["--batch-max", "1"]).await;
     let resp = r.chat(chat_body(10), &[]).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     r.wait_ledger_rows(1).await;

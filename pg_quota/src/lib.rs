@@ -40,6 +40,7 @@ extension_sql_file!(
         lifecycle::key_refusal
     ]
 );
+extension_sql_file!("../../sql/schema/45_batch.sql", name = "batch", requires = ["lifecycle"]);
 extension_sql_file!("../../sql/schema/50_admin.sql", name = "admin", requires = ["lifecycle"]);
 extension_sql_file!("../../sql/schema/60_rollups.sql", name = "rollups", requires = ["tables"]);
 extension_sql_file!("../../sql/schema/70_alerts.sql", name = "alerts", requires = ["tables"]);

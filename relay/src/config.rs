@@ -251,6 +251,13 @@ pub struct ServeArgs {
     #[arg(long, env = "PGQ_SETTLE_RETRY_S", default_value_t = 600)]
     pub settle_retry_s: u64,
 
+    /// At most this many concurrent admits (and, apart, settlements) go to the database as one
+    /// batch, one transaction (quota.admit_many / quota.settle_many). No timer: whatever is
+    /// queued when a connection is free goes; a lone request waits for nothing. 1 turns it off.
+    #[arg(long, env = "PGQ_BATCH_MAX", default_value_t = crate::proxy::batcher::DEFAULT_BATCH_MAX_FLAG,
+          value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub batch_max: u16,
+
     /// How long shutdown waits for in-flight settlements after the listener has closed.
     #[arg(long, env = "PGQ_SHUTDOWN_GRACE_S", default_value_t = 30)]
     pub shutdown_grace_s: u64,
@@ -279,6 +286,7 @@ impl std::fmt::Debug for ServeArgs {
             .field("state_dir", &self.state_dir)
             .field("upstream_timeout_s", &self.upstream_timeout_s)
             .field("settle_retry_s", &self.settle_retry_s)
+            .field("batch_max", &self.batch_max)
             .finish_non_exhaustive()
     }
 }
@@ -405,6 +413,8 @@ pub struct RelayConfig {
     pub upstream_timeout: Duration,
     /// how long a settlement is retried (see --settle-retry-s)
     pub settle_retry: Duration,
+    /// most calls in one batch (see --batch-max; 1: no batching)
+    pub batch_max: usize,
 }
 
 impl RelayConfig {
@@ -448,6 +458,7 @@ impl RelayConfig {
             forward_headers,
             upstream_timeout: Duration::from_secs_f64(args.upstream_timeout_s),
             settle_retry: Duration::from_secs(args.settle_retry_s),
+            batch_max: usize::from(args.batch_max),
         })
     }
 }

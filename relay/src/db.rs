@@ -27,6 +27,22 @@ pub const SETTLE_SQL: &str = "\
 SELECT settled::boolean, billed::boolean, unbilled_reason::text, cost::text, replay::boolean \
 FROM quota.settle($1::text, $2::bigint, $3::bigint, $4::bigint)";
 
+/// The batched calls (`--batch-max`): the same columns as ADMIT_SQL and SETTLE_SQL, then the
+/// SQLSTATE and message of an item that the single call would have refused with an error.
+pub const ADMIT_MANY_SQL: &str = "\
+SELECT allowed::boolean, http_status::int, error_code::text, message::text, \
+retry_after_s::bigint, key_id::bigint, user_id::bigint, channel_id::bigint, \
+upstream_base_url::text, upstream_api_key::text, upstream_model::text, \
+ratelimit_limit::text, ratelimit_remaining::text, ratelimit_metric::text, \
+CEIL(EXTRACT(EPOCH FROM (ratelimit_reset_at::timestamptz - quota.clock())))::bigint, sqlstate::text \
+FROM quota.admit_many($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[]) \
+ORDER BY ordinal";
+
+pub const SETTLE_MANY_SQL: &str = "\
+SELECT settled::boolean, billed::boolean, unbilled_reason::text, cost::text, replay::boolean, \
+sqlstate::text, message::text \
+FROM quota.settle_many($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) ORDER BY ordinal";
+
 pub const REFUND_SQL: &str = "SELECT quota.refund($1::text, $2::text)::boolean";
 
 pub const MODELS_SQL: &str = "SELECT model::text, owned_by::text FROM quota.models($1::text)";
@@ -163,6 +179,122 @@ pub struct Admission {
     pub ratelimit: RateLimit,
 }
 
+/// The arguments of one admit, owned (queued for a batch).
+#[derive(Clone)]
+pub struct AdmitItem {
+    pub api_key: String,
+    pub request_id: String,
+    pub model: String,
+    pub est_input_tokens: i64,
+    pub max_output_tokens: i64,
+    pub channel_id: Option<i64>,
+}
+
+impl AdmitItem {
+    pub fn args(&self) -> AdmitArgs<'_> {
+        AdmitArgs {
+            api_key: &self.api_key,
+            request_id: &self.request_id,
+            model: &self.model,
+            est_input_tokens: self.est_input_tokens,
+            max_output_tokens: self.max_output_tokens,
+            channel_id: self.channel_id,
+        }
+    }
+}
+
+/// The arguments of one settle, owned (queued for a batch).
+#[derive(Clone)]
+pub struct SettleItem {
+    pub request_id: String,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cached_tokens: i64,
+}
+
+/// The answer of a batch's item: its row, or the error the single call would have raised.
+fn item_error(row: &Row, sqlstate: usize, message: usize) -> Result<Option<DbError>, DbError> {
+    Ok(row.try_get::<_, Option<String>>(sqlstate)?.map(|code| DbError::Sql {
+        code,
+        message: row.try_get::<_, Option<String>>(message).ok().flatten().unwrap_or_default(),
+    }))
+}
+
+/// Admits a batch in one transaction on `client` (quota.admit_many): one answer per item, in
+/// order. Err: the whole batch failed (nothing of it committed, or its outcome is unknown).
+pub async fn admit_many(
+    client: deadpool_postgres::Object,
+    items: &[AdmitItem],
+) -> Result<Vec<Result<Admission, DbError>>, DbError> {
+    bounded(async {
+        let stmt = client.prepare_cached(ADMIT_MANY_SQL).await?;
+        let column = |f: fn(&AdmitItem) -> String| items.iter().map(f).collect::<Vec<_>>();
+        let (keys, ids, models) = (
+            column(|i| i.api_key.clone()),
+            column(|i| i.request_id.clone()),
+            column(|i| i.model.clone()),
+        );
+        let est: Vec<i64> = items.iter().map(|i| i.est_input_tokens).collect();
+        let max_out: Vec<i64> = items.iter().map(|i| i.max_output_tokens).collect();
+        let channels: Vec<Option<i64>> = items.iter().map(|i| i.channel_id).collect();
+        let args: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+            [&keys, &ids, &models, &est, &max_out, &channels];
+        let rows = match client.query(&stmt, &args).await {
+            Ok(rows) => rows,
+            Err(e) => return Err(dropped_if_read_only(client, e)),
+        };
+        if rows.len() != items.len() {
+            return Err(DbError::Sql {
+                code: "XX000".into(),
+                message: format!("admit_many answered {} rows for {} items", rows.len(), items.len()),
+            });
+        }
+        rows.iter()
+            .map(|row| {
+                Ok(match item_error(row, 15, 3)? {
+                    Some(e) => Err(e),
+                    None => Ok(admission_from_row(row)?),
+                })
+            })
+            .collect()
+    })
+    .await
+}
+
+/// Settles a batch in one transaction on `client` (quota.settle_many); see [`admit_many`].
+pub async fn settle_many(
+    client: deadpool_postgres::Object,
+    items: &[SettleItem],
+) -> Result<Vec<Result<Settlement, DbError>>, DbError> {
+    bounded(async {
+        let stmt = client.prepare_cached(SETTLE_MANY_SQL).await?;
+        let ids: Vec<&str> = items.iter().map(|i| i.request_id.as_str()).collect();
+        let input: Vec<i64> = items.iter().map(|i| i.input_tokens).collect();
+        let output: Vec<i64> = items.iter().map(|i| i.output_tokens).collect();
+        let cached: Vec<i64> = items.iter().map(|i| i.cached_tokens).collect();
+        let args: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&ids, &input, &output, &cached];
+        let rows = match client.query(&stmt, &args).await {
+            Ok(rows) => rows,
+            Err(e) => return Err(dropped_if_read_only(client, e)),
+        };
+        if rows.len() != items.len() {
+            return Err(DbError::Sql {
+                code: "XX000".into(),
+                message: format!("settle_many answered {} rows for {} items", rows.len(), items.len()),
+            });
+        }
+        rows.iter()
+            .map(|row| {
+                Ok(match item_error(row, 5, 6)? {
+                    Some(e) => Err(e),
+                    None => Ok(settlement_from_row(row)?),
+                })
+            })
+            .collect()
+    })
+    .await
+}
+
 pub struct AdmitArgs<'a> {
     pub api_key: &'a str,
     pub request_id: &'a str,
@@ -187,6 +319,16 @@ const ADMIT_ATTEMPTS: u32 = 3;
 pub struct AdmitFailure {
     pub error: DbError,
     pub may_have_committed: bool,
+}
+
+/// An error that was an answer, or came before anything was sent: the admit did not commit.
+impl From<DbError> for AdmitFailure {
+    fn from(error: DbError) -> Self {
+        AdmitFailure {
+            error,
+            may_have_committed: false,
+        }
+    }
 }
 
 pub async fn admit(pool: &Pool, a: &AdmitArgs<'_>) -> Result<Admission, AdmitFailure> {
@@ -323,15 +465,19 @@ pub async fn settle(
             Ok(row) => row,
             Err(e) => return Err(dropped_if_read_only(client, e)),
         };
-        Ok(Settlement {
-            settled: row.try_get::<_, Option<bool>>(0)?.unwrap_or(false),
-            billed: row.try_get::<_, Option<bool>>(1)?.unwrap_or(false),
-            unbilled_reason: row.try_get(2)?,
-            cost: row.try_get(3)?,
-            replay: row.try_get::<_, Option<bool>>(4)?.unwrap_or(false),
-        })
+        settlement_from_row(&row)
     })
     .await
+}
+
+fn settlement_from_row(row: &Row) -> Result<Settlement, DbError> {
+    Ok(Settlement {
+        settled: row.try_get::<_, Option<bool>>(0)?.unwrap_or(false),
+        billed: row.try_get::<_, Option<bool>>(1)?.unwrap_or(false),
+        unbilled_reason: row.try_get(2)?,
+        cost: row.try_get(3)?,
+        replay: row.try_get::<_, Option<bool>>(4)?.unwrap_or(false),
+    })
 }
 
 pub async fn refund(pool: &Pool, request_id: &str, reason: &str) -> Result<bool, DbError> {

@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::RelayConfig;
 use crate::fail_open::FailOpen;
 use crate::metrics::Metrics;
+use crate::proxy::batcher::Batcher;
 use crate::proxy::journal::Journal;
 
 pub struct Relay {
@@ -26,6 +27,8 @@ pub struct Relay {
     pub fail_open: FailOpen,
     /// Settlements not yet recorded, kept past a restart with `--state-dir`.
     pub journal: Journal,
+    /// Admits and settlements coalesced into batches (`--batch-max`).
+    pub batcher: Batcher,
 }
 
 pub type AppState = Arc<Relay>;
@@ -51,6 +54,7 @@ impl Relay {
             .pool_idle_timeout(Duration::from_secs(90))
             .build()?;
         let fail_open = FailOpen::new(config.fail_open.clone());
+        let batcher = Batcher::new(pool.clone(), config.batch_max);
         Ok(Arc::new(Relay {
             pool,
             http,
@@ -59,6 +63,7 @@ impl Relay {
             tasks: TaskTracker::new(),
             fail_open,
             journal,
+            batcher,
             estimators: Semaphore::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
             ),
@@ -97,6 +102,7 @@ pub(crate) fn test_relay(
             forward_headers: vec![],
             upstream_timeout,
             settle_retry: Duration::from_secs(1),
+            batch_max: crate::proxy::batcher::DEFAULT_BATCH_MAX,
         },
         Journal::open(None).unwrap(),
     )

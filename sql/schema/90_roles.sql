@@ -21,6 +21,8 @@ GRANT USAGE ON SCHEMA quota TO quota_relay, quota_admin;
 GRANT EXECUTE ON FUNCTION
     quota.admit(text, text, text, bigint, bigint, bigint),
     quota.settle(text, bigint, bigint, bigint),
+    quota.admit_many(text[], text[], text[], bigint[], bigint[], bigint[]),
+    quota.settle_many(text[], bigint[], bigint[], bigint[]),
     quota.refund(text, text),
     quota.models(text),
     quota.clock()          -- so the relay turns reset instants into seconds on the engine's clock

@@ -78,3 +78,43 @@ BEGIN
     RETURN true;
 END
 $$;
+
+-- The same row writes for a batch, set-based (issue 19): all reservations in one insert, each
+-- counter updated once with the batch's sum, locked in id order, all ledger rows in one insert
+-- (the rollup trigger still runs per row). What a batch of this data model costs at the least.
+CREATE FUNCTION bench_floor.admit_many(request_ids text[], keys bigint[]) RETURNS integer
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO bench_floor.reservation (request_id, key_id, user_id, channel_id, model,
+        counted_in_key_global, counted_in_user_global, est_input_tokens, max_output_tokens,
+        hold_policy, hold_scope, hold_amount, hold_limit, created_at)
+    SELECT r, k, k, NULL, 'floor-model', true, true, 100, 100,
+           ARRAY[1], ARRAY[k], ARRAY[0.0003], ARRAY[1000000000], now()
+    FROM unnest(request_ids, keys) AS i(r, k);
+    UPDATE bench_floor.counter c SET reserved = c.reserved + s.amount
+    FROM (SELECT k, 0.0003 * count(*) AS amount FROM unnest(keys) k GROUP BY k ORDER BY k) s
+    WHERE c.policy_id = 1 AND c.scope_id = s.k;
+    RETURN cardinality(request_ids);
+END
+$$;
+
+CREATE FUNCTION bench_floor.settle_many(request_ids text[]) RETURNS integer
+LANGUAGE sql AS $$
+    WITH gone AS (
+        DELETE FROM bench_floor.reservation r WHERE r.request_id = ANY(request_ids)
+        RETURNING r.request_id, r.key_id
+    ), ledger AS (
+        INSERT INTO bench_floor.usage_ledger (request_id, key_id, user_id, channel_id, model, input_tokens,
+            output_tokens, cached_tokens, cost, billed, unbilled_reason, counted_in_key_global,
+            counted_in_user_global, counted_policy, counted_scope, counted_window, counted_amount, settled_at)
+        SELECT g.request_id, g.key_id, g.key_id, NULL, 'floor-model', 100, 100, 0, 0.0003, true, NULL, true, true,
+               ARRAY[1], ARRAY[g.key_id], ARRAY[date_trunc('day', now())], ARRAY[0.0003], now()
+        FROM gone g
+    ), counted AS (
+        UPDATE bench_floor.counter c SET used = c.used + s.amount, reserved = c.reserved - s.amount
+        FROM (SELECT g.key_id AS k, 0.0003 * count(*) AS amount FROM gone g GROUP BY g.key_id ORDER BY g.key_id) s
+        WHERE c.policy_id = 1 AND c.scope_id = s.k
+        RETURNING 1
+    )
+    SELECT cardinality(request_ids)
+$$;

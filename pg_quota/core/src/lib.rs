@@ -5,10 +5,12 @@
 //!   [`PolicyError`]).
 //! * [`pricing`]: which price a model name is charged at (snapshots and aliases).
 //! * [`request`]: the bounds on what a client sends to admit and settle ([`InputError`]).
+//! * [`batch`]: how a batch of lifecycle calls locks counters and finds repeated request ids.
 //! * [`bounded`]: a map bounded in entries and bytes, for per-backend caches.
 //! * [`humanize`]: approximate durations in words for client messages.
 #![forbid(unsafe_code)]
 
+pub mod batch;
 pub mod bounded;
 pub mod humanize;
 pub mod policy;

@@ -18,22 +18,22 @@ use crate::gucs::{UnpricedModels, UNPRICED_MODELS};
 
 /// The columns of `quota.admission`, in order.
 #[derive(Default)]
-struct Admission {
-    allowed: bool,
-    http_status: i32,
-    error_code: Option<&'static str>,
-    message: Option<String>,
-    retry_after_s: Option<i32>,
-    key_id: Option<i64>,
-    user_id: Option<i64>,
-    channel_id: Option<i64>,
-    upstream_base_url: Option<String>,
-    upstream_api_key: Option<String>,
-    upstream_model: Option<String>,
-    ratelimit_limit: Option<AnyNumeric>,
-    ratelimit_remaining: Option<AnyNumeric>,
-    ratelimit_metric: Option<String>,
-    ratelimit_reset_at: Option<TimestampWithTimeZone>,
+pub(super) struct Admission {
+    pub allowed: bool,
+    pub http_status: i32,
+    pub error_code: Option<&'static str>,
+    pub message: Option<String>,
+    pub retry_after_s: Option<i32>,
+    pub key_id: Option<i64>,
+    pub user_id: Option<i64>,
+    pub channel_id: Option<i64>,
+    pub upstream_base_url: Option<String>,
+    pub upstream_api_key: Option<String>,
+    pub upstream_model: Option<String>,
+    pub ratelimit_limit: Option<AnyNumeric>,
+    pub ratelimit_remaining: Option<AnyNumeric>,
+    pub ratelimit_metric: Option<String>,
+    pub ratelimit_reset_at: Option<TimestampWithTimeZone>,
 }
 
 impl Admission {
@@ -330,34 +330,66 @@ fn admit(
     max_output_tokens: Option<i64>,
     channel_id: Option<i64>,
 ) -> pgrx::composite_type!('static, "quota.admission") {
+    // a batch of one (quota.admit_many): one implementation of every rule
+    let item = AdmitItem {
+        api_key,
+        request_id,
+        model,
+        est_input_tokens,
+        max_output_tokens,
+        channel_id,
+    };
     let decision = Spi::connect_mut(|client| {
-        let (request_id, model, est, max_out) = match (request_id, model, est_input_tokens, max_output_tokens) {
-            (Some(r), Some(m), Some(e), Some(o)) => (r, m, e, o),
-            _ => {
-                return fail(
-                    b"PQ400",
-                    "admit: request_id, model, est_input_tokens and max_output_tokens are required".into(),
-                )
-            }
-        };
-        // bounded before anything is read or written (pg_quota_core::request)
-        if let Err(e) = pg_quota_core::request::check_admit(request_id, model, est, max_out) {
-            return fail(b"PQ400", format!("admit: {e}"));
-        }
-        decide(
-            client,
-            api_key.unwrap_or(""),
-            request_id,
-            model,
-            est,
-            max_out,
-            channel_id,
-        )
+        super::batch::admit_each(client, std::slice::from_ref(&item))
+            .pop()
+            .expect("one decision per item")
     });
     match decision {
         Ok(decision) => decision.into_tuple(),
         Err(e) => e.raise(),
     }
+}
+
+/// The arguments of one admit.
+pub(super) struct AdmitItem<'a> {
+    pub api_key: Option<&'a str>,
+    pub request_id: Option<&'a str>,
+    pub model: Option<&'a str>,
+    pub est_input_tokens: Option<i64>,
+    pub max_output_tokens: Option<i64>,
+    pub channel_id: Option<i64>,
+}
+
+/// One admit, in the caller's transaction: its arguments checked, then decided (the counters it
+/// touches may be locked already, by its batch).
+pub(super) fn admit_item(client: &mut SpiClient<'_>, item: &AdmitItem<'_>) -> Result<Admission, EngineError> {
+    let (request_id, model, est, max_out) = match (
+        item.request_id,
+        item.model,
+        item.est_input_tokens,
+        item.max_output_tokens,
+    ) {
+        (Some(r), Some(m), Some(e), Some(o)) => (r, m, e, o),
+        _ => {
+            return fail(
+                b"PQ400",
+                "admit: request_id, model, est_input_tokens and max_output_tokens are required".into(),
+            )
+        }
+    };
+    // bounded before anything is read or written (pg_quota_core::request)
+    if let Err(e) = pg_quota_core::request::check_admit(request_id, model, est, max_out) {
+        return fail(b"PQ400", format!("admit: {e}"));
+    }
+    decide(
+        client,
+        item.api_key.unwrap_or(""),
+        request_id,
+        model,
+        est,
+        max_out,
+        item.channel_id,
+    )
 }
 
 fn decide(

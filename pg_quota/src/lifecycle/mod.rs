@@ -53,6 +53,7 @@ macro_rules! marks {
 
 mod admit;
 mod alerts;
+mod batch;
 mod cache;
 mod settle;
 

@@ -12,11 +12,11 @@ use super::{
 };
 
 /// The columns of `quota.settlement`, in order.
-struct Settlement {
-    billed: bool,
-    unbilled_reason: Option<String>,
-    cost: AnyNumeric,
-    replay: bool,
+pub(super) struct Settlement {
+    pub billed: bool,
+    pub unbilled_reason: Option<String>,
+    pub cost: AnyNumeric,
+    pub replay: bool,
 }
 
 // Takes the reservation and prices the actual usage in one statement.
@@ -118,19 +118,17 @@ fn settle(
     output_tokens: Option<i64>,
     cached_tokens: Option<i64>,
 ) -> pgrx::composite_type!('static, "quota.settlement") {
+    // a batch of one (quota.settle_many): one implementation of every rule
+    let item = SettleItem {
+        request_id,
+        input_tokens,
+        output_tokens,
+        cached_tokens,
+    };
     let settled = Spi::connect_mut(|client| {
-        let request_id = request_id.unwrap_or("");
-        // bounded before anything is read or written (pg_quota_core::request)
-        if let Err(e) = pg_quota_core::request::check_settle(request_id, input_tokens, output_tokens, cached_tokens) {
-            return fail(b"PQ400", format!("settle: {e}"));
-        }
-        settle_in(
-            client,
-            request_id,
-            input_tokens,
-            output_tokens,
-            cached_tokens.unwrap_or(0),
-        )
+        super::batch::settle_each(client, std::slice::from_ref(&item))
+            .pop()
+            .expect("one settlement per item")
     });
     let s = match settled {
         Ok(s) => s,
@@ -146,6 +144,26 @@ fn settle(
             s.replay.into_datum(),
         ],
     )
+}
+
+/// The arguments of one settle.
+pub(super) struct SettleItem<'a> {
+    pub request_id: Option<&'a str>,
+    pub input_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
+    pub cached_tokens: Option<i64>,
+}
+
+/// One settle, in the caller's transaction: its arguments checked, then settled (the
+/// reservation and counters it touches may be locked already, by its batch).
+pub(super) fn settle_item(client: &mut SpiClient<'_>, item: &SettleItem<'_>) -> Result<Settlement, EngineError> {
+    let request_id = item.request_id.unwrap_or("");
+    let (input, output, cached) = (item.input_tokens, item.output_tokens, item.cached_tokens);
+    // bounded before anything is read or written (pg_quota_core::request)
+    if let Err(e) = pg_quota_core::request::check_settle(request_id, input, output, cached) {
+        return fail(b"PQ400", format!("settle: {e}"));
+    }
+    settle_in(client, request_id, input, output, cached.unwrap_or(0))
 }
 
 fn settle_in(

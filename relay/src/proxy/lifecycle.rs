@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use crate::db::{self, AdmitArgs};
+use crate::db::AdmitItem;
 use crate::error::{AppError, DbError};
 use crate::openai::Endpoint;
 use crate::proxy::ingress::{self, Job};
@@ -59,18 +59,17 @@ impl Drop for InFlight {
 async fn lifecycle(state: AppState, job: Job, reply: oneshot::Sender<Response>) {
     let label = job.endpoint.label();
     let started = Instant::now();
-    let admitted = db::admit(
-        &state.pool,
-        &AdmitArgs {
-            api_key: &job.api_key,
-            request_id: &job.request_id,
-            model: &job.model,
+    let admitted = state
+        .batcher
+        .admit(AdmitItem {
+            api_key: job.api_key.clone(),
+            request_id: job.request_id.clone(),
+            model: job.model.clone(),
             est_input_tokens: job.est_input,
             max_output_tokens: job.max_output,
             channel_id: job.channel_id,
-        },
-    )
-    .await;
+        })
+        .await;
     state
         .metrics
         .admit_seconds

@@ -101,15 +101,16 @@ pub async fn settle_or_refund(
         attempt += 1;
         let started = Instant::now();
         let result = match &outcome {
-            Outcome::Settle(u) => db::settle(
-                &state.pool,
-                request_id,
-                u.input_tokens,
-                u.output_tokens,
-                u.cached_tokens,
-            )
-            .await
-            .map(Some),
+            Outcome::Settle(u) => state
+                .batcher
+                .settle(db::SettleItem {
+                    request_id: request_id.to_string(),
+                    input_tokens: u.input_tokens,
+                    output_tokens: u.output_tokens,
+                    cached_tokens: u.cached_tokens,
+                })
+                .await
+                .map(Some),
             Outcome::Refund(reason) => {
                 db::refund(&state.pool, request_id, reason)
                     .await

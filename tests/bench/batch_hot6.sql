@@ -1,0 +1,7 @@
+\set rid random(1, 9000000000000000)
+SELECT count(*) FILTER (WHERE allowed) FROM quota.admit_many(
+  array_fill('sk-pgq-000000000002-' || md5('2') || md5('3'), ARRAY[:n::int]),
+  ARRAY(SELECT 'b' || :rid || '-' || i FROM generate_series(1, :n::int) i),
+  array_fill('bench-model-6'::text, ARRAY[:n::int]), array_fill(100::bigint, ARRAY[:n::int]), array_fill(100::bigint, ARRAY[:n::int]));
+SELECT count(*) FILTER (WHERE billed) FROM quota.settle_many(ARRAY(SELECT 'b' || :rid || '-' || i FROM generate_series(1, :n::int) i),
+  array_fill(100::bigint, ARRAY[:n::int]), array_fill(100::bigint, ARRAY[:n::int]));

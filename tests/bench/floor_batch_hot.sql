@@ -1,0 +1,3 @@
+\set rid random(1, 9000000000000000)
+SELECT bench_floor.admit_many(ARRAY(SELECT 'b' || :rid || '-' || i FROM generate_series(1, :n::int) i), array_fill(1::bigint, ARRAY[:n::int]));
+SELECT bench_floor.settle_many(ARRAY(SELECT 'b' || :rid || '-' || i FROM generate_series(1, :n::int) i));
