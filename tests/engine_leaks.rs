@@ -25,7 +25,9 @@ async fn a_run_of_requests_as_the_relay_role_writes_no_key_to_the_server_log() {
 
     let logged_before = server_log().len();
     let http = reqwest::Client::new();
-    let wrong_key = format!("{}0", &key.secret[..key.secret.len() - 1]);
+    // the secret with its last (hex) digit changed: a key of the right shape that is not it
+    let last = if key.secret.ends_with('0') { '1' } else { '0' };
+    let wrong_key = format!("{}{last}", &key.secret[..key.secret.len() - 1]);
     for (i, secret) in [&key.secret, &key.secret, &key.secret, &wrong_key].iter().enumerate() {
         let resp = http
             .post(format!("{}/v1/chat/completions", relay.url))
