@@ -350,6 +350,7 @@ type SettleRow = (
 );
 
 #[pg_extern(sql = false)] // declared in sql/schema/45_batch.sql
+#[allow(clippy::type_complexity)]
 fn settle_many(
     request_ids: Option<Vec<Option<String>>>,
     input_tokens: Option<Vec<Option<i64>>>,
