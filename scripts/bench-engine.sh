@@ -17,13 +17,7 @@ DURATION=${BENCH_SECONDS:-10}
 ROUNDS=${BENCH_ROUNDS:-3}
 PORT=${PGQ_BENCH_PORT:-54392}
 
-bash scripts/bootstrap.sh >/dev/null
-install_extension --release
-WORK=$(mktemp -d /var/tmp/pg_quota-bench.XXXXXX); chmod 755 "$WORK"
-trap 'cluster_stop "$WORK/cluster"; rm -rf "$WORK"' EXIT
-cluster_init "$WORK/cluster"
-cluster_start "$WORK/cluster" "$PORT" "shared_buffers=512MB" "max_connections=50"
-export PGHOST="$WORK/cluster/socket" PGPORT=$PORT PGUSER=postgres PGDATABASE=postgres
+bench_cluster bench "$PORT" "shared_buffers=512MB" "max_connections=50"
 psql -X -q -v ON_ERROR_STOP=1 -f tests/bench/setup.sql >/dev/null || fail "benchmark setup"
 
 run() {  # run SCRIPT [BATCH] -> prints pairs per second (tps x BATCH, the script's :n)

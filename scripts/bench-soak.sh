@@ -18,14 +18,8 @@ DURATION=${BENCH_SECONDS:-10}
 ROUNDS=${BENCH_ROUNDS:-3}
 PORT=${PGQ_BENCH_PORT:-54393}
 
-bash scripts/bootstrap.sh >/dev/null
-install_extension --release
-WORK=$(mktemp -d /var/tmp/pg_quota-soak.XXXXXX); chmod 755 "$WORK"
-trap 'cluster_stop "$WORK/cluster"; rm -rf "$WORK"' EXIT
-cluster_init "$WORK/cluster"
-cluster_start "$WORK/cluster" "$PORT" "shared_buffers=512MB" "max_connections=50" "max_wal_size=8GB" \
+bench_cluster soak "$PORT" "shared_buffers=512MB" "max_connections=50" "max_wal_size=8GB" \
   "shared_preload_libraries=pg_quota" "pg_quota.sweep_interval=0"
-export PGHOST="$WORK/cluster/socket" PGPORT=$PORT PGUSER=postgres PGDATABASE=postgres
 PSQL=(psql -X -q -v ON_ERROR_STOP=1)
 "${PSQL[@]}" -f tests/bench/setup.sql >/dev/null || fail "benchmark setup"
 "${PSQL[@]}" -c "SELECT * FROM quota.maintain_ledger()" >/dev/null || fail "the first upkeep"

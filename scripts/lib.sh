@@ -89,9 +89,22 @@ spawn_listening() {
   fail "$1 did not report a listening address within 10 s (see $log)"
 }
 
-# Benchmarks (scripts/bench-*.sh). pgbench_tps SCRIPT SECONDS [PGBENCH ARGS]: transactions per
+# Benchmarks (scripts/bench-*.sh). bench_cluster NAME PORT [SETTING...]: the extension built
+# in release mode and a throwaway cluster under WORK (/var/tmp/pg_quota-NAME.*), removed on
+# exit, with PGHOST, PGPORT, PGUSER and PGDATABASE pointing at it. pgbench_tps SCRIPT SECONDS [PGBENCH ARGS]: transactions per
 # second of tests/bench/SCRIPT, 8 clients over 2 threads, prepared, after a VACUUM ANALYZE and a
 # CHECKPOINT (so no case pays for the one before). ratio A B: A / B. median X...: the middle one.
+bench_cluster() {
+  local name=$1 port=$2
+  shift 2
+  bash "$REPO_ROOT/scripts/bootstrap.sh" >/dev/null
+  install_extension --release
+  WORK=$(mktemp -d "/var/tmp/pg_quota-$name.XXXXXX"); chmod 755 "$WORK"
+  trap 'cluster_stop "$WORK/cluster"; rm -rf "$WORK"' EXIT
+  cluster_init "$WORK/cluster"
+  cluster_start "$WORK/cluster" "$port" "$@"
+  export PGHOST="$WORK/cluster/socket" PGPORT=$port PGUSER=postgres PGDATABASE=postgres
+}
 pgbench_tps() {
   psql -X -q -c "VACUUM ANALYZE" -c "CHECKPOINT" >/dev/null
   local tps script=$1 seconds=$2

@@ -76,9 +76,10 @@ for old in $releases; do
   # (policy_generation is the per-connection caches' clock, not data: the restore moves it on.)
   check "the restored database holds the same rows" \
     diff <(grep -v '^policy_generation ' "$WORK/upkept.rows") <(grep -v '^policy_generation ' "$WORK/restored.rows")
+  partitions="SELECT partition, range_from, range_to, (SELECT count(*) FROM quota.usage_ledger l WHERE l.tableoid = p.partition)
+              FROM quota.ledger_partitions() p"
   check "the restored database has the same ledger partitions, with their rows" diff \
-    <(value "$db" "SELECT partition, range_from, range_to, (SELECT count(*) FROM quota.usage_ledger l WHERE l.tableoid = p.partition) FROM quota.ledger_partitions() p") \
-    <(value "$restored" "SELECT partition, range_from, range_to, (SELECT count(*) FROM quota.usage_ledger l WHERE l.tableoid = p.partition) FROM quota.ledger_partitions() p")
+    <(value "$db" "$partitions") <(value "$restored" "$partitions")
   check "the restored database makes new users, keys, policies and events after the old ones" \
     test "$(value "$restored" "SELECT quota.create_user('after-restore') > max(user_id) FILTER (WHERE name <> 'after-restore')
                                AND (SELECT count(*) FROM quota.event) = (SELECT count(DISTINCT event_id) FROM quota.event) FROM quota.app_user")" = t

@@ -87,20 +87,11 @@ fn sweep_once() {
     if !installed {
         return;
     }
-    let counts = Spi::connect(|client| {
-        let row = client
-            .select(
-                "SELECT expired_reservations, resumed_keys, recovered_windows, pruned_buckets, pruned_released, \
-                 pruned_events FROM quota.sweep()",
-                None,
-                &[],
-            )?
-            .first();
-        (1..=6)
-            .map(|i| row.get::<i32>(i).map(Option::unwrap_or_default))
-            .collect::<Result<Vec<i32>, _>>()
-    });
-    if let Ok([expired, resumed, recovered, buckets, released, events]) = counts.as_deref() {
+    let counts = counts(
+        "SELECT expired_reservations::bigint, resumed_keys::bigint, recovered_windows::bigint, \
+         pruned_buckets::bigint, pruned_released::bigint, pruned_events::bigint FROM quota.sweep()",
+    );
+    if let Some([expired, resumed, recovered, buckets, released, events]) = counts.as_deref() {
         if counts.iter().flatten().any(|n| *n > 0) {
             let expired_action = match crate::gucs::EXPIRED_RESERVATIONS.get() {
                 crate::gucs::ExpiredReservations::Charge => "charged at their reservation",
@@ -118,20 +109,11 @@ fn sweep_once() {
 /// The ledger's upkeep (quota.maintain_ledger), in a transaction of its own after the sweep:
 /// its DDL takes locks on the ledger that the sweep's transaction should not hold.
 fn maintain_ledger_once() {
-    let counts = Spi::connect(|client| {
-        let row = client
-            .select(
-                "SELECT made_partitions::bigint, filed_rows, closed_partitions::bigint, archived_partitions::bigint, \
-                 forgotten_request_ids FROM quota.maintain_ledger()",
-                None,
-                &[],
-            )?
-            .first();
-        (1..=5)
-            .map(|i| row.get::<i64>(i).map(Option::unwrap_or_default))
-            .collect::<Result<Vec<i64>, _>>()
-    });
-    if let Ok([made, filed, closed, archived, forgotten]) = counts.as_deref() {
+    let counts = counts(
+        "SELECT made_partitions::bigint, filed_rows, closed_partitions::bigint, archived_partitions::bigint, \
+         forgotten_request_ids FROM quota.maintain_ledger()",
+    );
+    if let Some([made, filed, closed, archived, forgotten]) = counts.as_deref() {
         if *made + *filed + *closed + *archived > 0 {
             log!(
                 "pg_quota ledger upkeep: {made} partitions made, {filed} rows filed from the default partition, \
@@ -139,4 +121,15 @@ fn maintain_ledger_once() {
             );
         }
     }
+}
+
+/// The one row of bigint counts that `query` returns (NULLs as 0); None when it fails.
+fn counts(query: &str) -> Option<Vec<i64>> {
+    Spi::connect(|client| {
+        let row = client.select(query, None, &[])?.first();
+        (1..=row.columns()?)
+            .map(|i| row.get::<i64>(i).map(Option::unwrap_or_default))
+            .collect::<Result<Vec<i64>, _>>()
+    })
+    .ok()
 }
