@@ -1083,5 +1083,36 @@ REVOKE ALL ON FUNCTION quota.admit_many(text[], text[], text[], bigint[], bigint
 GRANT EXECUTE ON FUNCTION quota.admit_many(text[], text[], text[], bigint[], bigint[], bigint[]),
     quota.settle_many(text[], bigint[], bigint[], bigint[]) TO quota_relay;
 
+-- Issue 19: daily rollups per statement (a batch's ledger rows upsert each rollup row once)
+DROP TRIGGER usage_daily_add ON quota.usage_ledger;
+CREATE OR REPLACE FUNCTION quota.usage_daily_add() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO quota.usage_daily AS d (day, key_id, user_id, model, channel_id, requests, input_tokens,
+                                        output_tokens, cached_tokens, cost, unbilled)
+    SELECT n.day, n.key_id, min(n.user_id), n.model, n.channel_id, sum(n.request), sum(n.input_tokens),
+           sum(n.output_tokens), sum(n.cached_tokens), sum(n.cost),
+           coalesce(sum(n.request) FILTER (WHERE NOT n.billed), 0)
+    FROM (SELECT (r.settled_at AT TIME ZONE 'UTC')::date AS day, r.key_id, r.user_id, r.model,
+                 coalesce(r.channel_id, 0) AS channel_id,
+                 CASE WHEN r.settled_by = 'correction' THEN 0 ELSE 1 END AS request,
+                 r.input_tokens, r.output_tokens, r.cached_tokens, r.cost, r.billed
+          FROM new_rows r) n
+    GROUP BY n.day, n.key_id, n.model, n.channel_id
+    ORDER BY n.day, n.key_id, n.model, n.channel_id
+    ON CONFLICT (day, key_id, model, channel_id) DO UPDATE SET
+        requests      = d.requests + EXCLUDED.requests,
+        input_tokens  = d.input_tokens + EXCLUDED.input_tokens,
+        output_tokens = d.output_tokens + EXCLUDED.output_tokens,
+        cached_tokens = d.cached_tokens + EXCLUDED.cached_tokens,
+        cost          = d.cost + EXCLUDED.cost,
+        unbilled      = d.unbilled + EXCLUDED.unbilled;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER usage_daily_add AFTER INSERT ON quota.usage_ledger
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION quota.usage_daily_add();
+
 -- Connections served by the new library look at the schema again (cache::schema in the library).
 UPDATE quota.policy_generation SET generation = generation + 1;

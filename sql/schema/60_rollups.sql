@@ -1,15 +1,22 @@
--- Daily rollups per key/user/model/channel, kept by a trigger in the settle transaction. A
+-- Daily rollups per key/user/model/channel, kept by a statement trigger in the settle
+-- transaction: one upsert per (day, key, model, channel) of a statement's ledger rows, however
+-- many rows a batch settles, in key order (two batches take shared rollup rows in one order). A
 -- correction row (a late settle of a swept request) corrects amounts and adds no request.
 CREATE FUNCTION quota.usage_daily_add() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE
-    v_request integer := CASE WHEN NEW.settled_by = 'correction' THEN 0 ELSE 1 END;
 BEGIN
     INSERT INTO quota.usage_daily AS d (day, key_id, user_id, model, channel_id, requests, input_tokens,
                                         output_tokens, cached_tokens, cost, unbilled)
-    VALUES ((NEW.settled_at AT TIME ZONE 'UTC')::date, NEW.key_id, NEW.user_id, NEW.model,
-            coalesce(NEW.channel_id, 0), v_request, NEW.input_tokens, NEW.output_tokens, NEW.cached_tokens,
-            NEW.cost, CASE WHEN NEW.billed THEN 0 ELSE v_request END)
+    SELECT n.day, n.key_id, min(n.user_id), n.model, n.channel_id, sum(n.request), sum(n.input_tokens),
+           sum(n.output_tokens), sum(n.cached_tokens), sum(n.cost),
+           coalesce(sum(n.request) FILTER (WHERE NOT n.billed), 0)
+    FROM (SELECT (r.settled_at AT TIME ZONE 'UTC')::date AS day, r.key_id, r.user_id, r.model,
+                 coalesce(r.channel_id, 0) AS channel_id,
+                 CASE WHEN r.settled_by = 'correction' THEN 0 ELSE 1 END AS request,
+                 r.input_tokens, r.output_tokens, r.cached_tokens, r.cost, r.billed
+          FROM new_rows r) n
+    GROUP BY n.day, n.key_id, n.model, n.channel_id
+    ORDER BY n.day, n.key_id, n.model, n.channel_id
     ON CONFLICT (day, key_id, model, channel_id) DO UPDATE SET
         requests      = d.requests + EXCLUDED.requests,
         input_tokens  = d.input_tokens + EXCLUDED.input_tokens,
@@ -22,7 +29,7 @@ END
 $$;
 
 CREATE TRIGGER usage_daily_add AFTER INSERT ON quota.usage_ledger
-    FOR EACH ROW EXECUTE FUNCTION quota.usage_daily_add();
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION quota.usage_daily_add();
 
 -- The ledger is append-only.
 CREATE FUNCTION quota.usage_ledger_append_only() RETURNS trigger

@@ -12,7 +12,7 @@ CREATE TABLE bench_floor.reservation (LIKE quota.reservation INCLUDING ALL);
 CREATE TABLE bench_floor.counter (LIKE quota.counter INCLUDING ALL) WITH (fillfactor = 70);
 CREATE TABLE bench_floor.usage_ledger (LIKE quota.usage_ledger INCLUDING ALL);
 CREATE TRIGGER usage_daily_add AFTER INSERT ON bench_floor.usage_ledger
-    FOR EACH ROW EXECUTE FUNCTION quota.usage_daily_add();
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION quota.usage_daily_add();
 INSERT INTO bench_floor.counter (policy_id, scope_id, window_start)
 SELECT 1, k, date_trunc('day', now()) FROM generate_series(1, 1000) k;
 
@@ -80,8 +80,9 @@ END
 $$;
 
 -- The same row writes for a batch, set-based (issue 19): all reservations in one insert, each
--- counter updated once with the batch's sum, locked in id order, all ledger rows in one insert
--- (the rollup trigger still runs per row). What a batch of this data model costs at the least.
+-- counter updated once with the batch's sum, locked in id order (an ordered upsert: an UPDATE
+-- ... FROM locks in join order, and batches deadlocked), all ledger rows in one insert (the
+-- rollup trigger upserts once per key). What a batch of this data model costs at the least.
 CREATE FUNCTION bench_floor.admit_many(request_ids text[], keys bigint[]) RETURNS integer
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -91,9 +92,9 @@ BEGIN
     SELECT r, k, k, NULL, 'floor-model', true, true, 100, 100,
            ARRAY[1], ARRAY[k], ARRAY[0.0003], ARRAY[1000000000], now()
     FROM unnest(request_ids, keys) AS i(r, k);
-    UPDATE bench_floor.counter c SET reserved = c.reserved + s.amount
-    FROM (SELECT k, 0.0003 * count(*) AS amount FROM unnest(keys) k GROUP BY k ORDER BY k) s
-    WHERE c.policy_id = 1 AND c.scope_id = s.k;
+    INSERT INTO bench_floor.counter AS c (policy_id, scope_id, window_start, reserved)
+    SELECT 1, k, date_trunc('day', now()), 0.0003 * count(*) FROM unnest(keys) k GROUP BY k ORDER BY k
+    ON CONFLICT (policy_id, scope_id) DO UPDATE SET reserved = c.reserved + EXCLUDED.reserved;
     RETURN cardinality(request_ids);
 END
 $$;
@@ -111,9 +112,9 @@ LANGUAGE sql AS $$
                ARRAY[1], ARRAY[g.key_id], ARRAY[date_trunc('day', now())], ARRAY[0.0003], now()
         FROM gone g
     ), counted AS (
-        UPDATE bench_floor.counter c SET used = c.used + s.amount, reserved = c.reserved - s.amount
-        FROM (SELECT g.key_id AS k, 0.0003 * count(*) AS amount FROM gone g GROUP BY g.key_id ORDER BY g.key_id) s
-        WHERE c.policy_id = 1 AND c.scope_id = s.k
+        INSERT INTO bench_floor.counter AS c (policy_id, scope_id, window_start, used)
+        SELECT 1, g.key_id, date_trunc('day', now()), 0.0003 * count(*) FROM gone g GROUP BY g.key_id ORDER BY g.key_id
+        ON CONFLICT (policy_id, scope_id) DO UPDATE SET used = c.used + EXCLUDED.used, reserved = c.reserved - EXCLUDED.used
         RETURNING 1
     )
     SELECT cardinality(request_ids)

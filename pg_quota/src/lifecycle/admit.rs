@@ -11,7 +11,7 @@ use pgrx::AnyNumeric;
 use super::alerts;
 use super::cache::{self, Applicable};
 use super::{
-    clock, col, fail, first, key_refused, mark_exhausted, metric_amount, recover_window, refuses, row, run,
+    clock, col, fail, first, key_refused, mark_exhausted, metric_amount, recover_window, refuses, row, run, slices,
     window_used, EngineError, Policy, Recovered,
 };
 use crate::gucs::{UnpricedModels, UNPRICED_MODELS};
@@ -38,12 +38,7 @@ pub(super) struct Admission {
 
 impl Admission {
     fn denied(http_status: i32, error_code: &'static str, message: String) -> Admission {
-        Admission {
-            http_status,
-            error_code: Some(error_code),
-            message: Some(message),
-            ..Default::default()
-        }
+        Admission { http_status, error_code: Some(error_code), message: Some(message), ..Default::default() }
     }
 
     /// A 429 with the time until `frees` (None or infinity: never) in seconds and in words.
@@ -59,10 +54,7 @@ impl Admission {
             Some(s) => format!("{what} {} {}.", recovery.soon, approx_duration(i64::from(s))),
             None => format!("{what} {}", recovery.never),
         };
-        Admission {
-            retry_after_s: retry,
-            ..Admission::denied(429, error_code, message)
-        }
+        Admission { retry_after_s: retry, ..Admission::denied(429, error_code, message) }
     }
 
     /// Fills the rate-limit fields of a 429 from the limit that refused: nothing remains of it
@@ -108,16 +100,11 @@ struct Recovery {
 }
 
 /// A window that refused: it frees up at its reset.
-const RESETS: Recovery = Recovery {
-    soon: "It resets in",
-    never: "It does not reset.",
-};
+const RESETS: Recovery = Recovery { soon: "It resets in", never: "It does not reset." };
 
 /// A key suspended by a run-out policy: it resumes when that window frees up.
-const RESUMES: Recovery = Recovery {
-    soon: "It resumes in",
-    never: "It does not resume by itself; ask an administrator.",
-};
+const RESUMES: Recovery =
+    Recovery { soon: "It resumes in", never: "It does not resume by itself; ask an administrator." };
 
 /// Whole seconds from `now` to `until`, rounded up.
 fn seconds_until(until: TimestampWithTimeZone, now: TimestampWithTimeZone) -> i32 {
@@ -169,6 +156,97 @@ LEFT JOIN quota.reservation r ON r.request_id = $2"
 const KEY: &str = key_query!("quota.ledger_request");
 /// The same on a 0.1.0 schema (see cache::schema).
 const KEY_0_1: &str = key_query!("quota.usage_ledger");
+
+/// KEY for a batch's items at once: each found key's row after its item's ordinal.
+macro_rules! keys_query {
+    ($known_ids:literal) => {
+        concat!(
+            "\
+SELECT i.n, k.key_id, k.user_id, k.enabled, u.enabled, k.expires_at, k.suspended_until,
+       EXISTS (SELECT 1 FROM ",
+            $known_ids,
+            " l WHERE l.request_id = i.request_id)
+       OR EXISTS (SELECT 1 FROM quota.released r WHERE r.request_id = i.request_id),
+       quota.cost_of(mp, i.est, i.max_out, 0), (SELECT g.generation FROM quota.policy_generation g), k.suspended_by,
+       r.key_id, r.model, r.est_input_tokens, r.max_output_tokens, r.channel_id
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])
+     WITH ORDINALITY AS i(secret, request_id, model, est, max_out, n)
+JOIN LATERAL quota.key_for_secret(i.secret) k ON true JOIN quota.app_user u ON u.user_id = k.user_id
+LEFT JOIN LATERAL quota.price_for(i.model) mp ON true
+LEFT JOIN quota.reservation r ON r.request_id = i.request_id"
+        )
+    };
+}
+const KEYS: &str = keys_query!("quota.ledger_request");
+const KEYS_0_1: &str = keys_query!("quota.usage_ledger");
+
+/// What KEY reads of a request's key (from column `first` on).
+pub(super) struct KeyRow {
+    pub key_id: i64,
+    pub user_id: i64,
+    key_enabled: bool,
+    user_enabled: bool,
+    expires_at: Option<TimestampWithTimeZone>,
+    suspended_until: Option<TimestampWithTimeZone>,
+    /// its request id was settled or released already
+    reused: bool,
+    /// NULL when the model has no price: cost policies cannot judge such a request; it passes
+    /// them and is recorded as unbilled at settle.
+    cost: Option<AnyNumeric>,
+    generation: i64,
+    suspended_by: Option<i64>,
+    /// the reservation already filed under its request id
+    filed: Option<Filed>,
+}
+
+impl KeyRow {
+    fn read(r: &pgrx::spi::SpiHeapTupleData<'_>, first: usize) -> KeyRow {
+        let c = |i: usize| first + i - 1;
+        KeyRow {
+            key_id: col(r, c(1)).unwrap(),
+            user_id: col(r, c(2)).unwrap(),
+            key_enabled: col(r, c(3)).unwrap(),
+            user_enabled: col(r, c(4)).unwrap(),
+            expires_at: col(r, c(5)),
+            suspended_until: col(r, c(6)),
+            reused: col(r, c(7)).unwrap(),
+            cost: col(r, c(8)),
+            generation: col(r, c(9)).expect("generation is NOT NULL"),
+            suspended_by: col(r, c(10)),
+            filed: col::<i64>(r, c(11)).map(|filed_key| Filed {
+                key_id: filed_key,
+                model: col(r, c(12)).unwrap(),
+                est: col(r, c(13)).unwrap(),
+                max_out: col(r, c(14)).unwrap(),
+                channel: col(r, c(15)),
+            }),
+        }
+    }
+}
+
+/// The keys of a batch's items (KEYS), by item; an unknown key has none.
+pub(super) fn read_keys(
+    client: &mut SpiClient<'_>,
+    items: &[AdmitItem<'_>],
+) -> std::collections::HashMap<usize, KeyRow> {
+    let args = [
+        items.iter().map(|i| i.api_key).collect::<Vec<_>>().into(),
+        items.iter().map(|i| i.request_id).collect::<Vec<_>>().into(),
+        items.iter().map(|i| i.model).collect::<Vec<_>>().into(),
+        items.iter().map(|i| i.est_input_tokens).collect::<Vec<_>>().into(),
+        items.iter().map(|i| i.max_output_tokens).collect::<Vec<_>>().into(),
+    ];
+    let query = if cache::schema(client).ledger_request { KEYS } else { KEYS_0_1 };
+    let mut keys = std::collections::HashMap::with_capacity(items.len());
+    for r in run(client, query, &args) {
+        let i = usize::try_from(col::<i64>(&r, 1).unwrap() - 1).expect("ordinals start at 1");
+        keys.insert(i, KeyRow::read(&r, 2));
+    }
+    if let Some(k) = keys.values().next() {
+        cache::sync(k.generation);
+    }
+    keys
+}
 
 // The upstream of a channel for a model, for a retried admit (see readmit).
 const UPSTREAM: &str = "\
@@ -273,9 +351,7 @@ fn frees_at(
     now: TimestampWithTimeZone,
 ) -> TimestampWithTimeZone {
     let args = [policy_id.into(), scope_id.into(), ws.into(), we.into(), now.into()];
-    first(client, FREES_AT, &args)
-        .and_then(|r| col(&r, 1))
-        .unwrap_or_else(TimestampWithTimeZone::positive_infinity)
+    first(client, FREES_AT, &args).and_then(|r| col(&r, 1)).unwrap_or_else(TimestampWithTimeZone::positive_infinity)
 }
 
 const WORDS: &str = "SELECT quota.policy_words(p) FROM quota.policy p WHERE p.policy_id = $1";
@@ -331,18 +407,9 @@ fn admit(
     channel_id: Option<i64>,
 ) -> pgrx::composite_type!('static, "quota.admission") {
     // a batch of one (quota.admit_many): one implementation of every rule
-    let item = AdmitItem {
-        api_key,
-        request_id,
-        model,
-        est_input_tokens,
-        max_output_tokens,
-        channel_id,
-    };
+    let item = AdmitItem { api_key, request_id, model, est_input_tokens, max_output_tokens, channel_id };
     let decision = Spi::connect_mut(|client| {
-        super::batch::admit_each(client, std::slice::from_ref(&item))
-            .pop()
-            .expect("one decision per item")
+        super::batch::admit_each(client, std::slice::from_ref(&item)).pop().expect("one decision per item")
     });
     match decision {
         Ok(decision) => decision.into_tuple(),
@@ -363,33 +430,35 @@ pub(super) struct AdmitItem<'a> {
 /// One admit, in the caller's transaction: its arguments checked, then decided (the counters it
 /// touches may be locked already, by its batch).
 pub(super) fn admit_item(client: &mut SpiClient<'_>, item: &AdmitItem<'_>) -> Result<Admission, EngineError> {
-    let (request_id, model, est, max_out) = match (
-        item.request_id,
-        item.model,
-        item.est_input_tokens,
-        item.max_output_tokens,
-    ) {
-        (Some(r), Some(m), Some(e), Some(o)) => (r, m, e, o),
-        _ => {
-            return fail(
-                b"PQ400",
-                "admit: request_id, model, est_input_tokens and max_output_tokens are required".into(),
-            )
-        }
-    };
-    // bounded before anything is read or written (pg_quota_core::request)
+    let c = checked(item)?;
+    decide(client, item.api_key.unwrap_or(""), c.request_id, c.model, c.est, c.max_out, item.channel_id)
+}
+
+/// An admit's required arguments, checked.
+pub(super) struct Checked<'a> {
+    request_id: &'a str,
+    pub model: &'a str,
+    est: i64,
+    max_out: i64,
+}
+
+/// The required arguments of an admit, bounded before anything is read or written
+/// (pg_quota_core::request).
+pub(super) fn checked<'a>(item: &AdmitItem<'a>) -> Result<Checked<'a>, EngineError> {
+    let (request_id, model, est, max_out) =
+        match (item.request_id, item.model, item.est_input_tokens, item.max_output_tokens) {
+            (Some(r), Some(m), Some(e), Some(o)) => (r, m, e, o),
+            _ => {
+                return fail(
+                    b"PQ400",
+                    "admit: request_id, model, est_input_tokens and max_output_tokens are required".into(),
+                )
+            }
+        };
     if let Err(e) = pg_quota_core::request::check_admit(request_id, model, est, max_out) {
         return fail(b"PQ400", format!("admit: {e}"));
     }
-    decide(
-        client,
-        item.api_key.unwrap_or(""),
-        request_id,
-        model,
-        est,
-        max_out,
-        item.channel_id,
-    )
+    Ok(Checked { request_id, model, est, max_out })
 }
 
 fn decide(
@@ -403,45 +472,26 @@ fn decide(
 ) -> Result<Admission, EngineError> {
     let (now, now_utc) = clock();
 
-    let args: [DatumWithOid; 5] = [
-        api_key.into(),
-        request_id.into(),
-        model.into(),
-        est.into(),
-        max_out.into(),
-    ];
+    let args: [DatumWithOid; 5] = [api_key.into(), request_id.into(), model.into(), est.into(), max_out.into()];
     let key_query = if cache::schema(client).ledger_request { KEY } else { KEY_0_1 };
-    let Some(key) = first(client, key_query, &args) else {
-        return Ok(Admission::denied(
-            401,
-            "invalid_api_key",
-            "Incorrect API key provided.".into(),
-        ));
+    let Some(key) = first(client, key_query, &args).map(|r| KeyRow::read(&r, 1)) else {
+        return Ok(Admission::denied(401, "invalid_api_key", "Incorrect API key provided.".into()));
     };
-    let key_id: i64 = col(&key, 1).unwrap();
-    let user_id: i64 = col(&key, 2).unwrap();
-    let key_enabled: bool = col(&key, 3).unwrap();
-    let user_enabled: bool = col(&key, 4).unwrap();
-    let expires_at: Option<TimestampWithTimeZone> = col(&key, 5);
-    let suspended_until: Option<TimestampWithTimeZone> = col(&key, 6);
-    let reused: bool = col(&key, 7).unwrap();
-    // NULL when the model has no price: cost policies cannot judge such a request; it passes
-    // them and is recorded as unbilled at settle.
-    let cost: Option<AnyNumeric> = col(&key, 8);
-    cache::sync(col(&key, 9).expect("generation is NOT NULL"));
-    let suspended_by: Option<i64> = col(&key, 10);
-    let filed = col::<i64>(&key, 11).map(|filed_key| Filed {
-        key_id: filed_key,
-        model: col(&key, 12).unwrap(),
-        est: col(&key, 13).unwrap(),
-        max_out: col(&key, 14).unwrap(),
-        channel: col(&key, 15),
-    });
-    let with_key = |a: Admission| Admission {
-        key_id: Some(key_id),
-        user_id: Some(user_id),
-        ..a
-    };
+    cache::sync(key.generation);
+    let KeyRow {
+        key_id,
+        user_id,
+        key_enabled,
+        user_enabled,
+        expires_at,
+        suspended_until,
+        reused,
+        cost,
+        suspended_by,
+        filed,
+        ..
+    } = key;
+    let with_key = |a: Admission| Admission { key_id: Some(key_id), user_id: Some(user_id), ..a };
 
     // A retry of an admit whose answer the caller lost comes first: the reservation it filed
     // stands, so its decision stands even if the key was disabled or suspended since (refusing
@@ -464,10 +514,7 @@ fn decide(
                 if let Some(a) = by {
                     refused = refused.exhausted_limit(a.effective_limit, &a.policy.metric, Some(until));
                 }
-                return Ok(with_key(Admission {
-                    channel_id: pinned,
-                    ..refused
-                }));
+                return Ok(with_key(Admission { channel_id: pinned, ..refused }));
             }
         }
     }
@@ -489,34 +536,19 @@ fn decide(
     if cache::channels(client, model).capped {
         let own = cache::policies_for(client, own_subject, now);
         if let Some(refused) = refused_by_own_limits(client, own, (key_id, user_id), &cost, est, max_out, now) {
-            return Ok(with_key(Admission {
-                channel_id: pinned,
-                ..refused
-            }));
+            return Ok(with_key(Admission { channel_id: pinned, ..refused }));
         }
     }
-    let mut out = with_key(Admission {
-        channel_id: pinned,
-        ..Default::default()
-    });
+    let mut out = with_key(Admission { channel_id: pinned, ..Default::default() });
     let channel = match route(client, &mut out, (key_id, user_id), model, pinned, &cost, est, max_out, now) {
         Ok(channel) => channel,
-        Err(refused) => {
-            return Ok(with_key(Admission {
-                channel_id: pinned,
-                ..*refused
-            }))
-        }
+        Err(refused) => return Ok(with_key(Admission { channel_id: pinned, ..*refused })),
     };
 
     // One pass over the counters the request counts on, in lock order: roll and reserve in one
     // statement, then judge each limit on the values before the hold. If any limit refuses,
     // the holds taken are given back before returning: all or nothing.
-    let applicable = cache::policies_for(
-        client,
-        (Some(key_id), Some(user_id), Some(model.to_string()), channel),
-        now,
-    );
+    let applicable = cache::policies_for(client, (Some(key_id), Some(user_id), Some(model.to_string()), channel), now);
     if cost.is_none() {
         // the channel routed to may have a cost cap
         if let Some(refused) = unpriced_refusal(model, &applicable) {
@@ -542,28 +574,14 @@ fn decide(
             holds.iter().map(|h| h.policy.policy_id).collect::<Vec<_>>().into(),
             holds.iter().map(|h| h.scope_id).collect::<Vec<_>>().into(),
             holds.iter().map(|h| h.amount.clone()).collect::<Vec<_>>().into(),
-            holds
-                .iter()
-                .map(|h| h.effective_limit.clone())
-                .collect::<Vec<_>>()
-                .into(),
+            holds.iter().map(|h| h.effective_limit.clone()).collect::<Vec<_>>().into(),
             now.into(),
-            holds
-                .iter()
-                .map(|h| h.policy.counter_window(h.ws))
-                .collect::<Vec<_>>()
-                .into(),
+            holds.iter().map(|h| h.policy.counter_window(h.ws)).collect::<Vec<_>>().into(),
         ],
     )
     .map(|r| {
         col::<i64>(&r, 1).map(|policy_id| {
-            (
-                policy_id,
-                col(&r, 2).unwrap(),
-                col(&r, 3).unwrap(),
-                col(&r, 4).unwrap(),
-                col(&r, 5).unwrap(),
-            )
+            (policy_id, col(&r, 2).unwrap(), col(&r, 3).unwrap(), col(&r, 4).unwrap(), col(&r, 5).unwrap())
         })
     })
     .collect();
@@ -585,10 +603,7 @@ fn decide(
     let who = (key_id, user_id);
     let mut seen: Vec<Seen> = Vec::with_capacity(holds.len());
     for (h, (counter_policy, used, reserved_now, marked_spent, ended_spent)) in holds.iter().zip(counters) {
-        assert_eq!(
-            counter_policy, h.policy.policy_id,
-            "pg_quota: counters come back in hold order"
-        );
+        assert_eq!(counter_policy, h.policy.policy_id, "pg_quota: counters come back in hold order");
         // A window found spent that has ended since has recovered: that is logged and its mark
         // cleared (its counter row is locked already).
         if ended_spent {
@@ -610,11 +625,7 @@ fn decide(
     // A window marked spent that is not spent any more (a boost, a rolling window's usage aged
     // out) has recovered too: logged and unmarked, so that it is logged and acted on again when
     // it is spent again.
-    for (h, _) in holds
-        .iter()
-        .zip(&seen)
-        .filter(|(h, s)| s.marked_spent && s.used < h.effective_limit)
-    {
+    for (h, _) in holds.iter().zip(&seen).filter(|(h, s)| s.marked_spent && s.used < h.effective_limit) {
         recover_window(client, &h.policy, h.scope_id, who, Recovered::WindowNotSpent, now);
     }
 
@@ -626,17 +637,7 @@ fn decide(
         run(client, UNFILE, &[request_id.into()]);
         return Ok(with_key(refused));
     }
-    // The tightest admitted limit (least share left) feeds the rate-limit headers.
-    let tight = limits.iter().filter(|l| l.ok && !l.shadow).min_by(|a, b| {
-        let share = |l: &Limit| l.left.clone().unwrap_or_else(|| AnyNumeric::from(0)) / l.effective_limit.clone();
-        share(a).partial_cmp(&share(b)).unwrap_or(std::cmp::Ordering::Equal)
-    });
-    if let Some(tight) = tight {
-        out.ratelimit_limit = Some(tight.effective_limit.clone());
-        out.ratelimit_remaining = tight.left.clone();
-        out.ratelimit_metric = Some(tight.metric.clone());
-        out.ratelimit_reset_at = tight.reset;
-    }
+    rate_headers(&mut out, &limits);
 
     // A suspension that has run out ends here, lazily (quota.sweep() does it too), and one
     // whose window is not spent any more ends early. (Here, after the counters: lock order.)
@@ -647,6 +648,20 @@ fn decide(
     out.allowed = true;
     out.http_status = 200;
     Ok(out)
+}
+
+/// The tightest admitted limit (least share left) feeds the rate-limit headers.
+fn rate_headers(out: &mut Admission, limits: &[Limit]) {
+    let tight = limits.iter().filter(|l| l.ok && !l.shadow).min_by(|a, b| {
+        let share = |l: &Limit| l.left.clone().unwrap_or_else(|| AnyNumeric::from(0)) / l.effective_limit.clone();
+        share(a).partial_cmp(&share(b)).unwrap_or(std::cmp::Ordering::Equal)
+    });
+    if let Some(tight) = tight {
+        out.ratelimit_limit = Some(tight.effective_limit.clone());
+        out.ratelimit_remaining = tight.left.clone();
+        out.ratelimit_metric = Some(tight.metric.clone());
+        out.ratelimit_reset_at = tight.reset;
+    }
 }
 
 /// The reservation already filed under a request id: what its admit was asked.
@@ -760,13 +775,7 @@ fn holds_for(
 
 /// Whether a hold's policy refuses it, given what its counter shows ([`refuses`]).
 fn hold_refused(h: &Hold, s: &Seen) -> bool {
-    refuses(
-        &h.policy.boundary,
-        h.effective_limit.clone(),
-        s.used.clone(),
-        s.reserved.clone(),
-        h.amount.clone(),
-    )
+    refuses(&h.policy.boundary, h.effective_limit.clone(), s.used.clone(), s.reserved.clone(), h.amount.clone())
 }
 
 /// Groups the holds into limits and judges each: a limit admits when any of its policies does
@@ -854,29 +863,16 @@ fn refusal(
     now: TimestampWithTimeZone,
 ) -> Option<Admission> {
     // (max_by_key keeps the last of equals, so search from the end to keep the first)
-    let worst = limits
-        .iter()
-        .rev()
-        .filter(|l| !l.ok)
-        .max_by_key(|l| l.frees.map(|f| f.into_inner()))?;
+    let worst = limits.iter().rev().filter(|l| !l.ok).max_by_key(|l| l.frees.map(|f| f.into_inner()))?;
     for hi in limits.iter().filter(|l| !l.ok).flat_map(|l| &l.spent_unmarked) {
         let h = &holds[*hi];
         mark_exhausted(client, &h.policy, h.scope_id, (key_id, user_id), (h.ws, h.we), now);
     }
     let (policy_id, spent, channel_policy) = worst.refusing_policy.expect("a refused limit has a refusing policy");
-    let words = first(client, WORDS, &[policy_id.into()])
-        .and_then(|r| col::<String>(&r, 1))
-        .unwrap_or_default();
-    let what = if spent {
-        format!("The {words} is exhausted.")
-    } else {
-        format!("This request would exceed the {words}.")
-    };
-    let code = if channel_policy {
-        "channel_quota_exhausted"
-    } else {
-        "token_quota_policy_exhausted"
-    };
+    let words = first(client, WORDS, &[policy_id.into()]).and_then(|r| col::<String>(&r, 1)).unwrap_or_default();
+    let what =
+        if spent { format!("The {words} is exhausted.") } else { format!("This request would exceed the {words}.") };
+    let code = if channel_policy { "channel_quota_exhausted" } else { "token_quota_policy_exhausted" };
     // the refusing limit feeds the rate-limit headers of the 429
     Some(Admission {
         channel_id: channel,
@@ -909,15 +905,10 @@ fn counters_now(
     let args = [
         windows.iter().map(|(p, _, _)| p.policy_id).collect::<Vec<_>>().into(),
         windows.iter().map(|(_, scope, _)| *scope).collect::<Vec<_>>().into(),
-        windows
-            .iter()
-            .map(|(p, _, ws)| p.counter_window(*ws))
-            .collect::<Vec<_>>()
-            .into(),
+        windows.iter().map(|(p, _, ws)| p.counter_window(*ws)).collect::<Vec<_>>().into(),
     ];
-    let counters: Vec<(bool, AnyNumeric, AnyNumeric)> = run(client, COUNTERS, &args)
-        .map(|r| (col(&r, 1).unwrap(), col(&r, 2).unwrap(), col(&r, 3).unwrap()))
-        .collect();
+    let counters: Vec<(bool, AnyNumeric, AnyNumeric)> =
+        run(client, COUNTERS, &args).map(|r| (col(&r, 1).unwrap(), col(&r, 2).unwrap(), col(&r, 3).unwrap())).collect();
     let mut seen: Vec<Seen> = Vec::with_capacity(windows.len());
     for ((policy, scope_id, ws), (marked_spent, used, reserved)) in windows.iter().zip(counters) {
         seen.push(Seen {
@@ -1021,11 +1012,7 @@ fn channel_blocked_until(
             run(
                 client,
                 CREATE_COUNTER,
-                &[
-                    a.policy.policy_id.into(),
-                    a.scope_id.into(),
-                    a.policy.counter_window(ws).into(),
-                ],
+                &[a.policy.policy_id.into(), a.scope_id.into(), a.policy.counter_window(ws).into()],
             );
         };
         let used = if window_start == ws { used } else { AnyNumeric::from(0) };
@@ -1039,15 +1026,8 @@ fn channel_blocked_until(
                 continue;
             }
             let frees = frees_at(client, a.policy.policy_id, a.scope_id, ws, we, now);
-            if blocked
-                .as_ref()
-                .is_none_or(|b| frees.into_inner() > b.until.into_inner())
-            {
-                blocked = Some(Blocked {
-                    until: frees,
-                    limit: a.effective_limit,
-                    metric: a.policy.metric,
-                });
+            if blocked.as_ref().is_none_or(|b| frees.into_inner() > b.until.into_inner()) {
+                blocked = Some(Blocked { until: frees, limit: a.effective_limit, metric: a.policy.metric });
             }
         }
     }
@@ -1083,15 +1063,7 @@ fn route(
     }
     type Candidate = (i64, bool, Option<String>, Option<String>, Option<String>);
     let candidates: Vec<Candidate> = run(client, CHANNELS, &[model.into(), pinned.into()])
-        .map(|r| {
-            (
-                col(&r, 1).unwrap(),
-                col(&r, 2).unwrap(),
-                col(&r, 3),
-                col(&r, 4),
-                col(&r, 5),
-            )
-        })
+        .map(|r| (col(&r, 1).unwrap(), col(&r, 2).unwrap(), col(&r, 3), col(&r, 4), col(&r, 5)))
         .collect();
     // the blocked channel that frees up first
     let mut soonest: Option<Blocked> = None;
@@ -1107,11 +1079,7 @@ fn route(
                 out.upstream_model = upstream_model;
                 return Ok(Some(id));
             }
-            Some(b)
-                if soonest
-                    .as_ref()
-                    .is_none_or(|s| b.until.into_inner() < s.until.into_inner()) =>
-            {
+            Some(b) if soonest.as_ref().is_none_or(|s| b.until.into_inner() < s.until.into_inner()) => {
                 soonest = Some(b)
             }
             Some(_) => {}
@@ -1122,16 +1090,12 @@ fn route(
     }
     Err(Box::new(match (pinned, soonest) {
         // (granted, so it exists)
-        (Some(p), _) if candidates.is_empty() => Admission::denied(
-            400,
-            "invalid_channel",
-            format!("Channel {p} does not serve model {model}."),
-        ),
-        (None, None) => Admission::denied(
-            503,
-            "no_channel_available",
-            format!("No upstream channel for model {model} is enabled."),
-        ),
+        (Some(p), _) if candidates.is_empty() => {
+            Admission::denied(400, "invalid_channel", format!("Channel {p} does not serve model {model}."))
+        }
+        (None, None) => {
+            Admission::denied(503, "no_channel_available", format!("No upstream channel for model {model} is enabled."))
+        }
         (Some(p), None) => Admission::denied(503, "channel_unavailable", format!("Channel {p} is disabled.")),
         // the cap that frees up first feeds the rate-limit headers of the 429
         (pinned, Some(b)) => {
@@ -1149,4 +1113,212 @@ fn route(
             )
         }
     }))
+}
+
+/// A counter as a batch locked it, kept in step in memory as the batch's admits take holds on
+/// it (written when they are filed: see [`file`]).
+pub(super) struct Locked {
+    pub window_start: TimestampWithTimeZone,
+    pub used: AnyNumeric,
+    pub reserved: AnyNumeric,
+    pub exhausted_at: Option<TimestampWithTimeZone>,
+}
+
+/// A batch's counters by (policy, scope).
+pub(super) type LockedCounters = std::collections::HashMap<(i64, i64), Locked>;
+
+/// An admitted request of a batch whose reservation and holds are not written yet.
+pub(super) struct Filing {
+    pub item: usize,
+    request_id: String,
+    key_id: i64,
+    user_id: i64,
+    model: String,
+    in_key_global: bool,
+    in_user_global: bool,
+    est: i64,
+    max_out: i64,
+    /// per hold: policy, scope, amount, effective limit, counter window
+    holds: Vec<(i64, i64, AnyNumeric, AnyNumeric, TimestampWithTimeZone)>,
+}
+
+/// How a batch's admit went in memory (see [`decide_locked`]).
+pub(super) enum Locally {
+    /// answered (refused) without writing anything
+    Answered(Result<Admission, EngineError>),
+    /// admitted: its reservation and holds are to be filed
+    Admitted(Admission, Filing),
+    /// more than a hold on counters the batch has locked: the single call's path decides it
+    Single,
+}
+
+/// An admit of a batch decided by the same rules as [`decide`], on the key the batch read and
+/// the counters it locked, without writing (but an unpriced model's log): the request that is
+/// simply admitted or refused by its own limits. Whatever else writes (a suspension to judge or
+/// end, routing to a channel, a window to mark spent or recovered, a shadow policy's refusal, a
+/// rolling window, a retry) is left to the single call's path ([`Locally::Single`]), which the
+/// batch runs once what came before is written.
+pub(super) fn decide_locked(
+    client: &mut SpiClient<'_>,
+    item: usize,
+    args: &Checked<'_>,
+    pinned: Option<i64>,
+    key: Option<&KeyRow>,
+    counters: &mut LockedCounters,
+    now: TimestampWithTimeZone,
+) -> Locally {
+    let Some(key) = key else {
+        let denied = Admission::denied(401, "invalid_api_key", "Incorrect API key provided.".into());
+        return Locally::Answered(Ok(denied));
+    };
+    let who = (key.key_id, key.user_id);
+    let with_key = |a: Admission| Admission { key_id: Some(key.key_id), user_id: Some(key.user_id), ..a };
+    if key.filed.is_some() || key.suspended_until.is_some() {
+        return Locally::Single;
+    }
+    if let Some((code, message)) = key_refused(key.key_enabled, key.user_enabled, key.expires_at, now) {
+        return Locally::Answered(Ok(with_key(Admission::denied(403, code, message.into()))));
+    }
+    if key.reused {
+        let id = args.request_id;
+        return Locally::Answered(fail(b"PQ409", format!("admit: request_id {id} was already used")));
+    }
+    if pinned.is_some() || cache::channels(client, args.model).served {
+        return Locally::Single;
+    }
+    let applicable = cache::policies_for(client, (Some(who.0), Some(who.1), Some(args.model.to_string()), None), now);
+    if key.cost.is_none() {
+        // (writes only its own marker and event: nothing the batch has read)
+        log_unpriced(client, args.model, who, now);
+        if let Some(refused) = unpriced_refusal(args.model, &applicable) {
+            return Locally::Answered(Ok(with_key(refused)));
+        }
+    }
+    let now_utc = crate::window::to_utc(now);
+    let (holds, iso_key, iso_user) = holds_for(applicable, &key.cost, args.est, args.max_out, now_utc);
+    let mut seen: Vec<Seen> = Vec::with_capacity(holds.len());
+    for h in &holds {
+        let cw = h.policy.counter_window(h.ws);
+        let Some(c) = counters.get(&(h.policy.policy_id, h.scope_id)).filter(|_| !h.policy.rolling()) else {
+            return Locally::Single;
+        };
+        let exhausted = c.exhausted_at.map(|e| e.into_inner());
+        if exhausted.is_some_and(|e| e < cw.into_inner()) {
+            return Locally::Single; // a spent window that has ended: recovered
+        }
+        seen.push(Seen {
+            used: if c.window_start == cw { c.used.clone() } else { AnyNumeric::from(0) },
+            reserved: c.reserved.clone(),
+            marked_spent: exhausted.is_some_and(|e| e >= cw.into_inner()),
+        });
+    }
+    let limits = judge(client, &holds, &seen, now, hold_refused);
+    let recovered = holds.iter().zip(&seen).any(|(h, s)| s.marked_spent && s.used < h.effective_limit);
+    let unmarked = limits.iter().any(|l| !l.ok && !l.spent_unmarked.is_empty());
+    if recovered || unmarked || limits.iter().any(|l| l.shadow && !l.ok) {
+        return Locally::Single;
+    }
+    if let Some(refused) = refusal(client, &limits, &holds, who, None, now) {
+        return Locally::Answered(Ok(with_key(refused)));
+    }
+    let mut out = with_key(Admission { allowed: true, http_status: 200, ..Default::default() });
+    rate_headers(&mut out, &limits);
+    for h in &holds {
+        let cw = h.policy.counter_window(h.ws);
+        let c = counters.get_mut(&(h.policy.policy_id, h.scope_id)).expect("seen above");
+        if c.window_start != cw {
+            c.window_start = cw;
+            c.used = AnyNumeric::from(0);
+        }
+        c.reserved = c.reserved.clone() + h.amount.clone();
+    }
+    let filing = Filing {
+        item,
+        request_id: args.request_id.to_string(),
+        key_id: who.0,
+        user_id: who.1,
+        model: args.model.to_string(),
+        in_key_global: !iso_key,
+        in_user_global: !iso_user,
+        est: args.est,
+        max_out: args.max_out,
+        holds: holds
+            .iter()
+            .map(|h| {
+                let cw = h.policy.counter_window(h.ws);
+                (h.policy.policy_id, h.scope_id, h.amount.clone(), h.effective_limit.clone(), cw)
+            })
+            .collect(),
+    };
+    Locally::Admitted(out, filing)
+}
+
+// Files a batch's admitted requests: all reservations in one insert (each row's hold arrays are
+// its slice [lo:hi] of the flat arrays $9-$12), then each counter once, with the sum of the
+// holds filed on it, rolling a stale window first (the counters are locked by the batch
+// already). A request id that a concurrent admit filed first (a retry racing its first attempt:
+// the insert waits for that one to commit) takes no hold. Returns the request ids filed.
+const FILE: &str = "\
+WITH filed AS (
+    INSERT INTO quota.reservation (request_id, key_id, user_id, channel_id, model, counted_in_key_global,
+                                   counted_in_user_global, est_input_tokens, max_output_tokens,
+                                   hold_policy, hold_scope, hold_amount, hold_limit, created_at)
+    SELECT r.request_id, r.key_id, r.user_id, NULL, r.model, r.in_key_global, r.in_user_global, r.est, r.max_out,
+           ($9::bigint[])[r.lo:r.hi], ($10::bigint[])[r.lo:r.hi], ($11::numeric[])[r.lo:r.hi],
+           ($12::numeric[])[r.lo:r.hi], $13
+    FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::boolean[], $6::boolean[], $7::bigint[],
+                $8::bigint[], $14::integer[], $15::integer[])
+         AS r(request_id, key_id, user_id, model, in_key_global, in_user_global, est, max_out, lo, hi)
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING request_id, hold_policy, hold_scope, hold_amount
+), held AS (
+    UPDATE quota.counter c SET
+        used         = CASE WHEN c.window_start = w.window_start THEN c.used ELSE 0 END,
+        window_start = w.window_start,
+        reserved     = c.reserved + s.amount
+    FROM (SELECT u.policy_id, u.scope_id, sum(u.amount) AS amount
+          FROM filed f, unnest(f.hold_policy, f.hold_scope, f.hold_amount) AS u(policy_id, scope_id, amount)
+          GROUP BY u.policy_id, u.scope_id) s
+    JOIN unnest($16::bigint[], $17::bigint[], $18::timestamptz[]) AS w(policy_id, scope_id, window_start)
+      ON w.policy_id = s.policy_id AND w.scope_id = s.scope_id
+    WHERE c.policy_id = s.policy_id AND c.scope_id = s.scope_id
+)
+SELECT f.request_id FROM filed f";
+
+/// Files the reservations and holds of a batch's admitted requests (FILE); returns the items
+/// whose request id a concurrent admit filed first (for the single call's path: a retry).
+pub(super) fn file(client: &mut SpiClient<'_>, filings: Vec<Filing>, now: TimestampWithTimeZone) -> Vec<usize> {
+    if filings.is_empty() {
+        return vec![];
+    }
+    let (lo, hi) = slices(filings.iter().map(|f| f.holds.len()));
+    let holds = || filings.iter().flat_map(|f| &f.holds);
+    // each counter's window (the same for every hold on it: the batch shares one clock)
+    let mut windows: std::collections::HashMap<(i64, i64), TimestampWithTimeZone> = std::collections::HashMap::new();
+    for (p, s, _, _, cw) in holds() {
+        windows.insert((*p, *s), *cw);
+    }
+    let args = [
+        filings.iter().map(|f| f.request_id.as_str()).collect::<Vec<_>>().into(),
+        filings.iter().map(|f| f.key_id).collect::<Vec<_>>().into(),
+        filings.iter().map(|f| f.user_id).collect::<Vec<_>>().into(),
+        filings.iter().map(|f| f.model.as_str()).collect::<Vec<_>>().into(),
+        filings.iter().map(|f| f.in_key_global).collect::<Vec<_>>().into(),
+        filings.iter().map(|f| f.in_user_global).collect::<Vec<_>>().into(),
+        filings.iter().map(|f| f.est).collect::<Vec<_>>().into(),
+        filings.iter().map(|f| f.max_out).collect::<Vec<_>>().into(),
+        holds().map(|h| h.0).collect::<Vec<_>>().into(),
+        holds().map(|h| h.1).collect::<Vec<_>>().into(),
+        holds().map(|h| h.2.clone()).collect::<Vec<_>>().into(),
+        holds().map(|h| h.3.clone()).collect::<Vec<_>>().into(),
+        now.into(),
+        lo.into(),
+        hi.into(),
+        windows.keys().map(|k| k.0).collect::<Vec<_>>().into(),
+        windows.keys().map(|k| k.1).collect::<Vec<_>>().into(),
+        windows.values().copied().collect::<Vec<_>>().into(),
+    ];
+    let filed: std::collections::HashSet<String> =
+        run(client, FILE, &args).map(|r| col::<String>(&r, 1).unwrap()).collect();
+    filings.iter().filter(|f| !filed.contains(&f.request_id)).map(|f| f.item).collect()
 }

@@ -22,9 +22,12 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::AnyNumeric;
 
-use super::admit::{admit_item, AdmitItem, Admission};
+use super::admit::{
+    admit_item, checked, decide_locked, file, read_keys, Admission, AdmitItem, Filing, KeyRow, Locally, Locked,
+    LockedCounters,
+};
 use super::cache;
-use super::settle::{settle_item, SettleItem, Settlement};
+use super::settle::{settle_all, SettleItem};
 use super::{clock, col, fail, run, EngineError, Policy};
 
 // Locks counters in the order given (the lock order), creating those that do not exist yet in
@@ -35,27 +38,16 @@ INSERT INTO quota.counter AS c (policy_id, scope_id, window_start)
 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[])
 ON CONFLICT (policy_id, scope_id) DO UPDATE SET reserved = c.reserved WHERE false";
 
-// The keys of a batch's secrets, by the item's ordinal (an unknown secret has no row).
-const KEYS: &str = "\
-SELECT s.i, k.key_id, k.user_id
-FROM unnest($1::text[]) WITH ORDINALITY AS s(secret, i), LATERAL quota.key_for_secret(s.secret) k";
-
 // The enabled channels serving a model: routing may pick any of them.
 const MODEL_CHANNELS: &str = "\
 SELECT cm.channel_id FROM quota.channel_model cm JOIN quota.channel c ON c.channel_id = cm.channel_id
 WHERE cm.model = $1 AND c.status = 'enabled'";
 
-// The reservations of a batch's settles, locked (in request id order: the reservation row comes
-// first in the lock order), with the holds their settles will move.
-const RESERVATIONS: &str = "\
-SELECT r.hold_policy, r.hold_scope FROM quota.reservation r
-WHERE r.request_id = ANY($1) ORDER BY r.request_id FOR UPDATE";
-
 /// Locks the counters, each once, in the lock order; `counters` may name one many times.
-fn lock_counters(client: &mut SpiClient<'_>, counters: Vec<(CounterRef, TimestampWithTimeZone)>) {
+fn lock_counters(client: &mut SpiClient<'_>, counters: Vec<(CounterRef, TimestampWithTimeZone)>) -> Vec<CounterRef> {
     let plan = lock_plan(counters);
     if plan.is_empty() {
-        return;
+        return vec![];
     }
     let args = [
         plan.iter().map(|(c, _)| c.policy_id).collect::<Vec<_>>().into(),
@@ -63,34 +55,108 @@ fn lock_counters(client: &mut SpiClient<'_>, counters: Vec<(CounterRef, Timestam
         plan.iter().map(|(_, ws)| *ws).collect::<Vec<_>>().into(),
     ];
     run(client, LOCK_COUNTERS, &args);
+    plan.into_iter().map(|(c, _)| c).collect()
 }
 
 /// A policy's counter for a scope, and the window a counter created now starts in.
-fn counter_now(policy: &Policy, scope_id: i64, now: chrono::DateTime<chrono::Utc>) -> (CounterRef, TimestampWithTimeZone) {
+fn counter_now(
+    policy: &Policy,
+    scope_id: i64,
+    now: chrono::DateTime<chrono::Utc>,
+) -> (CounterRef, TimestampWithTimeZone) {
     let (ws, _) = policy.window(now);
-    let counter = CounterRef {
-        channel: policy.subject_type == "channel",
-        policy_id: policy.policy_id,
-        scope_id,
-    };
-    (counter, policy.counter_window(ws))
+    (policy.counter(scope_id), policy.counter_window(ws))
 }
 
 /// Admits each item in order (see the module comment); one answer per item.
 pub(super) fn admit_each(client: &mut SpiClient<'_>, items: &[AdmitItem<'_>]) -> Vec<Result<Admission, EngineError>> {
-    if items.len() > 1 {
-        lock_for_admits(client, items);
+    if items.len() == 1 {
+        return vec![admit_item(client, &items[0])];
     }
+    let (now, now_utc) = clock();
+    let mut keys = read_keys(client, items);
+    let locked = lock_for_admits(client, items, &keys, now, now_utc);
+    let mut counters = read_counters(client, &locked);
     let repeated = repeats(items.iter().map(|i| i.request_id));
-    items
-        .iter()
-        .zip(repeated)
-        .map(|(item, repeated)| {
-            if repeated {
-                let id = item.request_id.unwrap_or_default();
-                return fail(b"PQ409", format!("admit: request_id {id} was already used in this batch"));
+    let mut answers: Vec<Option<Result<Admission, EngineError>>> = (0..items.len()).map(|_| None).collect();
+    let mut filings: Vec<Filing> = Vec::new();
+    // whether `keys` and `counters` still hold: an item on the single path writes to both
+    let mut fresh = true;
+    for (i, item) in items.iter().enumerate() {
+        if repeated[i] {
+            let id = item.request_id.unwrap_or_default();
+            answers[i] = Some(fail(b"PQ409", format!("admit: request_id {id} was already used in this batch")));
+            continue;
+        }
+        let args = match checked(item) {
+            Ok(args) => args,
+            Err(e) => {
+                answers[i] = Some(Err(e));
+                continue;
             }
-            admit_item(client, item)
+        };
+        let routed = item.channel_id.is_some() || cache::channels(client, args.model).served;
+        if !fresh && !routed {
+            keys = read_keys(client, &items[i..]).into_iter().map(|(j, k)| (i + j, k)).collect();
+            counters = read_counters(client, &locked);
+            fresh = true;
+        }
+        let decided = if routed {
+            Locally::Single
+        } else {
+            decide_locked(client, i, &args, item.channel_id, keys.get(&i), &mut counters, now)
+        };
+        match decided {
+            Locally::Answered(answer) => answers[i] = Some(answer),
+            Locally::Admitted(answer, filing) => {
+                answers[i] = Some(Ok(answer));
+                filings.push(filing);
+            }
+            Locally::Single => {
+                file_admitted(client, std::mem::take(&mut filings), items, &mut answers, now);
+                answers[i] = Some(admit_item(client, item));
+                fresh = false;
+            }
+        }
+    }
+    file_admitted(client, filings, items, &mut answers, now);
+    answers.into_iter().map(|a| a.expect("every item is answered")).collect()
+}
+
+/// Files admitted requests (admit::file); one whose request id a concurrent admit filed first
+/// is answered by the single call's path after all (as a retry).
+fn file_admitted(
+    client: &mut SpiClient<'_>,
+    filings: Vec<Filing>,
+    items: &[AdmitItem<'_>],
+    answers: &mut [Option<Result<Admission, EngineError>>],
+    now: TimestampWithTimeZone,
+) {
+    for i in file(client, filings, now) {
+        answers[i] = Some(admit_item(client, &items[i]));
+    }
+}
+
+// The counters a batch locked, as they are now (locked: nobody else changes them).
+const COUNTERS: &str = "\
+SELECT c.policy_id, c.scope_id, c.window_start, c.used, c.reserved, c.exhausted_at
+FROM unnest($1::bigint[], $2::bigint[]) AS h(policy_id, scope_id)
+JOIN quota.counter c ON c.policy_id = h.policy_id AND c.scope_id = h.scope_id";
+
+fn read_counters(client: &mut SpiClient<'_>, locked: &[CounterRef]) -> LockedCounters {
+    let args = [
+        locked.iter().map(|c| c.policy_id).collect::<Vec<_>>().into(),
+        locked.iter().map(|c| c.scope_id).collect::<Vec<_>>().into(),
+    ];
+    run(client, COUNTERS, &args)
+        .map(|r| {
+            let counter = Locked {
+                window_start: col(&r, 3).unwrap(),
+                used: col(&r, 4).unwrap(),
+                reserved: col(&r, 5).unwrap(),
+                exhausted_at: col(&r, 6),
+            };
+            ((col(&r, 1).unwrap(), col(&r, 2).unwrap()), counter)
         })
         .collect()
 }
@@ -98,22 +164,20 @@ pub(super) fn admit_each(client: &mut SpiClient<'_>, items: &[AdmitItem<'_>]) ->
 /// Locks the counters the admits may touch: each key's and user's policies for the model, and
 /// the caps of every channel that routing may pick (the pinned one, or all enabled ones serving
 /// the model). Only reads otherwise; an item that is refused early simply does not use them.
-fn lock_for_admits(client: &mut SpiClient<'_>, items: &[AdmitItem<'_>]) {
-    let (now, now_utc) = clock();
-    cache::refresh(client);
-    let secrets: Vec<Option<String>> = items.iter().map(|i| i.api_key.map(String::from)).collect();
-    let mut owner: Vec<Option<(i64, i64)>> = vec![None; items.len()];
-    for r in run(client, KEYS, &[secrets.into()]) {
-        let i = usize::try_from(col::<i64>(&r, 1).unwrap() - 1).unwrap_or(usize::MAX);
-        if let Some(o) = owner.get_mut(i) {
-            *o = Some((col(&r, 2).unwrap(), col(&r, 3).unwrap()));
-        }
-    }
+/// Returns the counters locked, in the lock order.
+fn lock_for_admits(
+    client: &mut SpiClient<'_>,
+    items: &[AdmitItem<'_>],
+    keys: &std::collections::HashMap<usize, KeyRow>,
+    now: TimestampWithTimeZone,
+    now_utc: chrono::DateTime<chrono::Utc>,
+) -> Vec<CounterRef> {
     let mut counters: Vec<(CounterRef, TimestampWithTimeZone)> = Vec::new();
     let mut channels_of: std::collections::HashMap<String, Vec<i64>> = std::collections::HashMap::new();
     let mut seen_subjects = std::collections::HashSet::new();
-    for (item, owner) in items.iter().zip(owner) {
+    for (i, item) in items.iter().enumerate() {
         let Some(model) = item.model else { continue };
+        let owner = keys.get(&i).map(|k| (k.key_id, k.user_id));
         if let Some((key_id, user_id)) = owner.filter(|(k, _)| seen_subjects.insert((*k, model.to_string()))) {
             for a in cache::policies_for(client, (Some(key_id), Some(user_id), Some(model.to_string()), None), now) {
                 counters.push(counter_now(&a.policy, a.scope_id, now_utc));
@@ -127,9 +191,7 @@ fn lock_for_admits(client: &mut SpiClient<'_>, items: &[AdmitItem<'_>]) {
             None => channels_of
                 .entry(model.to_string())
                 .or_insert_with(|| {
-                    run(client, MODEL_CHANNELS, &[model.into()])
-                        .map(|r| col::<i64>(&r, 1).unwrap())
-                        .collect()
+                    run(client, MODEL_CHANNELS, &[model.into()]).map(|r| col::<i64>(&r, 1).unwrap()).collect()
                 })
                 .clone(),
         };
@@ -139,40 +201,7 @@ fn lock_for_admits(client: &mut SpiClient<'_>, items: &[AdmitItem<'_>]) {
             }
         }
     }
-    lock_counters(client, counters);
-}
-
-/// Settles each item in order (see the module comment); one answer per item.
-pub(super) fn settle_each(client: &mut SpiClient<'_>, items: &[SettleItem<'_>]) -> Vec<Result<Settlement, EngineError>> {
-    if items.len() > 1 {
-        lock_for_settles(client, items);
-    }
-    items.iter().map(|item| settle_item(client, item)).collect()
-}
-
-/// Locks the reservations being settled, then the counters they hold, each once, in the lock
-/// order. (A request the sweep expired has no reservation: its late settle locks the counters
-/// of the policies that apply now itself, as a single call does.)
-fn lock_for_settles(client: &mut SpiClient<'_>, items: &[SettleItem<'_>]) {
-    let (_, now_utc) = clock();
-    let ids: Vec<Option<String>> = items.iter().map(|i| i.request_id.map(String::from)).collect();
-    let holds: Vec<(Vec<i64>, Vec<i64>)> = run(client, RESERVATIONS, &[ids.into()])
-        .map(|r| (col(&r, 1).unwrap_or_default(), col(&r, 2).unwrap_or_default()))
-        .collect();
-    if holds.is_empty() {
-        return;
-    }
-    cache::refresh(client);
-    let mut counters: Vec<(CounterRef, TimestampWithTimeZone)> = Vec::new();
-    for (policies, scopes) in holds {
-        for (policy, scope_id) in cache::policies_by_id(client, &policies).into_iter().zip(scopes) {
-            // a policy deleted meanwhile took its counter with it
-            if let Some(policy) = policy {
-                counters.push(counter_now(&policy, scope_id, now_utc));
-            }
-        }
-    }
-    lock_counters(client, counters);
+    lock_counters(client, counters)
 }
 
 /// The HTTP status of an item refused with one of the engine's SQLSTATEs (as the relay maps a
@@ -338,16 +367,8 @@ fn admit_many(
     TableIterator::new(rows)
 }
 
-type SettleRow = (
-    i32,
-    bool,
-    Option<bool>,
-    Option<String>,
-    Option<AnyNumeric>,
-    Option<bool>,
-    Option<String>,
-    Option<String>,
-);
+type SettleRow =
+    (i32, bool, Option<bool>, Option<String>, Option<AnyNumeric>, Option<bool>, Option<String>, Option<String>);
 
 #[pg_extern(sql = false)] // declared in sql/schema/45_batch.sql
 #[allow(clippy::type_complexity)]
@@ -382,11 +403,8 @@ fn settle_many(
         Ok(n) => n,
         Err(e) => e.raise(),
     };
-    let (ids, input, output) = (
-        request_ids.unwrap_or_default(),
-        input_tokens.unwrap_or_default(),
-        output_tokens.unwrap_or_default(),
-    );
+    let (ids, input, output) =
+        (request_ids.unwrap_or_default(), input_tokens.unwrap_or_default(), output_tokens.unwrap_or_default());
     let items: Vec<SettleItem> = (0..n)
         .map(|i| SettleItem {
             request_id: ids[i].as_deref(),
@@ -395,7 +413,7 @@ fn settle_many(
             cached_tokens: cached_tokens.as_ref().map_or(Some(0), |c| c[i]),
         })
         .collect();
-    let settled = Spi::connect_mut(|client| settle_each(client, &items));
+    let settled = Spi::connect_mut(|client| settle_all(client, &items));
     let rows: Vec<SettleRow> = settled
         .into_iter()
         .enumerate()

@@ -112,6 +112,19 @@ pub(crate) fn first<'conn>(
     run(client, sql, args).next()
 }
 
+/// Rows whose arrays travel flat (a batch's holds: one array per column for all its rows):
+/// each row's slice `[lo:hi]` (1-based, inclusive; empty when hi < lo), given the rows' lengths.
+pub(crate) fn slices(lengths: impl Iterator<Item = usize>) -> (Vec<i32>, Vec<i32>) {
+    let (mut lo, mut hi) = (Vec::new(), Vec::new());
+    let mut next = 1;
+    for len in lengths {
+        lo.push(next);
+        next += i32::try_from(len).expect("a request counts on few policies");
+        hi.push(next - 1);
+    }
+    (lo, hi)
+}
+
 /// A column of a row (1-based), NULL as `None`.
 pub(crate) fn col<T: FromDatum + IntoDatum>(row: &SpiHeapTupleData<'_>, ordinal: usize) -> Option<T> {
     row.get::<T>(ordinal)
@@ -233,6 +246,15 @@ impl Policy {
             spec,
             enforce: col(row, first + 12).unwrap_or(true),
             alert_at: col(row, first + 13).unwrap_or_default(),
+        }
+    }
+
+    /// Its counter for a scope, as the lock order sees it.
+    pub(crate) fn counter(&self, scope_id: i64) -> pg_quota_core::batch::CounterRef {
+        pg_quota_core::batch::CounterRef {
+            channel: self.subject_type == "channel",
+            policy_id: self.policy_id,
+            scope_id,
         }
     }
 

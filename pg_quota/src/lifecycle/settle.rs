@@ -1,15 +1,16 @@
 //! `quota.settle`: replace a reservation by the actual usage on every policy it held, write the
 //! ledger row (its trigger keeps the daily rollup), apply exhaustion. Idempotent.
-use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::AnyNumeric;
 
 use super::{alerts, cache};
 use super::{
-    clock, col, fail, first, mark_exhausted, metric_amount, recover_window, rolling_used, row, run, EngineError,
-    Policy, Recovered,
+    clock, col, fail, first, mark_exhausted, metric_amount, recover_window, rolling_used, row, run, slices,
+    EngineError, Policy, Recovered,
 };
+use pg_quota_core::batch::lock_plan;
+use std::collections::HashMap;
 
 /// The columns of `quota.settlement`, in order.
 pub(super) struct Settlement {
@@ -19,13 +20,16 @@ pub(super) struct Settlement {
     pub replay: bool,
 }
 
-// Takes the reservation and prices the actual usage in one statement.
+// Takes the reservations of a batch's settles (each request id once) and prices each one's
+// actual usage, in one statement: per reservation taken, the ordinal of its settle in $1.
 const TAKE: &str = "\
-WITH r AS (DELETE FROM quota.reservation r WHERE r.request_id = $1 RETURNING r.*)
-SELECT r.key_id, r.user_id, r.channel_id, r.model, r.counted_in_key_global, r.counted_in_user_global,
-       r.hold_policy, r.hold_scope, r.hold_amount, r.hold_limit, quota.cost_of(mp, $2, $3, $4),
+WITH r AS (DELETE FROM quota.reservation r WHERE r.request_id = ANY($1) RETURNING r.*)
+SELECT i.n, r.key_id, r.user_id, r.channel_id, r.model, r.counted_in_key_global, r.counted_in_user_global,
+       r.hold_policy, r.hold_scope, r.hold_amount, r.hold_limit, quota.cost_of(mp, i.input, i.output, i.cached),
        (SELECT g.generation FROM quota.policy_generation g)
-FROM r LEFT JOIN LATERAL quota.price_for(r.model) mp ON true";
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) WITH ORDINALITY AS i(request_id, input, output, cached, n)
+JOIN r ON r.request_id = i.request_id
+LEFT JOIN LATERAL quota.price_for(r.model) mp ON true";
 
 // What the ledger says of a settled request (quota.ledger_request keeps it for the request id's
 // horizon): the latest row's billing (a correction comes last), the cost of all its rows (a
@@ -61,15 +65,18 @@ SELECT (f.policy).policy_id, f.scope_id, f.effective_limit, (f.policy).exclusive
 FROM quota.policies_for($1, $2, $3, $4, $5) f
 ORDER BY quota.lock_order(f.axis, (f.policy).policy_id)";
 
-// Writes the ledger row (its trigger adds it to the day's rollup) and moves each hold to its
-// window's usage, rolling a stale window first, in the order given (the lock order). The ledger
-// row goes in first (the EXISTS runs it before any counter is read), so the counter rows, which
-// a busy key shares with every request, stay locked from their update to the commit and no
-// longer. Rolling windows count in rolling_usage instead ($19 holds 0 for them, and $21, the
-// counters' windows, -infinity: see Policy::counter_window). A counter deleted meanwhile
-// (policy edited) is created again, with nothing reserved. A request counts on a policy at most
-// once, so a policy id finds its hold. Returns each counter's usage and how its window stands
-// marked (marks!()).
+// Writes the ledger rows of settles (each row's counted_* arrays are its slice [lo:hi] of the
+// flat arrays $16-$19; the ledger's statement triggers add them to the day's rollups and to
+// quota.ledger_request) and moves the holds to their windows' usage: each counter once, with
+// the sums of the settles counting on it ($24 usage, $25 holds released), in the order given
+// (the lock order), rolling a stale window first. The ledger rows go in first (the EXISTS runs
+// them before any counter is read), so the counter rows, which a busy key shares with every
+// request, stay locked from their update to the commit and no longer; the rollup rows come
+// after the counters (the triggers run at the statement's end), as the lock order wants.
+// Rolling windows count in rolling_usage instead ($24 holds 0 for them, and $23, the counters'
+// windows, -infinity: see Policy::counter_window). A counter deleted meanwhile (policy edited)
+// is created again, with nothing reserved. Returns each counter's usage and how its window
+// stands marked (marks!()).
 const COUNT: &str = concat!(
     "\
 WITH ledger AS (
@@ -77,23 +84,33 @@ WITH ledger AS (
                                     output_tokens, cached_tokens, cost, billed, unbilled_reason,
                                     counted_in_key_global, counted_in_user_global,
                                     counted_policy, counted_scope, counted_window, counted_amount, settled_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
+    SELECT l.request_id, l.key_id, l.user_id, l.channel_id, l.model, l.input, l.output, l.cached, l.cost,
+           l.billed, l.unbilled_reason, l.in_key_global, l.in_user_global, ($16::bigint[])[l.lo:l.hi],
+           ($17::bigint[])[l.lo:l.hi], ($18::timestamptz[])[l.lo:l.hi], ($19::numeric[])[l.lo:l.hi], $20
+    FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::bigint[], $7::bigint[],
+                $8::bigint[], $9::numeric[], $10::boolean[], $11::text[], $12::boolean[], $13::boolean[],
+                $14::integer[], $15::integer[])
+         AS l(request_id, key_id, user_id, channel_id, model, input, output, cached, cost, billed,
+              unbilled_reason, in_key_global, in_user_global, lo, hi)
     RETURNING 1
 )
 INSERT INTO quota.counter AS c (policy_id, scope_id, window_start, used)
-SELECT * FROM unnest($14::bigint[], $15::bigint[], $21::timestamptz[], $19::numeric[])
+SELECT * FROM unnest($21::bigint[], $22::bigint[], $23::timestamptz[], $24::numeric[])
 WHERE EXISTS (SELECT FROM ledger)
 ON CONFLICT (policy_id, scope_id) DO UPDATE SET
         ",
     roll_window!(),
     ",
-        reserved     = c.reserved - ($20::numeric[])[array_position($14::bigint[], c.policy_id)]
-RETURNING c.policy_id, c.used, ",
+        reserved     = c.reserved - (SELECT h.amount FROM unnest($21::bigint[], $22::bigint[], $25::numeric[])
+                                       AS h(policy_id, scope_id, amount)
+                                     WHERE h.policy_id = c.policy_id AND h.scope_id = c.scope_id)
+RETURNING c.policy_id, c.scope_id, c.used, ",
     marks!()
 );
 
 const ROLLING_ADD: &str = "\
-INSERT INTO quota.rolling_usage AS r (policy_id, scope_id, bucket, used) VALUES ($1, $2, $3, $4)
+INSERT INTO quota.rolling_usage AS r (policy_id, scope_id, bucket, used)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::numeric[])
 ON CONFLICT (policy_id, scope_id, bucket) DO UPDATE SET used = r.used + EXCLUDED.used";
 
 /// A reservation being settled: whose it is and what it holds, in lock order.
@@ -119,16 +136,9 @@ fn settle(
     cached_tokens: Option<i64>,
 ) -> pgrx::composite_type!('static, "quota.settlement") {
     // a batch of one (quota.settle_many): one implementation of every rule
-    let item = SettleItem {
-        request_id,
-        input_tokens,
-        output_tokens,
-        cached_tokens,
-    };
+    let item = SettleItem { request_id, input_tokens, output_tokens, cached_tokens };
     let settled = Spi::connect_mut(|client| {
-        super::batch::settle_each(client, std::slice::from_ref(&item))
-            .pop()
-            .expect("one settlement per item")
+        settle_all(client, std::slice::from_ref(&item)).pop().expect("one settlement per item")
     });
     let s = match settled {
         Ok(s) => s,
@@ -154,50 +164,128 @@ pub(super) struct SettleItem<'a> {
     pub cached_tokens: Option<i64>,
 }
 
-/// One settle, in the caller's transaction: its arguments checked, then settled (the
-/// reservation and counters it touches may be locked already, by its batch).
-pub(super) fn settle_item(client: &mut SpiClient<'_>, item: &SettleItem<'_>) -> Result<Settlement, EngineError> {
-    let request_id = item.request_id.unwrap_or("");
-    let (input, output, cached) = (item.input_tokens, item.output_tokens, item.cached_tokens);
-    // bounded before anything is read or written (pg_quota_core::request)
-    if let Err(e) = pg_quota_core::request::check_settle(request_id, input, output, cached) {
-        return fail(b"PQ400", format!("settle: {e}"));
-    }
-    settle_in(client, request_id, input, output, cached.unwrap_or(0))
+/// A held policy a settle counts on: its window, the amount it counts, the hold it releases.
+struct Count {
+    policy: Policy,
+    scope_id: i64,
+    hold: AnyNumeric,
+    limit: AnyNumeric,
+    ws: TimestampWithTimeZone,
+    we: Option<TimestampWithTimeZone>,
+    actual: AnyNumeric,
 }
 
-fn settle_in(
-    client: &mut SpiClient<'_>,
-    request_id: &str,
-    input: Option<i64>,
-    output: Option<i64>,
-    cached: i64,
-) -> Result<Settlement, EngineError> {
-    let (now, now_utc) = clock();
-    let usage: [DatumWithOid; 4] = [request_id.into(), input.into(), output.into(), cached.into()];
-    let taken = match first(client, TAKE, &usage) {
-        Some(r) => {
-            cache::sync(col(&r, 12).expect("generation is NOT NULL"));
-            Taken {
-                key_id: col(&r, 1).unwrap(),
-                user_id: col(&r, 2).unwrap(),
-                channel_id: col(&r, 3),
-                model: col(&r, 4).unwrap(),
-                counted_in_key_global: col(&r, 5).unwrap(),
-                counted_in_user_global: col(&r, 6).unwrap(),
-                hold_policy: col(&r, 7).unwrap(),
-                hold_scope: col(&r, 8).unwrap(),
-                hold_amount: col(&r, 9).unwrap(),
-                hold_limit: col(&r, 10).unwrap(),
-                cost: col(&r, 11),
-            }
-        }
-        None => match not_reserved(client, request_id, &usage, (input, output, cached), now)? {
-            Ok(taken) => taken,
-            Err(replay) => return Ok(replay),
-        },
-    };
+/// A settle with the reservation (or, late, the policies) it counts on: what it writes.
+struct Counted<'a> {
+    /// its item in the batch
+    item: usize,
+    request_id: &'a str,
+    taken: Taken,
+    usage: (Option<i64>, Option<i64>, i64),
+    reason: Option<&'static str>,
+    cost: Option<AnyNumeric>,
+    counts: Vec<Count>,
+}
 
+type Answer = Result<Settlement, EngineError>;
+
+/// Settles each item in array order, in the caller's transaction (`quota.settle` is a batch of
+/// one). The reservations are taken in one statement; the settles that found theirs are
+/// written together (see [`count`]) when the batch ends or when an item without one comes
+/// (a repeat, a late settle, an unknown id: answered by [`not_reserved`] on what the items
+/// before it wrote), so every item sees the ones before it, as one by one.
+pub(super) fn settle_all(client: &mut SpiClient<'_>, items: &[SettleItem<'_>]) -> Vec<Answer> {
+    let (now, now_utc) = clock();
+    let mut answers: Vec<Option<Answer>> = (0..items.len()).map(|_| None).collect();
+    // bounded before anything is read or written (pg_quota_core::request); the first item
+    // naming a request id takes its reservation
+    let mut takers: Vec<usize> = Vec::with_capacity(items.len());
+    let mut named = std::collections::HashSet::new();
+    for (i, item) in items.iter().enumerate() {
+        let id = item.request_id.unwrap_or("");
+        match pg_quota_core::request::check_settle(id, item.input_tokens, item.output_tokens, item.cached_tokens) {
+            Err(e) => answers[i] = Some(fail(b"PQ400", format!("settle: {e}"))),
+            Ok(()) if named.insert(id) => takers.push(i),
+            Ok(()) => {}
+        }
+    }
+    let mut taken = take(client, items, &takers);
+    let mut pending: Vec<Counted> = Vec::with_capacity(taken.len());
+    for (i, item) in items.iter().enumerate() {
+        if answers[i].is_some() {
+            continue;
+        }
+        let request_id = item.request_id.unwrap_or("");
+        let usage = (item.input_tokens, item.output_tokens, item.cached_tokens.unwrap_or(0));
+        if let Some(t) = taken.remove(&i) {
+            pending.push(counted(client, i, request_id, t, usage, now_utc));
+            continue;
+        }
+        count(client, std::mem::take(&mut pending), now, &mut answers);
+        match not_reserved(client, request_id, usage, now) {
+            Ok(Ok(late)) => {
+                let late = counted(client, i, request_id, late, usage, now_utc);
+                count(client, vec![late], now, &mut answers)
+            }
+            Ok(Err(answer)) => answers[i] = Some(Ok(answer)),
+            Err(e) => answers[i] = Some(Err(e)),
+        }
+    }
+    count(client, pending, now, &mut answers);
+    answers.into_iter().map(|a| a.expect("every item is answered")).collect()
+}
+
+/// Takes the reservations of the items `takers` (see TAKE), by item.
+fn take(client: &mut SpiClient<'_>, items: &[SettleItem<'_>], takers: &[usize]) -> HashMap<usize, Taken> {
+    if takers.is_empty() {
+        return HashMap::new();
+    }
+    let of = |f: fn(&SettleItem) -> Option<i64>| takers.iter().map(|&i| f(&items[i])).collect::<Vec<_>>();
+    let args = [
+        takers.iter().map(|&i| items[i].request_id).collect::<Vec<_>>().into(),
+        of(|i| i.input_tokens).into(),
+        of(|i| i.output_tokens).into(),
+        of(|i| Some(i.cached_tokens.unwrap_or(0))).into(),
+    ];
+    let mut taken = HashMap::with_capacity(takers.len());
+    let mut generation = None;
+    for r in run(client, TAKE, &args) {
+        let n = usize::try_from(col::<i64>(&r, 1).unwrap() - 1).expect("ordinals start at 1");
+        generation = col::<i64>(&r, 13);
+        taken.insert(
+            takers[n],
+            Taken {
+                key_id: col(&r, 2).unwrap(),
+                user_id: col(&r, 3).unwrap(),
+                channel_id: col(&r, 4),
+                model: col(&r, 5).unwrap(),
+                counted_in_key_global: col(&r, 6).unwrap(),
+                counted_in_user_global: col(&r, 7).unwrap(),
+                hold_policy: col(&r, 8).unwrap(),
+                hold_scope: col(&r, 9).unwrap(),
+                hold_amount: col(&r, 10).unwrap(),
+                hold_limit: col(&r, 11).unwrap(),
+                cost: col(&r, 12),
+            },
+        );
+    }
+    if let Some(g) = generation {
+        cache::sync(g);
+    }
+    taken
+}
+
+/// What a settle counts: its billing, and on each held policy still there (one deleted
+/// meanwhile took its counter with it) its current window and the amount it counts.
+fn counted<'a>(
+    client: &mut SpiClient<'_>,
+    item: usize,
+    request_id: &'a str,
+    taken: Taken,
+    usage: (Option<i64>, Option<i64>, i64),
+    now_utc: chrono::DateTime<chrono::Utc>,
+) -> Counted<'a> {
+    let (input, output, _) = usage;
     let reason = if input.is_none() || output.is_none() {
         Some("usage_missing")
     } else if taken.cost.is_none() {
@@ -205,24 +293,8 @@ fn settle_in(
     } else {
         None
     };
-    let cost = if reason == Some("usage_missing") {
-        None
-    } else {
-        taken.cost.clone()
-    };
-
-    // The held policies still there (one deleted meanwhile took its counter with it), each with
-    // its current window and the amount it counts.
+    let cost = if reason == Some("usage_missing") { None } else { taken.cost.clone() };
     let held = cache::policies_by_id(client, &taken.hold_policy);
-    struct Count {
-        policy: Policy,
-        scope_id: i64,
-        hold: AnyNumeric,
-        limit: AnyNumeric,
-        ws: TimestampWithTimeZone,
-        we: Option<TimestampWithTimeZone>,
-        actual: AnyNumeric,
-    }
     let mut counts: Vec<Count> = Vec::with_capacity(held.len());
     for (i, policy) in held.into_iter().enumerate() {
         let Some(policy) = policy else { continue };
@@ -238,102 +310,141 @@ fn settle_in(
             actual,
         });
     }
+    Counted { item, request_id, taken, usage, reason, cost, counts }
+}
 
+/// A counter that settles count on: the batch's sums on it, then (once written) its state.
+struct Tally {
+    policy: Policy,
+    scope_id: i64,
+    ws: TimestampWithTimeZone,
+    actual: AnyNumeric,
+    hold: AnyNumeric,
+    /// settled usage of its window, before the batch (then after each item, as they are walked)
+    used: AnyNumeric,
+    /// marked spent in this window; marked in a window that has ended since
+    marked: bool,
+    ended_spent: bool,
+}
+
+/// Writes settles (see COUNT): all ledger rows in one statement, each counter once with the
+/// batch's sums (and rolling windows' buckets likewise), then walks the items in order over
+/// each counter's usage as it grows, for what is decided per request: a window found ended
+/// spent is recovered, alert thresholds crossed are logged, and a window the usage spends is
+/// marked (on_exhausted), each by the item that does it, as one by one.
+fn count(
+    client: &mut SpiClient<'_>,
+    batch: Vec<Counted<'_>>,
+    now: TimestampWithTimeZone,
+    answers: &mut [Option<Answer>],
+) {
+    if batch.is_empty() {
+        return;
+    }
     let zero = AnyNumeric::from(0);
     // A rolling window counts in the minute's bucket: the ledger row names the bucket.
-    let bucket = crate::window::to_pg(pg_quota_core::WindowSpec::bucket_of(now_utc));
-    let rows: Vec<(i64, AnyNumeric, bool, bool)> = run(
-        client,
-        COUNT,
-        &[
-            request_id.into(),
-            taken.key_id.into(),
-            taken.user_id.into(),
-            taken.channel_id.into(),
-            taken.model.as_str().into(),
-            input.unwrap_or(0).into(),
-            output.unwrap_or(0).into(),
-            cached.into(),
-            cost.clone().unwrap_or_else(|| zero.clone()).into(),
-            reason.is_none().into(),
-            reason.into(),
-            taken.counted_in_key_global.into(),
-            taken.counted_in_user_global.into(),
-            counts.iter().map(|c| c.policy.policy_id).collect::<Vec<_>>().into(),
-            counts.iter().map(|c| c.scope_id).collect::<Vec<_>>().into(),
-            counts
-                .iter()
-                .map(|c| if c.policy.rolling() { bucket } else { c.ws })
-                .collect::<Vec<_>>()
-                .into(),
-            counts.iter().map(|c| c.actual.clone()).collect::<Vec<_>>().into(),
-            now.into(),
-            counts
-                .iter()
-                .map(|c| {
-                    if c.policy.rolling() {
-                        zero.clone()
-                    } else {
-                        c.actual.clone()
-                    }
-                })
-                .collect::<Vec<_>>()
-                .into(),
-            counts.iter().map(|c| c.hold.clone()).collect::<Vec<_>>().into(),
-            counts
-                .iter()
-                .map(|c| c.policy.counter_window(c.ws))
-                .collect::<Vec<_>>()
-                .into(),
-        ],
-    )
-    .map(|r| {
-        (
-            col(&r, 1).unwrap(),
-            col(&r, 2).unwrap(),
-            col(&r, 3).unwrap(),
-            col(&r, 4).unwrap(),
-        )
-    })
-    .collect();
-    assert_eq!(rows.len(), counts.len(), "pg_quota: one counter row per hold");
+    let bucket = crate::window::to_pg(pg_quota_core::WindowSpec::bucket_of(crate::window::to_utc(now)));
+    let mut tallies: HashMap<(i64, i64), Tally> = HashMap::new();
+    for k in batch.iter().flat_map(|c| &c.counts) {
+        let t = tallies.entry((k.policy.policy_id, k.scope_id)).or_insert_with(|| Tally {
+            policy: k.policy.clone(),
+            scope_id: k.scope_id,
+            ws: k.ws,
+            actual: zero.clone(),
+            hold: zero.clone(),
+            used: zero.clone(),
+            marked: false,
+            ended_spent: false,
+        });
+        t.actual = t.actual.clone() + k.actual.clone();
+        t.hold = t.hold.clone() + k.hold.clone();
+    }
+    let order = lock_plan(tallies.values().map(|t| (t.policy.counter(t.scope_id), ())));
+    let ordered: Vec<&Tally> = order.iter().map(|(c, _)| &tallies[&(c.policy_id, c.scope_id)]).collect();
 
-    let who = (taken.key_id, taken.user_id);
-    for (c, (counter_policy, counter_used, already_exhausted, ended_spent)) in counts.into_iter().zip(rows) {
-        assert_eq!(
-            counter_policy, c.policy.policy_id,
-            "pg_quota: counters come back in hold order"
-        );
-        if ended_spent {
-            let why = Recovered::WindowReset(c.ws);
-            recover_window(client, &c.policy, c.scope_id, who, why, now);
-        }
-        let mut used = counter_used;
-        if c.policy.rolling() {
-            if c.actual > zero {
-                let args = [
-                    c.policy.policy_id.into(),
-                    c.scope_id.into(),
-                    bucket.into(),
-                    c.actual.clone().into(),
-                ];
-                run(client, ROLLING_ADD, &args);
-            }
-            used = rolling_used(client, c.policy.policy_id, c.scope_id, c.ws);
-        }
-        alerts::cross_thresholds(client, &c.policy, c.scope_id, who, c.ws, used.clone(), c.limit.clone(), now);
-        // a shadow policy never marks, logs or acts on a spent window (admit logs shadow_refusal)
-        if used >= c.limit && !already_exhausted && c.policy.enforce {
-            mark_exhausted(client, &c.policy, c.scope_id, who, (c.ws, c.we), now);
-        }
+    let (lo, hi) = slices(batch.iter().map(|c| c.counts.len()));
+    let counts = || batch.iter().flat_map(|c| &c.counts);
+    let args = [
+        batch.iter().map(|c| c.request_id).collect::<Vec<_>>().into(),
+        batch.iter().map(|c| c.taken.key_id).collect::<Vec<_>>().into(),
+        batch.iter().map(|c| c.taken.user_id).collect::<Vec<_>>().into(),
+        batch.iter().map(|c| c.taken.channel_id).collect::<Vec<_>>().into(),
+        batch.iter().map(|c| c.taken.model.as_str()).collect::<Vec<_>>().into(),
+        batch.iter().map(|c| c.usage.0.unwrap_or(0)).collect::<Vec<_>>().into(),
+        batch.iter().map(|c| c.usage.1.unwrap_or(0)).collect::<Vec<_>>().into(),
+        batch.iter().map(|c| c.usage.2).collect::<Vec<_>>().into(),
+        batch.iter().map(|c| c.cost.clone().unwrap_or_else(|| zero.clone())).collect::<Vec<_>>().into(),
+        batch.iter().map(|c| c.reason.is_none()).collect::<Vec<_>>().into(),
+        batch.iter().map(|c| c.reason).collect::<Vec<_>>().into(),
+        batch.iter().map(|c| c.taken.counted_in_key_global).collect::<Vec<_>>().into(),
+        batch.iter().map(|c| c.taken.counted_in_user_global).collect::<Vec<_>>().into(),
+        lo.into(),
+        hi.into(),
+        counts().map(|k| k.policy.policy_id).collect::<Vec<_>>().into(),
+        counts().map(|k| k.scope_id).collect::<Vec<_>>().into(),
+        counts().map(|k| if k.policy.rolling() { bucket } else { k.ws }).collect::<Vec<_>>().into(),
+        counts().map(|k| k.actual.clone()).collect::<Vec<_>>().into(),
+        now.into(),
+        ordered.iter().map(|t| t.policy.policy_id).collect::<Vec<_>>().into(),
+        ordered.iter().map(|t| t.scope_id).collect::<Vec<_>>().into(),
+        ordered.iter().map(|t| t.policy.counter_window(t.ws)).collect::<Vec<_>>().into(),
+        ordered
+            .iter()
+            .map(|t| if t.policy.rolling() { zero.clone() } else { t.actual.clone() })
+            .collect::<Vec<_>>()
+            .into(),
+        ordered.iter().map(|t| t.hold.clone()).collect::<Vec<_>>().into(),
+    ];
+    let written: Vec<((i64, i64), AnyNumeric, bool, bool)> = run(client, COUNT, &args)
+        .map(|r| {
+            ((col(&r, 1).unwrap(), col(&r, 2).unwrap()), col(&r, 3).unwrap(), col(&r, 4).unwrap(), col(&r, 5).unwrap())
+        })
+        .collect();
+    assert_eq!(written.len(), tallies.len(), "pg_quota: one counter row per counter counted");
+
+    let rolling: Vec<&Tally> = ordered.iter().copied().filter(|t| t.policy.rolling() && t.actual > zero).collect();
+    if !rolling.is_empty() {
+        let args = [
+            rolling.iter().map(|t| t.policy.policy_id).collect::<Vec<_>>().into(),
+            rolling.iter().map(|t| t.scope_id).collect::<Vec<_>>().into(),
+            rolling.iter().map(|_| bucket).collect::<Vec<_>>().into(),
+            rolling.iter().map(|t| t.actual.clone()).collect::<Vec<_>>().into(),
+        ];
+        run(client, ROLLING_ADD, &args);
+    }
+    // each counter's usage before the batch: after it, less the batch's
+    for (key, used_after, marked, ended_spent) in written {
+        let t = tallies.get_mut(&key).expect("a counter counted");
+        let used_after =
+            if t.policy.rolling() { rolling_used(client, t.policy.policy_id, t.scope_id, t.ws) } else { used_after };
+        t.used = used_after - t.actual.clone();
+        t.marked = marked;
+        t.ended_spent = ended_spent;
     }
 
-    Ok(Settlement {
-        billed: reason.is_none(),
-        unbilled_reason: reason.map(String::from),
-        cost: cost.unwrap_or_else(|| AnyNumeric::from(0)),
-        replay: false,
-    })
+    for c in batch {
+        let who = (c.taken.key_id, c.taken.user_id);
+        for k in &c.counts {
+            let t = tallies.get_mut(&(k.policy.policy_id, k.scope_id)).expect("a counter counted");
+            if t.ended_spent {
+                recover_window(client, &k.policy, k.scope_id, who, Recovered::WindowReset(k.ws), now);
+                t.ended_spent = false;
+            }
+            t.used = t.used.clone() + k.actual.clone();
+            alerts::cross_thresholds(client, &k.policy, k.scope_id, who, k.ws, t.used.clone(), k.limit.clone(), now);
+            // a shadow policy never marks, logs or acts on a spent window (admit logs shadow_refusal)
+            if t.used >= k.limit && !t.marked && k.policy.enforce {
+                mark_exhausted(client, &k.policy, k.scope_id, who, (k.ws, k.we), now);
+                t.marked = true;
+            }
+        }
+        answers[c.item] = Some(Ok(Settlement {
+            billed: c.reason.is_none(),
+            unbilled_reason: c.reason.map(String::from),
+            cost: c.cost.unwrap_or_else(|| zero.clone()),
+            replay: false,
+        }));
+    }
 }
 
 /// No reservation for `request_id`: the earlier answer (inner Err) when it was settled; when the
@@ -343,7 +454,6 @@ fn settle_in(
 fn not_reserved(
     client: &mut SpiClient<'_>,
     request_id: &str,
-    usage: &[DatumWithOid],
     (input, output, cached): (Option<i64>, Option<i64>, i64),
     now: TimestampWithTimeZone,
 ) -> Result<Result<Taken, Settlement>, EngineError> {
@@ -373,15 +483,13 @@ fn not_reserved(
             replay: true,
         }));
     }
-    let Some(r) = first(client, RELEASED, usage) else {
+    let usage = [request_id.into(), input.into(), output.into(), cached.into()];
+    let Some(r) = first(client, RELEASED, &usage) else {
         return fail(b"PQ404", format!("settle: unknown request_id {request_id}"));
     };
     let kind: String = col(&r, 1).unwrap();
     if kind == "refunded" {
-        return fail(
-            b"PQ409",
-            format!("settle: request_id {request_id} was refunded and cannot be settled"),
-        );
+        return fail(b"PQ409", format!("settle: request_id {request_id} was refunded and cannot be settled"));
     }
     cache::refresh(client);
     let mut taken = Taken {
@@ -397,13 +505,8 @@ fn not_reserved(
         hold_limit: vec![],
         cost: col(&r, 6),
     };
-    let args = [
-        taken.key_id.into(),
-        taken.user_id.into(),
-        taken.model.as_str().into(),
-        taken.channel_id.into(),
-        now.into(),
-    ];
+    let args =
+        [taken.key_id.into(), taken.user_id.into(), taken.model.as_str().into(), taken.channel_id.into(), now.into()];
     for h in run(client, LATE_HOLDS, &args) {
         taken.hold_policy.push(col(&h, 1).unwrap());
         taken.hold_scope.push(col(&h, 2).unwrap());
