@@ -107,7 +107,7 @@ fn secret(secrets: &[String], key: usize) -> String {
 
 /// What an answer shows a caller (key ids equal in both databases, made in the same order).
 const ADMISSION: &str = "allowed, http_status, error_code, message, retry_after_s, key_id, \
-    ratelimit_limit::text, ratelimit_remaining::text, ratelimit_metric, ratelimit_reset_at::text";
+    channel_id, upstream_base_url, upstream_model, ratelimit_limit::text, ratelimit_remaining::text, ratelimit_metric, ratelimit_reset_at::text";
 
 async fn admit_many(db: &Client, secrets: &[String], batch: &[Admit]) -> Vec<String> {
     let keys: Vec<String> = batch.iter().map(|a| secret(secrets, a.key)).collect();
@@ -214,9 +214,11 @@ async fn settle_one_by_one(db: &Client, items: &[(String, i64, i64)]) -> Vec<Str
 
 /// What the counters (with their spent marks), reservations, ledger, daily rollups, keys'
 /// suspensions and the engine's events (in the order they were logged, with whose request
-/// logged them) hold, for comparing two databases (the admins' events carry wall-clock times).
+/// logged them) hold, for comparing two databases (the admins' events carry wall-clock times;
+/// an empty counter is no counter: a batch creates those of every channel it may route to).
 async fn state(db: &Client) -> String {
-    let q = "SELECT (SELECT string_agg(format('%s/%s used %s reserved %s spent %s', policy_id, scope_id, used, reserved, exhausted_at), '; ' ORDER BY policy_id, scope_id) FROM quota.counter), \
+    let q = "SELECT (SELECT string_agg(format('%s/%s used %s reserved %s spent %s', policy_id, scope_id, used, reserved, exhausted_at), '; ' ORDER BY policy_id, scope_id) FROM quota.counter \
+                     WHERE used <> 0 OR reserved <> 0 OR exhausted_at IS NOT NULL), \
                     (SELECT string_agg(request_id, ',' ORDER BY request_id) FROM quota.reservation), \
                     (SELECT string_agg(format('%s %s %s', request_id, cost, billed), ',' ORDER BY request_id) FROM quota.usage_ledger), \
                     (SELECT string_agg(format('%s %s %s %s %s %s %s', key_id, model, requests, input_tokens, output_tokens, cost, unbilled), '; ' ORDER BY key_id, model) FROM quota.usage_daily), \
@@ -230,12 +232,41 @@ async fn state(db: &Client) -> String {
         .join(" | ")
 }
 
+/// Model m served by three channels: a disabled one of the highest priority, then one capped
+/// at 600 tokens a day, then one capped at 5 requests a day (distinct priorities: routing is
+/// random only among equals). Requests move to the second as the first fills, then are refused
+/// when both are full.
+const CHANNELS: &str = "\
+    INSERT INTO quota.channel (name, base_url, api_key, priority, status) VALUES \
+        ('off', 'http://127.0.0.1:9/off', 'sk-off', 20, 'disabled'), ('first', 'http://127.0.0.1:9/first', 'sk-1', 10, 'enabled'), \
+        ('second', 'http://127.0.0.1:9/second', 'sk-2', 5, 'enabled'); \
+    INSERT INTO quota.channel_model (channel_id, model, upstream_model) SELECT channel_id, 'm', 'up-' || name FROM quota.channel; \
+    INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit, boundary) \
+    SELECT 'channel', channel_id, 'tokens', 'day', 600, 'strict' FROM quota.channel WHERE name = 'first' \
+    UNION ALL SELECT 'channel', channel_id, 'requests', 'day', 5, 'strict' FROM quota.channel WHERE name = 'second'";
+
 #[tokio::test]
 async fn a_batch_answers_as_the_same_single_calls_in_its_order() {
+    equivalence(false).await;
+}
+
+#[tokio::test]
+async fn a_batch_routes_to_channels_as_the_same_single_calls_in_its_order() {
+    equivalence(true).await;
+}
+
+/// Batches of admits and settles against the same calls one by one, in two databases set up
+/// alike (with `channels`, model m is routed: see CHANNELS): the same answers, and the same
+/// state after every batch.
+async fn equivalence(channels: bool) {
     for seed in [1u64, 7, 42] {
         let batched = connect(&fresh_database("pgq_batch_many").await).await;
         let single = connect(&fresh_database("pgq_batch_single").await).await;
         let (sb, ss) = (three_keys(&batched).await, three_keys(&single).await);
+        if channels {
+            batched.batch_execute(CHANNELS).await.unwrap();
+            single.batch_execute(CHANNELS).await.unwrap();
+        }
         batched.batch_execute(NOW).await.unwrap();
         single.batch_execute(NOW).await.unwrap();
         let mut answers: Vec<String> = Vec::new();
@@ -276,6 +307,15 @@ async fn a_batch_answers_as_the_same_single_calls_in_its_order() {
             .unwrap()
             .get(0);
         assert!(crossed >= 2, "seed {seed}: the group's thresholds were crossed ({crossed})");
+        if channels {
+            for (what, needle) in [
+                ("routed to the first channel", "up-first"),
+                ("routed to the second", "up-second"),
+                ("refused with both full", "all_channels_exhausted"),
+            ] {
+                assert!(answers.iter().any(|a| a.contains(needle)), "seed {seed}: some item was {what}");
+            }
+        }
         assert_no_drift(&batched).await;
     }
 }

@@ -1130,6 +1130,7 @@ pub(super) type LockedCounters = std::collections::HashMap<(i64, i64), Locked>;
 /// An admitted request of a batch whose reservation and holds are not written yet.
 pub(super) struct Filing {
     pub item: usize,
+    channel_id: Option<i64>,
     request_id: String,
     key_id: i64,
     user_id: i64,
@@ -1158,6 +1159,7 @@ pub(super) enum Locally {
 /// end, routing to a channel, a window to mark spent or recovered, a shadow policy's refusal, a
 /// rolling window, a retry) is left to the single call's path ([`Locally::Single`]), which the
 /// batch runs once what came before is written.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn decide_locked(
     client: &mut SpiClient<'_>,
     item: usize,
@@ -1165,6 +1167,7 @@ pub(super) fn decide_locked(
     pinned: Option<i64>,
     key: Option<&KeyRow>,
     counters: &mut LockedCounters,
+    routes: &mut Routes,
     now: TimestampWithTimeZone,
 ) -> Locally {
     let Some(key) = key else {
@@ -1183,45 +1186,66 @@ pub(super) fn decide_locked(
         let id = args.request_id;
         return Locally::Answered(fail(b"PQ409", format!("admit: request_id {id} was already used")));
     }
-    if pinned.is_some() || cache::channels(client, args.model).served {
-        return Locally::Single;
+    if pinned.is_some() {
+        return Locally::Single; // (a grant to check)
     }
-    let applicable = cache::policies_for(client, (Some(who.0), Some(who.1), Some(args.model.to_string()), None), now);
+    let own_subject = (Some(who.0), Some(who.1), Some(args.model.to_string()), None);
+    let own = cache::policies_for(client, own_subject, now);
     if key.cost.is_none() {
         // (writes only its own marker and event: nothing the batch has read)
         log_unpriced(client, args.model, who, now);
-        if let Some(refused) = unpriced_refusal(args.model, &applicable) {
+        if let Some(refused) = unpriced_refusal(args.model, &own) {
             return Locally::Answered(Ok(with_key(refused)));
         }
     }
     let now_utc = crate::window::to_utc(now);
-    let (holds, iso_key, iso_user) = holds_for(applicable, &key.cost, args.est, args.max_out, now_utc);
-    let mut seen: Vec<Seen> = Vec::with_capacity(holds.len());
-    for h in &holds {
-        let cw = h.policy.counter_window(h.ws);
-        let Some(c) = counters.get(&(h.policy.policy_id, h.scope_id)).filter(|_| !h.policy.rolling()) else {
-            return Locally::Single;
-        };
-        let exhausted = c.exhausted_at.map(|e| e.into_inner());
-        if exhausted.is_some_and(|e| e < cw.into_inner()) {
-            return Locally::Single; // a spent window that has ended: recovered
+    let (est, max_out) = (args.est, args.max_out);
+    let channels = cache::channels(client, args.model);
+    let mut out = with_key(Admission::default());
+    let mut channel = None;
+    if channels.served {
+        // Routing takes the counters of capped channels, which every customer of a channel
+        // shares: a request that its own limits refuse is refused before that.
+        if channels.capped {
+            let (holds, _, _) = holds_for(own, &key.cost, est, max_out, now_utc);
+            let Some(seen) = seen_locked(&holds, counters) else { return Locally::Single };
+            let mut limits = judge(client, &holds, &seen, now, hold_refused);
+            admit_shadow(&mut limits); // logged by the judgement after routing
+            if limits.iter().any(|l| !l.ok && !l.spent_unmarked.is_empty()) {
+                return Locally::Single;
+            }
+            if let Some(refused) = refusal(client, &limits, &holds, who, None, now) {
+                return Locally::Answered(Ok(with_key(refused)));
+            }
         }
-        seen.push(Seen {
-            used: if c.window_start == cw { c.used.clone() } else { AnyNumeric::from(0) },
-            reserved: c.reserved.clone(),
-            marked_spent: exhausted.is_some_and(|e| e >= cw.into_inner()),
-        });
+        match route_locked(client, &mut out, args.model, (&key.cost, est, max_out), counters, routes, now) {
+            Routed::To(id) => channel = Some(id),
+            Routed::Default => {}
+            Routed::Refused(refused) => return Locally::Answered(Ok(with_key(*refused))),
+            Routed::Single => return Locally::Single,
+        }
     }
+    let applicable =
+        cache::policies_for(client, (Some(who.0), Some(who.1), Some(args.model.to_string()), channel), now);
+    if key.cost.is_none() {
+        // the channel routed to may have a cost cap
+        if let Some(refused) = unpriced_refusal(args.model, &applicable) {
+            return Locally::Answered(Ok(with_key(refused)));
+        }
+    }
+    let (holds, iso_key, iso_user) = holds_for(applicable, &key.cost, est, max_out, now_utc);
+    let Some(seen) = seen_locked(&holds, counters) else { return Locally::Single };
     let limits = judge(client, &holds, &seen, now, hold_refused);
     let recovered = holds.iter().zip(&seen).any(|(h, s)| s.marked_spent && s.used < h.effective_limit);
     let unmarked = limits.iter().any(|l| !l.ok && !l.spent_unmarked.is_empty());
     if recovered || unmarked || limits.iter().any(|l| l.shadow && !l.ok) {
         return Locally::Single;
     }
-    if let Some(refused) = refusal(client, &limits, &holds, who, None, now) {
+    if let Some(refused) = refusal(client, &limits, &holds, who, channel, now) {
         return Locally::Answered(Ok(with_key(refused)));
     }
-    let mut out = with_key(Admission { allowed: true, http_status: 200, ..Default::default() });
+    out.allowed = true;
+    out.http_status = 200;
     rate_headers(&mut out, &limits);
     for h in &holds {
         let cw = h.policy.counter_window(h.ws);
@@ -1234,6 +1258,7 @@ pub(super) fn decide_locked(
     }
     let filing = Filing {
         item,
+        channel_id: channel,
         request_id: args.request_id.to_string(),
         key_id: who.0,
         user_id: who.1,
@@ -1253,6 +1278,154 @@ pub(super) fn decide_locked(
     Locally::Admitted(out, filing)
 }
 
+/// What each hold's counter shows, from the batch's locked counters, rolled to the hold's window
+/// (as RESERVE would roll it); None when one is not among them, is a rolling window's (its
+/// usage is in buckets) or was marked spent in a window that has ended (its recovery is to be
+/// logged): the single call's path then decides.
+fn seen_locked(holds: &[Hold], counters: &LockedCounters) -> Option<Vec<Seen>> {
+    let mut seen: Vec<Seen> = Vec::with_capacity(holds.len());
+    for h in holds {
+        let cw = h.policy.counter_window(h.ws);
+        let c = counters.get(&(h.policy.policy_id, h.scope_id)).filter(|_| !h.policy.rolling())?;
+        let exhausted = c.exhausted_at.map(|e| e.into_inner());
+        if exhausted.is_some_and(|e| e < cw.into_inner()) {
+            return None;
+        }
+        seen.push(Seen {
+            used: if c.window_start == cw { c.used.clone() } else { AnyNumeric::from(0) },
+            reserved: c.reserved.clone(),
+            marked_spent: exhausted.is_some_and(|e| e >= cw.into_inner()),
+        });
+    }
+    Some(seen)
+}
+
+/// A channel serving a model: id, enabled, priority, weight, and its upstream.
+pub(super) struct Route {
+    channel_id: i64,
+    enabled: bool,
+    priority: i32,
+    weight: f64,
+    base_url: Option<String>,
+    api_key: Option<String>,
+    upstream_model: Option<String>,
+}
+
+/// The channels serving each model, read once per batch (see ROUTES).
+pub(super) type Routes = std::collections::HashMap<String, Vec<Route>>;
+
+// The channels serving a model, for routing in memory (CHANNELS orders them per request).
+const ROUTES: &str = "\
+SELECT c.channel_id, c.status = 'enabled', c.priority, c.weight::float8, c.base_url, c.api_key, cm.upstream_model
+FROM quota.channel_model cm JOIN quota.channel c ON c.channel_id = cm.channel_id
+WHERE cm.model = $1";
+
+/// How routing went in memory (see [`route_locked`]).
+enum Routed {
+    To(i64),
+    /// no channel serves the model: the relay's default upstream takes it
+    Default,
+    Refused(Box<Admission>),
+    Single,
+}
+
+/// Routing as [`route`] does it, on the batch's locked counters: among enabled channels under
+/// all their caps, the highest priority, then at random by weight (CHANNELS' order); a blocked
+/// channel's refusal as there. A shadow cap that would refuse (an event to log) or a rolling
+/// one leaves the request to the single call's path.
+fn route_locked(
+    client: &mut SpiClient<'_>,
+    out: &mut Admission,
+    model: &str,
+    (cost, est, max_out): (&Option<AnyNumeric>, i64, i64),
+    counters: &LockedCounters,
+    routes: &mut Routes,
+    now: TimestampWithTimeZone,
+) -> Routed {
+    if !routes.contains_key(model) {
+        let found = run(client, ROUTES, &[model.into()])
+            .map(|r| Route {
+                channel_id: col(&r, 1).unwrap(),
+                enabled: col(&r, 2).unwrap(),
+                priority: col(&r, 3).unwrap(),
+                weight: col(&r, 4).unwrap(),
+                base_url: col(&r, 5),
+                api_key: col(&r, 6),
+                upstream_model: col(&r, 7),
+            })
+            .collect();
+        routes.insert(model.to_string(), found);
+    }
+    let candidates = &routes[model];
+    if candidates.is_empty() {
+        return Routed::Default;
+    }
+    // enabled first, then by priority, then smallest -ln(u)/weight (u uniform in (0, 1])
+    let mut order: Vec<(&Route, f64)> = candidates
+        .iter()
+        .map(|r| {
+            // SAFETY: PostgreSQL's global generator, in this backend's only thread
+            let u = unsafe { pg_sys::pg_prng_double(&raw mut pg_sys::pg_global_prng_state) };
+            (r, -(1.0 - u).ln() / r.weight)
+        })
+        .collect();
+    order.sort_by(|(a, ka), (b, kb)| {
+        (b.enabled, b.priority)
+            .cmp(&(a.enabled, a.priority))
+            .then(ka.partial_cmp(kb).unwrap_or(std::cmp::Ordering::Equal))
+    });
+    let now_utc = crate::window::to_utc(now);
+    let mut soonest: Option<Blocked> = None;
+    for (r, _) in order.iter().take_while(|(r, _)| r.enabled) {
+        let mut blocked: Option<Blocked> = None;
+        for a in cache::policies_for(client, (None, None, None, Some(r.channel_id)), now) {
+            let Some(amount) = metric_amount(&a.policy.metric, cost.clone(), Some(est), Some(max_out)) else {
+                continue;
+            };
+            let Some(c) = counters.get(&(a.policy.policy_id, a.scope_id)).filter(|_| !a.policy.rolling()) else {
+                return Routed::Single;
+            };
+            let (ws, we) = a.policy.window(now_utc);
+            let used = if c.window_start == ws { c.used.clone() } else { AnyNumeric::from(0) };
+            if refuses(&a.policy.boundary, a.effective_limit.clone(), used, c.reserved.clone(), amount) {
+                if !a.policy.enforce {
+                    return Routed::Single;
+                }
+                let frees = frees_at(client, a.policy.policy_id, a.scope_id, ws, we, now);
+                if blocked.as_ref().is_none_or(|b| frees.into_inner() > b.until.into_inner()) {
+                    blocked = Some(Blocked { until: frees, limit: a.effective_limit, metric: a.policy.metric });
+                }
+            }
+        }
+        match blocked {
+            None => {
+                out.channel_id = Some(r.channel_id);
+                out.upstream_base_url = r.base_url.clone();
+                out.upstream_api_key = r.api_key.clone();
+                out.upstream_model = r.upstream_model.clone();
+                return Routed::To(r.channel_id);
+            }
+            Some(b) if soonest.as_ref().is_none_or(|s| b.until.into_inner() < s.until.into_inner()) => {
+                soonest = Some(b)
+            }
+            Some(_) => {}
+        }
+    }
+    Routed::Refused(Box::new(match soonest {
+        None => {
+            Admission::denied(503, "no_channel_available", format!("No upstream channel for model {model} is enabled."))
+        }
+        Some(b) => Admission::refusal(
+            "all_channels_exhausted",
+            format!("Every upstream channel for model {model} has reached its quota."),
+            Some(b.until),
+            now,
+            &RESETS,
+        )
+        .exhausted_limit(b.limit, &b.metric, Some(b.until)),
+    }))
+}
+
 // Files a batch's admitted requests: all reservations in one insert (each row's hold arrays are
 // its slice [lo:hi] of the flat arrays $9-$12), then each counter once, with the sum of the
 // holds filed on it, rolling a stale window first (the counters are locked by the batch
@@ -1263,12 +1436,12 @@ WITH filed AS (
     INSERT INTO quota.reservation (request_id, key_id, user_id, channel_id, model, counted_in_key_global,
                                    counted_in_user_global, est_input_tokens, max_output_tokens,
                                    hold_policy, hold_scope, hold_amount, hold_limit, created_at)
-    SELECT r.request_id, r.key_id, r.user_id, NULL, r.model, r.in_key_global, r.in_user_global, r.est, r.max_out,
+    SELECT r.request_id, r.key_id, r.user_id, r.channel_id, r.model, r.in_key_global, r.in_user_global, r.est, r.max_out,
            ($9::bigint[])[r.lo:r.hi], ($10::bigint[])[r.lo:r.hi], ($11::numeric[])[r.lo:r.hi],
            ($12::numeric[])[r.lo:r.hi], $13
     FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::boolean[], $6::boolean[], $7::bigint[],
-                $8::bigint[], $14::integer[], $15::integer[])
-         AS r(request_id, key_id, user_id, model, in_key_global, in_user_global, est, max_out, lo, hi)
+                $8::bigint[], $14::integer[], $15::integer[], $19::bigint[])
+         AS r(request_id, key_id, user_id, model, in_key_global, in_user_global, est, max_out, lo, hi, channel_id)
     ON CONFLICT (request_id) DO NOTHING
     RETURNING request_id, hold_policy, hold_scope, hold_amount
 ), held AS (
@@ -1317,6 +1490,7 @@ pub(super) fn file(client: &mut SpiClient<'_>, filings: Vec<Filing>, now: Timest
         windows.keys().map(|k| k.0).collect::<Vec<_>>().into(),
         windows.keys().map(|k| k.1).collect::<Vec<_>>().into(),
         windows.values().copied().collect::<Vec<_>>().into(),
+        filings.iter().map(|f| f.channel_id).collect::<Vec<_>>().into(),
     ];
     let filed: std::collections::HashSet<String> =
         run(client, FILE, &args).map(|r| col::<String>(&r, 1).unwrap()).collect();

@@ -24,7 +24,7 @@ use pgrx::AnyNumeric;
 
 use super::admit::{
     admit_item, checked, decide_locked, file, read_keys, Admission, AdmitItem, Filing, KeyRow, Locally, Locked,
-    LockedCounters,
+    LockedCounters, Routes,
 };
 use super::cache;
 use super::settle::{settle_all, SettleItem};
@@ -80,6 +80,7 @@ pub(super) fn admit_each(client: &mut SpiClient<'_>, items: &[AdmitItem<'_>]) ->
     let repeated = repeats(items.iter().map(|i| i.request_id));
     let mut answers: Vec<Option<Result<Admission, EngineError>>> = (0..items.len()).map(|_| None).collect();
     let mut filings: Vec<Filing> = Vec::new();
+    let mut routes = Routes::new();
     // whether `keys` and `counters` still hold: an item on the single path writes to both
     let mut fresh = true;
     for (i, item) in items.iter().enumerate() {
@@ -95,16 +96,16 @@ pub(super) fn admit_each(client: &mut SpiClient<'_>, items: &[AdmitItem<'_>]) ->
                 continue;
             }
         };
-        let routed = item.channel_id.is_some() || cache::channels(client, args.model).served;
-        if !fresh && !routed {
+        let pinned = item.channel_id.is_some();
+        if !fresh && !pinned {
             keys = read_keys(client, &items[i..]).into_iter().map(|(j, k)| (i + j, k)).collect();
             counters = read_counters(client, &locked);
             fresh = true;
         }
-        let decided = if routed {
+        let decided = if pinned {
             Locally::Single
         } else {
-            decide_locked(client, i, &args, item.channel_id, keys.get(&i), &mut counters, now)
+            decide_locked(client, i, &args, item.channel_id, keys.get(&i), &mut counters, &mut routes, now)
         };
         match decided {
             Locally::Answered(answer) => answers[i] = Some(answer),
