@@ -2,7 +2,8 @@
 # Relay overhead benchmark: the mock upstream called directly vs through the relay (admit
 # before, settle after, on a throwaway cluster), both release builds, non-streaming chat
 # completions. Latency at a fixed moderate rate (hey -q, one worker per key, 4 keys; the
-# targets take turns in rounds); throughput at max rate (wrk, a random key of 64 per request).
+# targets take turns in rounds); throughput at max rate (wrk, a random key of 64 per request,
+# 32 connections, then 128 with the relay on the floor without WAL flushes as its ceiling).
 # Also the relay's floor: the same relay on a database whose admit and settle make only the
 # data model's row writes (tests/bench/relay_floor.sql), with durable commits and without WAL
 # flushes. Prints one small table, with the mean admit round trip and upstream call that each
@@ -52,11 +53,12 @@ cleanup() {
 }
 trap cleanup EXIT
 cluster_init "$WORK/cluster"
-cluster_start "$WORK/cluster" "$PORT" "shared_buffers=512MB" "max_connections=50" ${BENCH_PG_EXTRA:-}
+# (five relays with pools of up to 16 connections each, all grown by the 128-connection runs)
+cluster_start "$WORK/cluster" "$PORT" "shared_buffers=512MB" "max_connections=120" ${BENCH_PG_EXTRA:-}
 export PGHOST="$WORK/cluster/socket" PGPORT=$PORT PGUSER=postgres PGDATABASE=postgres
 if [ "$MODE" = replication ]; then
   cluster_standby_of "$WORK/cluster" "$PORT" "$WORK/standby"
-  cluster_start "$WORK/standby" $((PORT + 1)) "shared_buffers=512MB" "max_connections=50" ${BENCH_PG_EXTRA:-}
+  cluster_start "$WORK/standby" $((PORT + 1)) "shared_buffers=512MB" "max_connections=120" ${BENCH_PG_EXTRA:-}
   psql -X -q -c "ALTER SYSTEM SET synchronous_standby_names = '*'" -c "SELECT pg_reload_conf()" >/dev/null \
     || fail "making the standby synchronous"
   for _ in $(seq 1 100); do
@@ -135,9 +137,9 @@ sample() {
 percentiles() {
   sort -n "$WORK/$1.ms" | awk '{t[NR] = $1} END {printf "%.2f %.2f", t[int(NR * 0.50 + 0.5)], t[int(NR * 0.99 + 0.5)]}'
 }
-# throughput URL -> requests/s at max rate (2 threads, 32 connections)
+# throughput URL [CONNECTIONS] -> requests/s at max rate (2 threads, 32 connections unless told)
 throughput() {
-  wrk -t2 -c32 -d"${DURATION}s" -s "$WORK/post.lua" "$1" >"$WORK/wrk.out" || fail "wrk $1"
+  wrk -t2 -c"${2:-32}" -d"${DURATION}s" -s "$WORK/post.lua" "$1" >"$WORK/wrk.out" || fail "wrk $1"
   ! grep -Eq 'Non-2xx|Socket errors' "$WORK/wrk.out" || { cat "$WORK/wrk.out" >&2; fail "errors from $1"; }
   awk '/^Requests\/sec:/ {printf "%.0f", $2}' "$WORK/wrk.out"
 }
@@ -235,6 +237,11 @@ select_ms=$(pgbench_ms 'SELECT 1;')
 direct_rps=$(throughput "$MOCK/v1/chat/completions")
 relay_rps=$(throughput "$RELAY/v1/chat/completions")
 single_rps=$(throughput "$SINGLE/v1/chat/completions")
+# Batches form from what is queued: with more clients at once they grow. And the relay's own
+# ceiling on this machine: the floor's database functions, single calls, no WAL flushes.
+relay_rps_128=$(throughput "$RELAY/v1/chat/completions" 128)
+single_rps_128=$(throughput "$SINGLE/v1/chat/completions" 128)
+ceiling_rps_128=$(throughput "$FLOOR_NOSYNC/v1/chat/completions" 128)
 
 row() { # label p50 p99 admit upstream
   awk -v l="$1" -v p50="$2" -v p99="$3" -v a="$4" -v u="$5" -v d50="$direct_p50" -v d99="$direct_p99" \
@@ -252,4 +259,6 @@ awk -v d="$direct_rps" -v r="$relay_rps" 'BEGIN {
   printf "  max rate: direct %d req/s, through the relay %d req/s, ratio %.3f\n", d, r, r / d }'
 awk -v b="$relay_rps" -v s="$single_rps" 'BEGIN {
   printf "  max rate through the relay: batching %d req/s, --batch-max 1 %d req/s, ratio %.2f (goal >= 4)\n", b, s, b / s }'
+awk -v b="$relay_rps_128" -v s="$single_rps_128" -v c="$ceiling_rps_128" 'BEGIN {
+  printf "  with 128 connections: batching %d req/s, --batch-max 1 %d req/s, ratio %.2f; the relay on the floor without WAL flushes %d req/s\n", b, s, b / s, c }'
 left

@@ -12,7 +12,8 @@ const NOW: &str = "SET pg_quota.fake_now = '2026-06-01 12:00:00+00'";
 /// Three users with a key each under a strict limit of 6 requests a day and a strict token
 /// limit, all in one group whose graceful token limit has alert thresholds (who crosses a
 /// threshold, or spends a limit, depends on the order of the items); the first user's requests
-/// limit suspends its key when spent. Returns the keys' secrets.
+/// limit suspends its key when spent; the last key also has a strict rolling token limit.
+/// Returns the keys' secrets.
 async fn three_keys(db: &Client) -> Vec<String> {
     db.batch_execute("INSERT INTO quota.model_price VALUES ('m', 1, 2, NULL)")
         .await
@@ -35,7 +36,9 @@ async fn three_keys(db: &Client) -> Vec<String> {
          INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit, boundary, alert_at) \
          SELECT 'user_group', group_id, 'tokens', 'day', 600, 'graceful', '{0.1,0.25,0.5,0.75,1}' FROM quota.user_group; \
          UPDATE quota.policy SET on_exhausted = 'disable' \
-         WHERE subject_type = 'user' AND metric = 'requests' AND subject_id = (SELECT min(user_id) FROM quota.app_user)",
+         WHERE subject_type = 'user' AND metric = 'requests' AND subject_id = (SELECT min(user_id) FROM quota.app_user); \
+         INSERT INTO quota.policy (subject_type, subject_id, metric, period, period_minutes, window_mode, quota_limit, boundary) \
+         SELECT 'key', max(key_id), 'tokens', 'minutes', 90, 'rolling', 900, 'strict' FROM quota.api_key",
     )
     .await
     .unwrap();

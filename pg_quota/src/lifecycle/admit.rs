@@ -1122,6 +1122,8 @@ pub(super) struct Locked {
     pub used: AnyNumeric,
     pub reserved: AnyNumeric,
     pub exhausted_at: Option<TimestampWithTimeZone>,
+    /// a rolling window's settled usage, once read (see [`used_locked`])
+    pub rolling_used: Option<AnyNumeric>,
 }
 
 /// A batch's counters by (policy, scope).
@@ -1208,7 +1210,7 @@ pub(super) fn decide_locked(
         // shares: a request that its own limits refuse is refused before that.
         if channels.capped {
             let (holds, _, _) = holds_for(own, &key.cost, est, max_out, now_utc);
-            let Some(seen) = seen_locked(&holds, counters) else { return Locally::Single };
+            let Some(seen) = seen_locked(client, &holds, counters) else { return Locally::Single };
             let mut limits = judge(client, &holds, &seen, now, hold_refused);
             admit_shadow(&mut limits); // logged by the judgement after routing
             if limits.iter().any(|l| !l.ok && !l.spent_unmarked.is_empty()) {
@@ -1234,7 +1236,7 @@ pub(super) fn decide_locked(
         }
     }
     let (holds, iso_key, iso_user) = holds_for(applicable, &key.cost, est, max_out, now_utc);
-    let Some(seen) = seen_locked(&holds, counters) else { return Locally::Single };
+    let Some(seen) = seen_locked(client, &holds, counters) else { return Locally::Single };
     let limits = judge(client, &holds, &seen, now, hold_refused);
     let recovered = holds.iter().zip(&seen).any(|(h, s)| s.marked_spent && s.used < h.effective_limit);
     let unmarked = limits.iter().any(|l| !l.ok && !l.spent_unmarked.is_empty());
@@ -1279,25 +1281,47 @@ pub(super) fn decide_locked(
 }
 
 /// What each hold's counter shows, from the batch's locked counters, rolled to the hold's window
-/// (as RESERVE would roll it); None when one is not among them, is a rolling window's (its
-/// usage is in buckets) or was marked spent in a window that has ended (its recovery is to be
-/// logged): the single call's path then decides.
-fn seen_locked(holds: &[Hold], counters: &LockedCounters) -> Option<Vec<Seen>> {
+/// (as RESERVE would roll it); None when one is not among them, or when one was marked spent in
+/// a window that has ended (a recovery to log): the single call's path then decides.
+fn seen_locked(client: &mut SpiClient<'_>, holds: &[Hold], counters: &mut LockedCounters) -> Option<Vec<Seen>> {
     let mut seen: Vec<Seen> = Vec::with_capacity(holds.len());
     for h in holds {
         let cw = h.policy.counter_window(h.ws);
-        let c = counters.get(&(h.policy.policy_id, h.scope_id)).filter(|_| !h.policy.rolling())?;
+        let c = counters.get_mut(&(h.policy.policy_id, h.scope_id))?;
         let exhausted = c.exhausted_at.map(|e| e.into_inner());
         if exhausted.is_some_and(|e| e < cw.into_inner()) {
             return None;
         }
         seen.push(Seen {
-            used: if c.window_start == cw { c.used.clone() } else { AnyNumeric::from(0) },
+            used: used_locked(client, &h.policy, h.scope_id, h.ws, c),
             reserved: c.reserved.clone(),
             marked_spent: exhausted.is_some_and(|e| e >= cw.into_inner()),
         });
     }
     Some(seen)
+}
+
+/// Settled usage of a policy's window starting at `ws` on a batch's locked counter (see
+/// [`window_used`]): the counter's, unless it holds another window; a rolling window's, the sum
+/// of its buckets, read once per batch (admits do not change it, and the batch shares one clock).
+fn used_locked(
+    client: &mut SpiClient<'_>,
+    policy: &Policy,
+    scope_id: i64,
+    ws: TimestampWithTimeZone,
+    c: &mut Locked,
+) -> AnyNumeric {
+    if policy.rolling() {
+        if c.rolling_used.is_none() {
+            c.rolling_used = Some(super::rolling_used(client, policy.policy_id, scope_id, ws));
+        }
+        return c.rolling_used.clone().expect("read above");
+    }
+    if c.window_start == policy.counter_window(ws) {
+        c.used.clone()
+    } else {
+        AnyNumeric::from(0)
+    }
 }
 
 /// A channel serving a model: id, enabled, priority, weight, and its upstream.
@@ -1331,14 +1355,14 @@ enum Routed {
 
 /// Routing as [`route`] does it, on the batch's locked counters: among enabled channels under
 /// all their caps, the highest priority, then at random by weight (CHANNELS' order); a blocked
-/// channel's refusal as there. A shadow cap that would refuse (an event to log) or a rolling
-/// one leaves the request to the single call's path.
+/// channel's refusal as there. A shadow cap that would refuse (an event to log) leaves the
+/// request to the single call's path.
 fn route_locked(
     client: &mut SpiClient<'_>,
     out: &mut Admission,
     model: &str,
     (cost, est, max_out): (&Option<AnyNumeric>, i64, i64),
-    counters: &LockedCounters,
+    counters: &mut LockedCounters,
     routes: &mut Routes,
     now: TimestampWithTimeZone,
 ) -> Routed {
@@ -1382,11 +1406,11 @@ fn route_locked(
             let Some(amount) = metric_amount(&a.policy.metric, cost.clone(), Some(est), Some(max_out)) else {
                 continue;
             };
-            let Some(c) = counters.get(&(a.policy.policy_id, a.scope_id)).filter(|_| !a.policy.rolling()) else {
+            let Some(c) = counters.get_mut(&(a.policy.policy_id, a.scope_id)) else {
                 return Routed::Single;
             };
             let (ws, we) = a.policy.window(now_utc);
-            let used = if c.window_start == ws { c.used.clone() } else { AnyNumeric::from(0) };
+            let used = used_locked(client, &a.policy, a.scope_id, ws, c);
             if refuses(&a.policy.boundary, a.effective_limit.clone(), used, c.reserved.clone(), amount) {
                 if !a.policy.enforce {
                     return Routed::Single;

@@ -81,6 +81,7 @@ pub(super) fn admit_each(client: &mut SpiClient<'_>, items: &[AdmitItem<'_>]) ->
     let mut answers: Vec<Option<Result<Admission, EngineError>>> = (0..items.len()).map(|_| None).collect();
     let mut filings: Vec<Filing> = Vec::new();
     let mut routes = Routes::new();
+    let mut singles: std::collections::HashSet<(i64, &str)> = std::collections::HashSet::new();
     // whether `keys` and `counters` still hold: an item on the single path writes to both
     let mut fresh = true;
     for (i, item) in items.iter().enumerate() {
@@ -96,13 +97,17 @@ pub(super) fn admit_each(client: &mut SpiClient<'_>, items: &[AdmitItem<'_>]) ->
                 continue;
             }
         };
-        let pinned = item.channel_id.is_some();
-        if !fresh && !pinned {
+        // A pinned channel, or a key and model that went the single path before in this batch
+        // (what sent it there most likely holds still), go that path at once: the batch does not
+        // read again for them. (A key's id and user never change: `keys` still names them.)
+        let subject = keys.get(&i).map(|k| (k.key_id, args.model));
+        let single = item.channel_id.is_some() || subject.is_some_and(|s| singles.contains(&s));
+        if !fresh && !single {
             keys = read_keys(client, &items[i..]).into_iter().map(|(j, k)| (i + j, k)).collect();
             counters = read_counters(client, &locked);
             fresh = true;
         }
-        let decided = if pinned {
+        let decided = if single {
             Locally::Single
         } else {
             decide_locked(client, i, &args, item.channel_id, keys.get(&i), &mut counters, &mut routes, now)
@@ -114,6 +119,7 @@ pub(super) fn admit_each(client: &mut SpiClient<'_>, items: &[AdmitItem<'_>]) ->
                 filings.push(filing);
             }
             Locally::Single => {
+                singles.extend(subject);
                 file_admitted(client, std::mem::take(&mut filings), items, &mut answers, now);
                 answers[i] = Some(admit_item(client, item));
                 fresh = false;
@@ -156,6 +162,7 @@ fn read_counters(client: &mut SpiClient<'_>, locked: &[CounterRef]) -> LockedCou
                 used: col(&r, 4).unwrap(),
                 reserved: col(&r, 5).unwrap(),
                 exhausted_at: col(&r, 6),
+                rolling_used: None,
             };
             ((col(&r, 1).unwrap(), col(&r, 2).unwrap()), counter)
         })
