@@ -1133,7 +1133,7 @@ pub(super) type LockedCounters = std::collections::HashMap<(i64, i64), Locked>;
 pub(super) struct Filing {
     pub item: usize,
     channel_id: Option<i64>,
-    request_id: String,
+    pub request_id: String,
     key_id: i64,
     user_id: i64,
     model: String,
@@ -1258,25 +1258,7 @@ pub(super) fn decide_locked(
         }
         c.reserved = c.reserved.clone() + h.amount.clone();
     }
-    let filing = Filing {
-        item,
-        channel_id: channel,
-        request_id: args.request_id.to_string(),
-        key_id: who.0,
-        user_id: who.1,
-        model: args.model.to_string(),
-        in_key_global: !iso_key,
-        in_user_global: !iso_user,
-        est: args.est,
-        max_out: args.max_out,
-        holds: holds
-            .iter()
-            .map(|h| {
-                let cw = h.policy.counter_window(h.ws);
-                (h.policy.policy_id, h.scope_id, h.amount.clone(), h.effective_limit.clone(), cw)
-            })
-            .collect(),
-    };
+    let filing = filing(item, args, who, channel, &holds, (iso_key, iso_user));
     Locally::Admitted(out, filing)
 }
 
@@ -1450,12 +1432,12 @@ fn route_locked(
     }))
 }
 
-// Files a batch's admitted requests: all reservations in one insert (each row's hold arrays are
-// its slice [lo:hi] of the flat arrays $9-$12), then each counter once, with the sum of the
-// holds filed on it, rolling a stale window first (the counters are locked by the batch
-// already). A request id that a concurrent admit filed first (a retry racing its first attempt:
-// the insert waits for that one to commit) takes no hold. Returns the request ids filed.
-const FILE: &str = "\
+/// The insert of a batch's reservations (each row's hold arrays are its slice [lo:hi] of the flat
+/// arrays $9-$12), as the CTE `filed`. A request id that a concurrent admit filed first (a retry
+/// racing its first attempt: the insert waits for that one to commit) is not filed.
+macro_rules! file_reservations {
+    () => {
+        "\
 WITH filed AS (
     INSERT INTO quota.reservation (request_id, key_id, user_id, channel_id, model, counted_in_key_global,
                                    counted_in_user_global, est_input_tokens, max_output_tokens,
@@ -1464,42 +1446,53 @@ WITH filed AS (
            ($9::bigint[])[r.lo:r.hi], ($10::bigint[])[r.lo:r.hi], ($11::numeric[])[r.lo:r.hi],
            ($12::numeric[])[r.lo:r.hi], $13
     FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::boolean[], $6::boolean[], $7::bigint[],
-                $8::bigint[], $14::integer[], $15::integer[], $19::bigint[])
+                $8::bigint[], $14::integer[], $15::integer[], $16::bigint[])
          AS r(request_id, key_id, user_id, model, in_key_global, in_user_global, est, max_out, lo, hi, channel_id)
     ON CONFLICT (request_id) DO NOTHING
     RETURNING request_id, hold_policy, hold_scope, hold_amount
+)"
+    };
+}
+
+// Files reservations ahead of the counter locks (see file_ahead): returns the request ids filed.
+const FILE_AHEAD: &str = concat!(file_reservations!(), "\nSELECT f.request_id FROM filed f");
+
+// Writes what a batch's admits decided: the reservations of the admitted requests not filed yet,
+// the removal of those filed ahead that were not admitted after all ($20), and each counter
+// once, with the sum of the holds now filed on it (the ones filed here, and $21-$23: those of
+// admitted requests filed ahead), rolling a stale window first ($17-$19: each counter's window).
+// The counters are locked by the batch already. Returns the request ids filed here.
+const FILE: &str = concat!(
+    file_reservations!(),
+    ", unfiled AS (
+    DELETE FROM quota.reservation r WHERE r.request_id = ANY($20::text[])
 ), held AS (
     UPDATE quota.counter c SET
         used         = CASE WHEN c.window_start = w.window_start THEN c.used ELSE 0 END,
         window_start = w.window_start,
         reserved     = c.reserved + s.amount
-    FROM (SELECT u.policy_id, u.scope_id, sum(u.amount) AS amount
-          FROM filed f, unnest(f.hold_policy, f.hold_scope, f.hold_amount) AS u(policy_id, scope_id, amount)
-          GROUP BY u.policy_id, u.scope_id) s
-    JOIN unnest($16::bigint[], $17::bigint[], $18::timestamptz[]) AS w(policy_id, scope_id, window_start)
+    FROM (SELECT h.policy_id, h.scope_id, sum(h.amount) AS amount
+          FROM (SELECT u.policy_id, u.scope_id, u.amount
+                FROM filed f, unnest(f.hold_policy, f.hold_scope, f.hold_amount) AS u(policy_id, scope_id, amount)
+                UNION ALL
+                SELECT * FROM unnest($21::bigint[], $22::bigint[], $23::numeric[])) h
+          GROUP BY h.policy_id, h.scope_id) s
+    JOIN unnest($17::bigint[], $18::bigint[], $19::timestamptz[]) AS w(policy_id, scope_id, window_start)
       ON w.policy_id = s.policy_id AND w.scope_id = s.scope_id
     WHERE c.policy_id = s.policy_id AND c.scope_id = s.scope_id
 )
-SELECT f.request_id FROM filed f";
+SELECT f.request_id FROM filed f"
+);
 
-/// Files the reservations and holds of a batch's admitted requests (FILE); returns the items
-/// whose request id a concurrent admit filed first (for the single call's path: a retry).
-pub(super) fn file(client: &mut SpiClient<'_>, filings: Vec<Filing>, now: TimestampWithTimeZone) -> Vec<usize> {
-    if filings.is_empty() {
-        return vec![];
-    }
+/// The arguments $1-$16 of file_reservations!() for these filings.
+fn reservation_args(filings: &[Filing], now: TimestampWithTimeZone) -> Vec<DatumWithOid<'static>> {
     let (lo, hi) = slices(filings.iter().map(|f| f.holds.len()));
     let holds = || filings.iter().flat_map(|f| &f.holds);
-    // each counter's window (the same for every hold on it: the batch shares one clock)
-    let mut windows: std::collections::HashMap<(i64, i64), TimestampWithTimeZone> = std::collections::HashMap::new();
-    for (p, s, _, _, cw) in holds() {
-        windows.insert((*p, *s), *cw);
-    }
-    let args = [
-        filings.iter().map(|f| f.request_id.as_str()).collect::<Vec<_>>().into(),
+    vec![
+        filings.iter().map(|f| f.request_id.clone()).collect::<Vec<_>>().into(),
         filings.iter().map(|f| f.key_id).collect::<Vec<_>>().into(),
         filings.iter().map(|f| f.user_id).collect::<Vec<_>>().into(),
-        filings.iter().map(|f| f.model.as_str()).collect::<Vec<_>>().into(),
+        filings.iter().map(|f| f.model.clone()).collect::<Vec<_>>().into(),
         filings.iter().map(|f| f.in_key_global).collect::<Vec<_>>().into(),
         filings.iter().map(|f| f.in_user_global).collect::<Vec<_>>().into(),
         filings.iter().map(|f| f.est).collect::<Vec<_>>().into(),
@@ -1511,12 +1504,128 @@ pub(super) fn file(client: &mut SpiClient<'_>, filings: Vec<Filing>, now: Timest
         now.into(),
         lo.into(),
         hi.into(),
+        filings.iter().map(|f| f.channel_id).collect::<Vec<_>>().into(),
+    ]
+}
+
+/// The reservation of a batch's admit that looks simply admissible on what the batch read before
+/// locking anything (its key may be used, its model is priced and no channel serves it), with
+/// the holds it would take: see [`file_ahead`]. None: it is decided before it is filed.
+pub(super) fn filing_ahead(
+    client: &mut SpiClient<'_>,
+    item: usize,
+    args: &Checked<'_>,
+    key: Option<&KeyRow>,
+    now: TimestampWithTimeZone,
+) -> Option<Filing> {
+    let key = key?;
+    let plain = key.filed.is_none()
+        && key.suspended_until.is_none()
+        && !key.reused
+        && key.cost.is_some()
+        && key_refused(key.key_enabled, key.user_enabled, key.expires_at, now).is_none()
+        && !cache::channels(client, args.model).served;
+    if !plain {
+        return None;
+    }
+    let own =
+        cache::policies_for(client, (Some(key.key_id), Some(key.user_id), Some(args.model.to_string()), None), now);
+    let (holds, iso_key, iso_user) = holds_for(own, &key.cost, args.est, args.max_out, crate::window::to_utc(now));
+    Some(filing(item, args, (key.key_id, key.user_id), None, &holds, (iso_key, iso_user)))
+}
+
+/// A request's reservation as a batch files it.
+fn filing(
+    item: usize,
+    args: &Checked<'_>,
+    (key_id, user_id): (i64, i64),
+    channel_id: Option<i64>,
+    holds: &[Hold],
+    (iso_key, iso_user): (bool, bool),
+) -> Filing {
+    Filing {
+        item,
+        channel_id,
+        request_id: args.request_id.to_string(),
+        key_id,
+        user_id,
+        model: args.model.to_string(),
+        in_key_global: !iso_key,
+        in_user_global: !iso_user,
+        est: args.est,
+        max_out: args.max_out,
+        holds: holds
+            .iter()
+            .map(|h| {
+                let cw = h.policy.counter_window(h.ws);
+                (h.policy.policy_id, h.scope_id, h.amount.clone(), h.effective_limit.clone(), cw)
+            })
+            .collect(),
+    }
+}
+
+impl Filing {
+    /// Whether two filings of a request file the same reservation.
+    pub(super) fn same(&self, other: &Filing) -> bool {
+        self.channel_id == other.channel_id
+            && self.in_key_global == other.in_key_global
+            && self.in_user_global == other.in_user_global
+            && self.holds == other.holds
+    }
+}
+
+/// Files the reservations of a batch's admits ahead of locking its counters (their holds come
+/// with the decisions: see [`file`]), so that the counters, which every batch of the same keys
+/// waits for, stay locked for the decisions and the holds only. A reservation row is a
+/// request's own, and first in the lock order. Returns the filings filed, by item (one whose
+/// request id a concurrent admit filed first is not among them).
+pub(super) fn file_ahead(
+    client: &mut SpiClient<'_>,
+    filings: Vec<Filing>,
+    now: TimestampWithTimeZone,
+) -> std::collections::HashMap<usize, Filing> {
+    if filings.is_empty() {
+        return std::collections::HashMap::new();
+    }
+    let filed: std::collections::HashSet<String> =
+        run(client, FILE_AHEAD, &reservation_args(&filings, now)).map(|r| col::<String>(&r, 1).unwrap()).collect();
+    filings.into_iter().filter(|f| filed.contains(&f.request_id)).map(|f| (f.item, f)).collect()
+}
+
+/// What a batch's admits have decided and not written yet (see FILE).
+#[derive(Default)]
+pub(super) struct Pending {
+    /// admitted requests to file
+    pub file: Vec<Filing>,
+    /// admitted requests filed ahead: their holds to take
+    pub held: Vec<Filing>,
+    /// requests filed ahead and not admitted after all: their reservations to remove
+    pub unfile: Vec<String>,
+}
+
+/// Writes what a batch's admits decided (FILE); returns the items of `pending.file` whose
+/// request id a concurrent admit filed first (for the single call's path: a retry).
+pub(super) fn file(client: &mut SpiClient<'_>, pending: Pending, now: TimestampWithTimeZone) -> Vec<usize> {
+    if pending.file.is_empty() && pending.held.is_empty() && pending.unfile.is_empty() {
+        return vec![];
+    }
+    let held = || pending.held.iter().flat_map(|f| &f.holds);
+    // each counter's window (the same for every hold on it: the batch shares one clock)
+    let mut windows: std::collections::HashMap<(i64, i64), TimestampWithTimeZone> = std::collections::HashMap::new();
+    for (p, s, _, _, cw) in pending.file.iter().flat_map(|f| &f.holds).chain(held()) {
+        windows.insert((*p, *s), *cw);
+    }
+    let mut args = reservation_args(&pending.file, now);
+    args.extend([
         windows.keys().map(|k| k.0).collect::<Vec<_>>().into(),
         windows.keys().map(|k| k.1).collect::<Vec<_>>().into(),
         windows.values().copied().collect::<Vec<_>>().into(),
-        filings.iter().map(|f| f.channel_id).collect::<Vec<_>>().into(),
-    ];
+        pending.unfile.clone().into(),
+        held().map(|h| h.0).collect::<Vec<_>>().into(),
+        held().map(|h| h.1).collect::<Vec<_>>().into(),
+        held().map(|h| h.2.clone()).collect::<Vec<_>>().into(),
+    ]);
     let filed: std::collections::HashSet<String> =
         run(client, FILE, &args).map(|r| col::<String>(&r, 1).unwrap()).collect();
-    filings.iter().filter(|f| !filed.contains(&f.request_id)).map(|f| f.item).collect()
+    pending.file.iter().filter(|f| !filed.contains(&f.request_id)).map(|f| f.item).collect()
 }

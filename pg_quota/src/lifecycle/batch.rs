@@ -1,16 +1,30 @@
 //! `quota.admit_many` and `quota.settle_many`: many lifecycle calls in one transaction, one
 //! commit for the whole batch. `quota.admit` and `quota.settle` are batches of one.
 //!
-//! Items are decided in array order by the single-call code ([`admit_item`], [`settle_item`]),
-//! each seeing the holds and usage of the items before it, so a batch's answers are those of
-//! the same calls made one by one in that order. Before the first item, a batch of more than
-//! one locks every counter its items will touch, once, in the global lock order
-//! (`pg_quota_core::batch::lock_plan`): two batches (or a batch and a single call) sharing
-//! counters queue on the first of them instead of deadlocking, whatever the order of their
-//! items, and a hot key's counter is locked once per batch. (A batch of one needs no such step:
-//! the single-call path already locks in that order.) What an item locks besides counters is
-//! its own (its reservation, its ledger row), except a day's rollup row and, when a window is
-//! found spent, the key row; those come after the counters, as in a single call.
+//! Items are decided in array order, each seeing the holds and usage of the items before it,
+//! so a batch's answers are those of the same calls made one by one in that order; the writes
+//! are set-based, a handful of statements per batch whatever its size.
+//!
+//! * **Admit** ([`admit_each`]): one statement reads every item's key (`admit::read_keys`); the
+//!   reservations of the items that look simply admissible are filed ahead
+//!   (`admit::file_ahead`); then the batch locks every counter its items may touch, once, in
+//!   the global lock order (`pg_quota_core::batch::lock_plan`), and reads them. Two batches (or
+//!   a batch and a single call) sharing counters queue on the first of them instead of
+//!   deadlocking, whatever the order of their items, and a hot key's counter is locked once per
+//!   batch. Each item is then decided in memory by the single call's rules
+//!   (`admit::decide_locked`, routing included), and one statement writes the holds, the
+//!   reservations not filed ahead and the removal of those filed ahead but refused
+//!   (`admit::file`). An item that needs more than a hold (a suspension, a pinned channel's
+//!   grant, a window to mark or recover, a shadow refusal, a retry) runs the single call's path
+//!   ([`admit_item`]) once what came before it is written, and the batch reads its keys and
+//!   counters again.
+//! * **Settle** (`settle::settle_all`): one statement takes every reservation; one writes all
+//!   ledger rows and each counter once, with the batch's sums, in the lock order; thresholds,
+//!   spent marks and recoveries are then walked item by item.
+//!
+//! What an item locks besides counters is its own (its reservation, its ledger row), except a
+//! day's rollup row and, when a window is found spent, the key row; those come after the
+//! counters, as in a single call.
 //!
 //! An item's bad input (missing or out-of-bounds arguments, a request id already used or named
 //! by an earlier item of an admit batch, an unknown or refunded request id at settle) is that
@@ -23,8 +37,8 @@ use pgrx::spi::SpiClient;
 use pgrx::AnyNumeric;
 
 use super::admit::{
-    admit_item, checked, decide_locked, file, read_keys, Admission, AdmitItem, Filing, KeyRow, Locally, Locked,
-    LockedCounters, Routes,
+    admit_item, checked, decide_locked, file, file_ahead, filing_ahead, read_keys, Admission, AdmitItem, Checked,
+    Filing, KeyRow, Locally, Locked, LockedCounters, Pending, Routes,
 };
 use super::cache;
 use super::settle::{settle_all, SettleItem};
@@ -75,28 +89,36 @@ pub(super) fn admit_each(client: &mut SpiClient<'_>, items: &[AdmitItem<'_>]) ->
     }
     let (now, now_utc) = clock();
     let mut keys = read_keys(client, items);
-    let locked = lock_for_admits(client, items, &keys, now, now_utc);
-    let mut counters = read_counters(client, &locked);
     let repeated = repeats(items.iter().map(|i| i.request_id));
     let mut answers: Vec<Option<Result<Admission, EngineError>>> = (0..items.len()).map(|_| None).collect();
-    let mut filings: Vec<Filing> = Vec::new();
+    let mut args: Vec<Option<Checked>> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        args.push(if repeated[i] {
+            let id = item.request_id.unwrap_or_default();
+            answers[i] = Some(fail(b"PQ409", format!("admit: request_id {id} was already used in this batch")));
+            None
+        } else {
+            checked(item).map_err(|e| answers[i] = Some(Err(e))).ok()
+        });
+    }
+    // the reservations of the items that look simply admissible go in before any counter is
+    // locked (admit::file_ahead)
+    let mut ahead: Vec<Filing> = Vec::new();
+    for (i, a) in args.iter().enumerate() {
+        if let (Some(a), None) = (a, items[i].channel_id) {
+            ahead.extend(filing_ahead(client, i, a, keys.get(&i), now));
+        }
+    }
+    let mut ahead = file_ahead(client, ahead, now);
+    let locked = lock_for_admits(client, items, &keys, now, now_utc);
+    let mut counters = read_counters(client, &locked);
+    let mut pending = Pending::default();
     let mut routes = Routes::new();
     let mut singles: std::collections::HashSet<(i64, &str)> = std::collections::HashSet::new();
     // whether `keys` and `counters` still hold: an item on the single path writes to both
     let mut fresh = true;
     for (i, item) in items.iter().enumerate() {
-        if repeated[i] {
-            let id = item.request_id.unwrap_or_default();
-            answers[i] = Some(fail(b"PQ409", format!("admit: request_id {id} was already used in this batch")));
-            continue;
-        }
-        let args = match checked(item) {
-            Ok(args) => args,
-            Err(e) => {
-                answers[i] = Some(Err(e));
-                continue;
-            }
-        };
+        let Some(args) = &args[i] else { continue };
         // A pinned channel, or a key and model that went the single path before in this batch
         // (what sent it there most likely holds still), go that path at once: the batch does not
         // read again for them. (A key's id and user never change: `keys` still names them.)
@@ -110,36 +132,46 @@ pub(super) fn admit_each(client: &mut SpiClient<'_>, items: &[AdmitItem<'_>]) ->
         let decided = if single {
             Locally::Single
         } else {
-            decide_locked(client, i, &args, item.channel_id, keys.get(&i), &mut counters, &mut routes, now)
+            decide_locked(client, i, args, item.channel_id, keys.get(&i), &mut counters, &mut routes, now)
         };
-        match decided {
-            Locally::Answered(answer) => answers[i] = Some(answer),
-            Locally::Admitted(answer, filing) => {
+        match (decided, ahead.remove(&i)) {
+            (Locally::Admitted(answer, filing), Some(filed)) if filing.same(&filed) => {
                 answers[i] = Some(Ok(answer));
-                filings.push(filing);
+                pending.held.push(filed);
             }
-            Locally::Single => {
+            (Locally::Admitted(answer, filing), None) => {
+                answers[i] = Some(Ok(answer));
+                pending.file.push(filing);
+            }
+            (Locally::Answered(answer), filed) => {
+                answers[i] = Some(answer);
+                pending.unfile.extend(filed.map(|f| f.request_id));
+            }
+            // the single call's path (or, rarely, holds other than those filed ahead: a policy
+            // changed meanwhile), once what came before is written and its own filing removed
+            (_, filed) => {
                 singles.extend(subject);
-                file_admitted(client, std::mem::take(&mut filings), items, &mut answers, now);
+                pending.unfile.extend(filed.map(|f| f.request_id));
+                write(client, std::mem::take(&mut pending), items, &mut answers, now);
                 answers[i] = Some(admit_item(client, item));
                 fresh = false;
             }
         }
     }
-    file_admitted(client, filings, items, &mut answers, now);
+    write(client, pending, items, &mut answers, now);
     answers.into_iter().map(|a| a.expect("every item is answered")).collect()
 }
 
-/// Files admitted requests (admit::file); one whose request id a concurrent admit filed first
-/// is answered by the single call's path after all (as a retry).
-fn file_admitted(
+/// Writes what the batch decided (admit::file); an admitted request whose request id a
+/// concurrent admit filed first is answered by the single call's path after all (a retry).
+fn write(
     client: &mut SpiClient<'_>,
-    filings: Vec<Filing>,
+    pending: Pending,
     items: &[AdmitItem<'_>],
     answers: &mut [Option<Result<Admission, EngineError>>],
     now: TimestampWithTimeZone,
 ) {
-    for i in file(client, filings, now) {
+    for i in file(client, pending, now) {
         answers[i] = Some(admit_item(client, &items[i]));
     }
 }

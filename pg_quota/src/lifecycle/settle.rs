@@ -69,8 +69,9 @@ ORDER BY quota.lock_order(f.axis, (f.policy).policy_id)";
 // flat arrays $16-$19; the ledger's statement triggers add them to the day's rollups and to
 // quota.ledger_request) and moves the holds to their windows' usage: each counter once, with
 // the sums of the settles counting on it ($24 usage, $25 holds released), in the order given
-// (the lock order), rolling a stale window first. The ledger rows go in first (the EXISTS runs
-// them before any counter is read), so the counter rows, which a busy key shares with every
+// (the lock order), rolling a stale window first. The ledger rows go in first, all of them (the
+// count runs the whole insert before any counter is read; an EXISTS would run one row, and the
+// rest at the statement's end), so the counter rows, which a busy key shares with every
 // request, stay locked from their update to the commit and no longer; the rollup rows come
 // after the counters (the triggers run at the statement's end), as the lock order wants.
 // Rolling windows count in rolling_usage instead ($24 holds 0 for them, and $23, the counters'
@@ -96,7 +97,7 @@ WITH ledger AS (
 )
 INSERT INTO quota.counter AS c (policy_id, scope_id, window_start, used)
 SELECT * FROM unnest($21::bigint[], $22::bigint[], $23::timestamptz[], $24::numeric[])
-WHERE EXISTS (SELECT FROM ledger)
+WHERE (SELECT count(*) FROM ledger) > 0
 ON CONFLICT (policy_id, scope_id) DO UPDATE SET
         ",
     roll_window!(),
