@@ -450,9 +450,20 @@ async fn an_admit_that_committed_unanswered_is_refunded_once_the_database_is_bac
     // Commits wait for a synchronous standby that never comes: the next admit is flushed to
     // the server's WAL and then waits for an acknowledgement, unanswered.
     let admin = connect(&cluster.dsn()).await;
+    admin.batch_execute("CREATE TABLE probe (x int)").await.unwrap();
     for sql in ["ALTER SYSTEM SET synchronous_standby_names = 'nobody'", "SELECT pg_reload_conf()"] {
         admin.batch_execute(sql).await.unwrap();
     }
+    // The reload reaches the server's processes in their own time: until a commit waits, an
+    // admit would commit at once and the request pass (then its settle waits instead). A probe
+    // write whose commit still waits after 200 ms shows the requirement holds (the probes left
+    // waiting die with the server).
+    eventually("commits wait for the standby", Duration::from_secs(10), || async {
+        let probe = connect(&cluster.dsn()).await;
+        let commit = probe.batch_execute("INSERT INTO probe VALUES (1)");
+        tokio::time::timeout(Duration::from_millis(200), commit).await.is_err()
+    })
+    .await;
     let pending = tokio::spawn(r.chat(chat_body(10), &[]).send());
     let waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg-quota-relay' \
                    AND wait_event = 'SyncRep'";
