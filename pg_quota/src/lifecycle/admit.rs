@@ -982,6 +982,80 @@ struct Blocked {
     metric: String,
 }
 
+impl Blocked {
+    /// A cap `a` of a channel refuses the request in the window [ws, we): the channel is blocked
+    /// until that cap frees up too (the last of its refusing caps gives `blocked`).
+    fn by_cap(
+        blocked: &mut Option<Blocked>,
+        client: &mut SpiClient<'_>,
+        a: Applicable,
+        (ws, we): (TimestampWithTimeZone, Option<TimestampWithTimeZone>),
+        now: TimestampWithTimeZone,
+    ) {
+        let frees = frees_at(client, a.policy.policy_id, a.scope_id, ws, we, now);
+        if blocked.as_ref().is_none_or(|b| frees.into_inner() > b.until.into_inner()) {
+            *blocked = Some(Blocked { until: frees, limit: a.effective_limit, metric: a.policy.metric });
+        }
+    }
+
+    /// Keeps in `soonest` the blocked channel that frees up first.
+    fn keep_soonest(soonest: &mut Option<Blocked>, b: Blocked) {
+        if soonest.as_ref().is_none_or(|s| b.until.into_inner() < s.until.into_inner()) {
+            *soonest = Some(b);
+        }
+    }
+}
+
+/// Routes a request to a channel: its id and upstream in `out`.
+fn route_to(
+    out: &mut Admission,
+    channel_id: i64,
+    (base_url, api_key, upstream_model): (Option<String>, Option<String>, Option<String>),
+) -> i64 {
+    out.channel_id = Some(channel_id);
+    out.upstream_base_url = base_url;
+    out.upstream_api_key = api_key;
+    out.upstream_model = upstream_model;
+    channel_id
+}
+
+/// The refusal of a request that no channel takes: the pinned channel does not serve the model
+/// (`serves` false) or is disabled, no channel serving it is enabled, or (`soonest`) every one is
+/// blocked by its caps.
+fn unroutable(
+    model: &str,
+    pinned: Option<i64>,
+    serves: bool,
+    soonest: Option<Blocked>,
+    now: TimestampWithTimeZone,
+) -> Admission {
+    match (pinned, soonest) {
+        // (granted, so it exists)
+        (Some(p), _) if !serves => {
+            Admission::denied(400, "invalid_channel", format!("Channel {p} does not serve model {model}."))
+        }
+        (None, None) => {
+            Admission::denied(503, "no_channel_available", format!("No upstream channel for model {model} is enabled."))
+        }
+        (Some(p), None) => Admission::denied(503, "channel_unavailable", format!("Channel {p} is disabled.")),
+        // the cap that frees up first feeds the rate-limit headers of the 429
+        (pinned, Some(b)) => {
+            let (code, what) = match pinned {
+                None => (
+                    "all_channels_exhausted",
+                    format!("Every upstream channel for model {model} has reached its quota."),
+                ),
+                Some(p) => ("channel_quota_exhausted", format!("Channel {p} has reached its quota.")),
+            };
+            Admission::refusal(code, what, Some(b.until), now, &RESETS).exhausted_limit(
+                b.limit,
+                &b.metric,
+                Some(b.until),
+            )
+        }
+    }
+}
+
 /// When a channel can take a request again: None when it can take it now (under every cap),
 /// else see [`Blocked`]. Locks the channel's counters, so the verdict holds until commit:
 /// admit routes around a channel that a concurrent request just filled instead of refusing.
@@ -1025,10 +1099,7 @@ fn channel_blocked_until(
                 alerts::log_shadow_refusal(client, &a.policy, a.scope_id, None, ws, used_limit, spent, now);
                 continue;
             }
-            let frees = frees_at(client, a.policy.policy_id, a.scope_id, ws, we, now);
-            if blocked.as_ref().is_none_or(|b| frees.into_inner() > b.until.into_inner()) {
-                blocked = Some(Blocked { until: frees, limit: a.effective_limit, metric: a.policy.metric });
-            }
+            Blocked::by_cap(&mut blocked, client, a, (ws, we), now);
         }
     }
     blocked
@@ -1072,47 +1143,14 @@ fn route(
             break;
         }
         match channel_blocked_until(client, id, cost, est, max_out, now) {
-            None => {
-                out.channel_id = Some(id);
-                out.upstream_base_url = base_url;
-                out.upstream_api_key = upstream_key;
-                out.upstream_model = upstream_model;
-                return Ok(Some(id));
-            }
-            Some(b) if soonest.as_ref().is_none_or(|s| b.until.into_inner() < s.until.into_inner()) => {
-                soonest = Some(b)
-            }
-            Some(_) => {}
+            None => return Ok(Some(route_to(out, id, (base_url, upstream_key, upstream_model)))),
+            Some(b) => Blocked::keep_soonest(&mut soonest, b),
         }
     }
     if candidates.is_empty() && pinned.is_none() {
         return Ok(None);
     }
-    Err(Box::new(match (pinned, soonest) {
-        // (granted, so it exists)
-        (Some(p), _) if candidates.is_empty() => {
-            Admission::denied(400, "invalid_channel", format!("Channel {p} does not serve model {model}."))
-        }
-        (None, None) => {
-            Admission::denied(503, "no_channel_available", format!("No upstream channel for model {model} is enabled."))
-        }
-        (Some(p), None) => Admission::denied(503, "channel_unavailable", format!("Channel {p} is disabled.")),
-        // the cap that frees up first feeds the rate-limit headers of the 429
-        (pinned, Some(b)) => {
-            let (code, what) = match pinned {
-                None => (
-                    "all_channels_exhausted",
-                    format!("Every upstream channel for model {model} has reached its quota."),
-                ),
-                Some(p) => ("channel_quota_exhausted", format!("Channel {p} has reached its quota.")),
-            };
-            Admission::refusal(code, what, Some(b.until), now, &RESETS).exhausted_limit(
-                b.limit,
-                &b.metric,
-                Some(b.until),
-            )
-        }
-    }))
+    Err(Box::new(unroutable(model, pinned, !candidates.is_empty(), soonest, now)))
 }
 
 /// A counter as a batch locked it, kept in step in memory as the batch's admits take holds on
@@ -1308,8 +1346,8 @@ fn used_locked(
 
 /// A channel serving a model: id, enabled, priority, weight, and its upstream.
 pub(super) struct Route {
-    channel_id: i64,
-    enabled: bool,
+    pub channel_id: i64,
+    pub enabled: bool,
     priority: i32,
     weight: f64,
     base_url: Option<String>,
@@ -1325,6 +1363,25 @@ const ROUTES: &str = "\
 SELECT c.channel_id, c.status = 'enabled', c.priority, c.weight::float8, c.base_url, c.api_key, cm.upstream_model
 FROM quota.channel_model cm JOIN quota.channel c ON c.channel_id = cm.channel_id
 WHERE cm.model = $1";
+
+/// The channels serving a model, enabled or not, read once per batch (ROUTES).
+pub(super) fn routes_for<'r>(client: &mut SpiClient<'_>, routes: &'r mut Routes, model: &str) -> &'r [Route] {
+    if !routes.contains_key(model) {
+        let found = run(client, ROUTES, &[model.into()])
+            .map(|r| Route {
+                channel_id: col(&r, 1).unwrap(),
+                enabled: col(&r, 2).unwrap(),
+                priority: col(&r, 3).unwrap(),
+                weight: col(&r, 4).unwrap(),
+                base_url: col(&r, 5),
+                api_key: col(&r, 6),
+                upstream_model: col(&r, 7),
+            })
+            .collect();
+        routes.insert(model.to_string(), found);
+    }
+    &routes[model]
+}
 
 /// How routing went in memory (see [`route_locked`]).
 enum Routed {
@@ -1348,21 +1405,7 @@ fn route_locked(
     routes: &mut Routes,
     now: TimestampWithTimeZone,
 ) -> Routed {
-    if !routes.contains_key(model) {
-        let found = run(client, ROUTES, &[model.into()])
-            .map(|r| Route {
-                channel_id: col(&r, 1).unwrap(),
-                enabled: col(&r, 2).unwrap(),
-                priority: col(&r, 3).unwrap(),
-                weight: col(&r, 4).unwrap(),
-                base_url: col(&r, 5),
-                api_key: col(&r, 6),
-                upstream_model: col(&r, 7),
-            })
-            .collect();
-        routes.insert(model.to_string(), found);
-    }
-    let candidates = &routes[model];
+    let candidates = routes_for(client, routes, model);
     if candidates.is_empty() {
         return Routed::Default;
     }
@@ -1397,39 +1440,18 @@ fn route_locked(
                 if !a.policy.enforce {
                     return Routed::Single;
                 }
-                let frees = frees_at(client, a.policy.policy_id, a.scope_id, ws, we, now);
-                if blocked.as_ref().is_none_or(|b| frees.into_inner() > b.until.into_inner()) {
-                    blocked = Some(Blocked { until: frees, limit: a.effective_limit, metric: a.policy.metric });
-                }
+                Blocked::by_cap(&mut blocked, client, a, (ws, we), now);
             }
         }
         match blocked {
             None => {
-                out.channel_id = Some(r.channel_id);
-                out.upstream_base_url = r.base_url.clone();
-                out.upstream_api_key = r.api_key.clone();
-                out.upstream_model = r.upstream_model.clone();
-                return Routed::To(r.channel_id);
+                let upstream = (r.base_url.clone(), r.api_key.clone(), r.upstream_model.clone());
+                return Routed::To(route_to(out, r.channel_id, upstream));
             }
-            Some(b) if soonest.as_ref().is_none_or(|s| b.until.into_inner() < s.until.into_inner()) => {
-                soonest = Some(b)
-            }
-            Some(_) => {}
+            Some(b) => Blocked::keep_soonest(&mut soonest, b),
         }
     }
-    Routed::Refused(Box::new(match soonest {
-        None => {
-            Admission::denied(503, "no_channel_available", format!("No upstream channel for model {model} is enabled."))
-        }
-        Some(b) => Admission::refusal(
-            "all_channels_exhausted",
-            format!("Every upstream channel for model {model} has reached its quota."),
-            Some(b.until),
-            now,
-            &RESETS,
-        )
-        .exhausted_limit(b.limit, &b.metric, Some(b.until)),
-    }))
+    Routed::Refused(Box::new(unroutable(model, None, true, soonest, now)))
 }
 
 /// The insert of a batch's reservations (each row's hold arrays are its slice [lo:hi] of the flat

@@ -37,8 +37,8 @@ use pgrx::spi::SpiClient;
 use pgrx::AnyNumeric;
 
 use super::admit::{
-    admit_item, checked, decide_locked, file, file_ahead, filing_ahead, read_keys, Admission, AdmitItem, Checked,
-    Filing, KeyRow, Locally, Locked, LockedCounters, Pending, Routes,
+    admit_item, checked, decide_locked, file, file_ahead, filing_ahead, read_keys, routes_for, Admission, AdmitItem,
+    Checked, Filing, KeyRow, Locally, Locked, LockedCounters, Pending, Routes,
 };
 use super::cache;
 use super::settle::{settle_all, SettleItem};
@@ -51,11 +51,6 @@ const LOCK_COUNTERS: &str = "\
 INSERT INTO quota.counter AS c (policy_id, scope_id, window_start)
 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[])
 ON CONFLICT (policy_id, scope_id) DO UPDATE SET reserved = c.reserved WHERE false";
-
-// The enabled channels serving a model: routing may pick any of them.
-const MODEL_CHANNELS: &str = "\
-SELECT cm.channel_id FROM quota.channel_model cm JOIN quota.channel c ON c.channel_id = cm.channel_id
-WHERE cm.model = $1 AND c.status = 'enabled'";
 
 /// Locks the counters, each once, in the lock order; `counters` may name one many times.
 fn lock_counters(client: &mut SpiClient<'_>, counters: Vec<(CounterRef, TimestampWithTimeZone)>) -> Vec<CounterRef> {
@@ -110,10 +105,10 @@ pub(super) fn admit_each(client: &mut SpiClient<'_>, items: &[AdmitItem<'_>]) ->
         }
     }
     let mut ahead = file_ahead(client, ahead, now);
-    let locked = lock_for_admits(client, items, &keys, now, now_utc);
+    let mut routes = Routes::new();
+    let locked = lock_for_admits(client, items, &keys, &mut routes, now, now_utc);
     let mut counters = read_counters(client, &locked);
     let mut pending = Pending::default();
-    let mut routes = Routes::new();
     let mut singles: std::collections::HashSet<(i64, &str)> = std::collections::HashSet::new();
     // whether `keys` and `counters` still hold: an item on the single path writes to both
     let mut fresh = true;
@@ -209,11 +204,11 @@ fn lock_for_admits(
     client: &mut SpiClient<'_>,
     items: &[AdmitItem<'_>],
     keys: &std::collections::HashMap<usize, KeyRow>,
+    routes: &mut Routes,
     now: TimestampWithTimeZone,
     now_utc: chrono::DateTime<chrono::Utc>,
 ) -> Vec<CounterRef> {
     let mut counters: Vec<(CounterRef, TimestampWithTimeZone)> = Vec::new();
-    let mut channels_of: std::collections::HashMap<String, Vec<i64>> = std::collections::HashMap::new();
     let mut seen_subjects = std::collections::HashSet::new();
     for (i, item) in items.iter().enumerate() {
         let Some(model) = item.model else { continue };
@@ -228,12 +223,7 @@ fn lock_for_admits(
         }
         let candidates = match item.channel_id {
             Some(pinned) => vec![pinned],
-            None => channels_of
-                .entry(model.to_string())
-                .or_insert_with(|| {
-                    run(client, MODEL_CHANNELS, &[model.into()]).map(|r| col::<i64>(&r, 1).unwrap()).collect()
-                })
-                .clone(),
+            None => routes_for(client, routes, model).iter().filter(|r| r.enabled).map(|r| r.channel_id).collect(),
         };
         for channel in candidates {
             for a in cache::policies_for(client, (None, None, None, Some(channel)), now) {
