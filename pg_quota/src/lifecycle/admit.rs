@@ -173,10 +173,14 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])
      WITH ORDINALITY AS i(secret, request_id, model, est, max_out, n)
 JOIN LATERAL quota.key_for_secret(i.secret) k ON true JOIN quota.app_user u ON u.user_id = k.user_id
 LEFT JOIN LATERAL quota.price_for(i.model) mp ON true
-LEFT JOIN quota.reservation r ON r.request_id = i.request_id"
+LEFT JOIN LATERAL (SELECT * FROM quota.reservation r WHERE r.request_id = i.request_id LIMIT 1) r ON true"
         )
     };
 }
+// Lookups by key of rows per item (here the reservation) are LATERAL subqueries with a LIMIT,
+// which keeps them from being flattened into a join: as a join, a plan made while the table was
+// still empty, and kept for the connection's life, read the table's whole index for every item
+// or batch once it had grown (tests/regress 90_plans).
 const KEYS: &str = keys_query!("quota.ledger_request");
 const KEYS_0_1: &str = keys_query!("quota.usage_ledger");
 
@@ -890,7 +894,8 @@ const COUNTERS: &str = "\
 SELECT coalesce(c.window_start = h.window_start AND c.exhausted_at >= c.window_start, false),
        CASE WHEN c.window_start = h.window_start THEN c.used ELSE 0 END, coalesce(c.reserved, 0)
 FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[]) WITH ORDINALITY AS h(policy_id, scope_id, window_start, i)
-LEFT JOIN quota.counter c ON c.policy_id = h.policy_id AND c.scope_id = h.scope_id
+LEFT JOIN LATERAL (SELECT * FROM quota.counter c WHERE c.policy_id = h.policy_id AND c.scope_id = h.scope_id LIMIT 1) c
+       ON true
 ORDER BY h.i";
 
 /// The counters of policies for scopes, each in its window starting at the instant given, as

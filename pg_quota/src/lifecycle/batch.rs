@@ -171,11 +171,13 @@ fn write(
     }
 }
 
-// The counters a batch locked, as they are now (locked: nobody else changes them).
+// The counters a batch locked, as they are now (locked: nobody else changes them), each looked
+// up by key (see KEYS in admit.rs).
 const COUNTERS: &str = "\
 SELECT c.policy_id, c.scope_id, c.window_start, c.used, c.reserved, c.exhausted_at
 FROM unnest($1::bigint[], $2::bigint[]) AS h(policy_id, scope_id)
-JOIN quota.counter c ON c.policy_id = h.policy_id AND c.scope_id = h.scope_id";
+JOIN LATERAL (SELECT * FROM quota.counter c WHERE c.policy_id = h.policy_id AND c.scope_id = h.scope_id LIMIT 1) c
+     ON true";
 
 fn read_counters(client: &mut SpiClient<'_>, locked: &[CounterRef]) -> LockedCounters {
     let args = [
