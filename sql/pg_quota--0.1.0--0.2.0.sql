@@ -1114,5 +1114,139 @@ $$;
 CREATE TRIGGER usage_daily_add AFTER INSERT ON quota.usage_ledger
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION quota.usage_daily_add();
 
+-- Issue 19: the sweep charges expired reservations by the settle's code (one home for the rules
+-- on counters: src/lifecycle/settle.rs). The sweep locks them; charge_expired takes them.
+DROP FUNCTION quota.charge_expired(quota.reservation[], timestamptz);
+CREATE FUNCTION quota.charge_expired(request_ids text[], now_ts timestamptz) RETURNS void
+LANGUAGE c VOLATILE SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off
+AS 'MODULE_PATHNAME', 'charge_expired_wrapper';
+REVOKE ALL ON FUNCTION quota.charge_expired(text[], timestamptz) FROM PUBLIC;
+-- (only the old charge used it; the library keeps the symbol for 0.1.0 schemas)
+DROP FUNCTION quota.minute_bucket(timestamptz);
+
+CREATE OR REPLACE FUNCTION quota.sweep(OUT expired_reservations integer, OUT resumed_keys integer,
+                            OUT recovered_windows integer, OUT pruned_buckets integer,
+                            OUT pruned_released integer, OUT pruned_events integer)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_now timestamptz := quota.clock();
+    v_ttl interval := current_setting('pg_quota.reservation_ttl')::interval;
+    v_retention interval := current_setting('pg_quota.released_retention')::interval;
+    v_event_retention interval := current_setting('pg_quota.event_retention')::interval;
+    v_charge boolean := current_setting('pg_quota.expired_reservations') = 'charge';
+    v_expired quota.reservation[];
+    v_policies bigint[];  -- the holds of the expired reservations, summed per counter
+    v_scopes bigint[];
+    v_amounts numeric[];
+    v_key bigint;
+    v_ended record;
+BEGIN
+    WITH expired AS (
+        SELECT r.* FROM quota.reservation r
+        WHERE r.created_at < v_now - v_ttl
+        ORDER BY r.request_id FOR UPDATE SKIP LOCKED
+    ), logged AS (
+        INSERT INTO quota.event (at, kind, key_id, user_id, detail)
+        SELECT v_now, 'reservation_expired', e.key_id, e.user_id,
+               jsonb_build_object('request_id', e.request_id, 'created_at', e.created_at,
+                                  'action', CASE WHEN v_charge THEN 'charged' ELSE 'released' END)
+        FROM expired e
+    )
+    SELECT coalesce(array_agg(e ORDER BY e.request_id), '{}') INTO v_expired FROM expired e;
+    expired_reservations := cardinality(v_expired);
+
+    IF v_charge THEN
+        PERFORM quota.charge_expired(ARRAY(SELECT e.request_id FROM unnest(v_expired) e), v_now);
+    ELSE
+        DELETE FROM quota.reservation r WHERE r.request_id IN (SELECT e.request_id FROM unnest(v_expired) e);
+        -- The expired reservations' holds are given back per counter, in lock order (a request
+        -- that holds one counter while it waits for the next cannot be waiting for the sweep).
+        INSERT INTO quota.released (request_id, key_id, user_id, channel_id, model, kind, reason, released_at)
+        SELECT e.request_id, e.key_id, e.user_id, e.channel_id, e.model, 'expired',
+               format('reservation older than %s s', extract(epoch FROM v_ttl)), v_now
+        FROM unnest(v_expired) e;
+        WITH holds AS (  -- summed per counter, numbered in lock order
+            SELECT h.policy_id, h.scope_id, sum(h.amount) AS amount,
+                   row_number() OVER (ORDER BY quota.lock_order(quota.policy_axis(p.subject_type), h.policy_id),
+                                               h.scope_id) AS n
+            FROM unnest(v_expired) e, unnest(e.hold_policy, e.hold_scope, e.hold_amount) AS h(policy_id, scope_id, amount)
+            LEFT JOIN quota.policy p ON p.policy_id = h.policy_id
+            GROUP BY h.policy_id, h.scope_id, p.subject_type
+        )
+        SELECT array_agg(h.policy_id ORDER BY h.n), array_agg(h.scope_id ORDER BY h.n), array_agg(h.amount ORDER BY h.n)
+        INTO v_policies, v_scopes, v_amounts
+        FROM holds h;
+        PERFORM quota.release_holds(v_policies, v_scopes, v_amounts);
+    END IF;
+
+    -- Past the expiry, the sweep waits for no row: it already holds counters, and a request
+    -- holding a row the sweep would wait for may be waiting for one of those. A row that a
+    -- request holds is left to the next sweep (or to that request). Lock order still: the
+    -- counters, then the keys.
+    recovered_windows := 0;
+    -- Spent windows that time has given room: a fixed window that has ended, a rolling window
+    -- whose settled usage has aged out below its effective limit (boosts included, as admit
+    -- judges it). A window that an admin's change frees (a boost, a second policy of the same
+    -- limit) is found by the next request; judging every spent fixed window on every sweep
+    -- would cost a policy selection each (about 0.1 ms) for a change that is logged already.
+    FOR v_ended IN
+        SELECT c.policy_id, c.scope_id, a.axis,
+               CASE WHEN a.fixed THEN w.window_start ELSE 'infinity' END AS marked_before,
+               CASE WHEN a.fixed THEN 'window_reset' ELSE 'window_not_spent' END AS why
+        FROM quota.counter c
+        JOIN quota.policy p ON p.policy_id = c.policy_id
+        CROSS JOIN LATERAL quota.policy_window(p, v_now) w
+        CROSS JOIN LATERAL (SELECT quota.policy_axis(p.subject_type) AS axis, p.window_mode = 'fixed' AS fixed) a
+        WHERE c.exhausted_at IS NOT NULL
+          AND CASE WHEN a.fixed THEN c.exhausted_at < w.window_start
+                   ELSE quota.window_used(p, c, w.window_start) <
+                        (SELECT f.effective_limit
+                         FROM quota.policies_for(CASE a.axis WHEN 'key' THEN c.scope_id END,
+                                                 CASE a.axis WHEN 'user' THEN c.scope_id END, NULL,
+                                                 CASE a.axis WHEN 'channel' THEN c.scope_id END, v_now) f
+                         WHERE (f.policy).policy_id = p.policy_id)
+              END
+        ORDER BY quota.lock_order(a.axis, c.policy_id), c.scope_id
+        FOR UPDATE OF c SKIP LOCKED
+    LOOP
+        IF quota.recover_window(v_ended.policy_id, v_ended.scope_id,
+                                CASE v_ended.axis WHEN 'key' THEN v_ended.scope_id END,
+                                CASE v_ended.axis WHEN 'user' THEN v_ended.scope_id END,
+                                v_ended.marked_before, v_now, v_ended.why) THEN
+            recovered_windows := recovered_windows + 1;
+        END IF;
+    END LOOP;
+
+    resumed_keys := 0;
+    FOR v_key IN SELECT k.key_id FROM quota.api_key k WHERE k.suspended_until <= v_now
+                 ORDER BY k.key_id FOR UPDATE SKIP LOCKED LOOP
+        IF quota.resume_key(v_key, v_now) THEN
+            resumed_keys := resumed_keys + 1;
+        END IF;
+    END LOOP;
+
+    DELETE FROM quota.rolling_usage r
+    USING quota.policy p, LATERAL quota.policy_window(p, v_now) w
+    WHERE r.policy_id = p.policy_id AND r.bucket < w.window_start;
+    GET DIAGNOSTICS pruned_buckets = ROW_COUNT;
+
+    -- the markers of unpriced models' first request of a day are needed for that day only
+    DELETE FROM quota.unpriced_model_day d WHERE d.day < (v_now AT TIME ZONE 'UTC')::date - 1;
+
+    pruned_released := 0;
+    IF v_retention > interval '0' THEN
+        DELETE FROM quota.released r WHERE r.released_at < v_now - v_retention;
+        GET DIAGNOSTICS pruned_released = ROW_COUNT;
+    END IF;
+
+    pruned_events := 0;
+    IF v_event_retention > interval '0' THEN
+        DELETE FROM quota.event e WHERE e.at < v_now - v_event_retention;
+        GET DIAGNOSTICS pruned_events = ROW_COUNT;
+    END IF;
+END
+$$;
+
 -- Connections served by the new library look at the schema again (cache::schema in the library).
 UPDATE quota.policy_generation SET generation = generation + 1;

@@ -34,7 +34,6 @@ extension_sql_file!(
         "keys",
         window::window_bounds,
         window::approx_duration,
-        window::minute_bucket,
         lifecycle::refuses,
         lifecycle::metric_amount,
         lifecycle::key_refusal

@@ -91,7 +91,9 @@ pub(crate) fn policy_window_problem(
 }
 
 /// The one-minute bucket of a rolling window that usage at `at` counts in (`quota.rolling_usage`).
-#[pg_extern(immutable, parallel_safe, strict)]
+/// No SQL function since 0.2.0 (the sweep's charge counts by settle's code); kept in the library
+/// for a 0.1.0 schema that it serves until ALTER EXTENSION UPDATE (its sweep calls it).
+#[pg_extern(immutable, parallel_safe, strict, sql = false)]
 pub(crate) fn minute_bucket(at: TimestampWithTimeZone) -> TimestampWithTimeZone {
     to_pg(WindowSpec::bucket_of(to_utc(at)))
 }

@@ -100,97 +100,17 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     ORDER BY ch.priority DESC, ch.channel_id, (k.policy).policy_id
 $$;
 
--- Charges expired reservations as a settle of their estimate would (an unknown outcome is not
--- free): each hold moves to the usage of its policy's current window (a rolling window's: the
--- minute's bucket), summed per counter and in lock order (a request that holds one counter
--- while it waits for the next cannot be waiting for the sweep); a window that this spends is
--- marked, logged and acted on like a settle's, and the alert thresholds it crosses logged. Then
--- one ledger row per reservation (settled_by 'sweep': the estimate, est_input_tokens +
--- max_output_tokens at the model's price; unbilled only for a model without a price), whose
--- trigger adds it to the day's rollups, after the counters as in a settle. A late settle corrects the charge (quota.correct_swept).
-CREATE FUNCTION quota.charge_expired(expired quota.reservation[], now_ts timestamptz) RETURNS void
-LANGUAGE plpgsql VOLATILE AS $$
-DECLARE
-    v record;
-    v_counter quota.counter;
-BEGIN
-    FOR v IN
-        WITH holds AS (
-            SELECT p, quota.policy_axis(p.subject_type) AS axis, h.scope_id, h.amount, h.lim, e.key_id, e.user_id,
-                   w.window_start, w.window_end
-            FROM unnest(expired) e,
-                 unnest(e.hold_policy, e.hold_scope, e.hold_amount, e.hold_limit) AS h(policy_id, scope_id, amount, lim)
-            JOIN quota.policy p ON p.policy_id = h.policy_id
-            CROSS JOIN LATERAL quota.policy_window(p, now_ts) w
-        )
-        SELECT h.p, h.axis, h.scope_id, h.window_start, h.window_end, sum(h.amount) AS amount, max(h.lim) AS lim,
-               min(h.key_id) AS key_id, min(h.user_id) AS user_id,
-               CASE WHEN (h.p).window_mode = 'rolling' THEN '-infinity' ELSE h.window_start END AS counter_window
-        FROM holds h
-        GROUP BY h.p, h.axis, h.scope_id, h.window_start, h.window_end
-        ORDER BY quota.lock_order(h.axis, (h.p).policy_id), h.scope_id
-    LOOP
-        -- rolls a stale window as settle does (roll_window! in src/lifecycle/mod.rs)
-        UPDATE quota.counter c SET
-            used = CASE WHEN c.window_start = v.counter_window THEN c.used ELSE 0 END
-                   + CASE WHEN (v.p).window_mode = 'rolling' THEN 0 ELSE v.amount END,
-            window_start = v.counter_window,
-            reserved = c.reserved - v.amount
-        WHERE c.policy_id = (v.p).policy_id AND c.scope_id = v.scope_id
-        RETURNING c.* INTO v_counter;
-        CONTINUE WHEN NOT FOUND;
-        -- a mark from before the window is the ended window's: its recovery is logged first
-        IF v_counter.exhausted_at < v_counter.window_start THEN
-            PERFORM quota.recover_window((v.p).policy_id, v.scope_id,
-                                         CASE v.axis WHEN 'key' THEN v.scope_id END,
-                                         CASE v.axis WHEN 'user' THEN v.scope_id END,
-                                         v.counter_window, now_ts, 'window_reset');
-        END IF;
-        IF (v.p).window_mode = 'rolling' THEN
-            INSERT INTO quota.rolling_usage AS r (policy_id, scope_id, bucket, used)
-            VALUES ((v.p).policy_id, v.scope_id, quota.minute_bucket(now_ts), v.amount)
-            ON CONFLICT (policy_id, scope_id, bucket) DO UPDATE SET used = r.used + EXCLUDED.used;
-        END IF;
-        IF cardinality((v.p).alert_at) > 0 THEN
-            PERFORM quota.cross_thresholds(v.p, v.scope_id, CASE v.axis WHEN 'key' THEN v.scope_id ELSE v.key_id END,
-                                           CASE v.axis WHEN 'user' THEN v.scope_id ELSE v.user_id END,
-                                           v.window_start, quota.window_used(v.p, v_counter, v.window_start),
-                                           v.lim, now_ts);
-        END IF;
-        -- a shadow policy never marks, logs or acts on a spent window (admit logs shadow_refusal)
-        IF (v.p).enforce AND quota.window_used(v.p, v_counter, v.window_start) >= v.lim
-           AND NOT coalesce(v_counter.exhausted_at >= v_counter.window_start, false) THEN
-            PERFORM quota.mark_exhausted(v.p, v.scope_id, CASE v.axis WHEN 'key' THEN v.scope_id ELSE v.key_id END,
-                                         CASE v.axis WHEN 'user' THEN v.scope_id ELSE v.user_id END,
-                                         v.window_start, v.window_end, now_ts);
-        END IF;
-    END LOOP;
-
-    INSERT INTO quota.usage_ledger (request_id, settled_by, key_id, user_id, channel_id, model, input_tokens,
-                                    output_tokens, cached_tokens, cost, billed, unbilled_reason,
-                                    counted_in_key_global, counted_in_user_global,
-                                    counted_policy, counted_scope, counted_window, counted_amount, settled_at)
-    SELECT e.request_id, 'sweep', e.key_id, e.user_id, e.channel_id, e.model, e.est_input_tokens,
-           e.max_output_tokens, 0, coalesce(c.cost, 0), c.cost IS NOT NULL,
-           CASE WHEN c.cost IS NULL THEN 'price_not_found' END,
-           e.counted_in_key_global, e.counted_in_user_global,
-           coalesce(k.policies, '{}'), coalesce(k.scopes, '{}'), coalesce(k.windows, '{}'), coalesce(k.amounts, '{}'),
-           now_ts
-    FROM unnest(expired) e
-    LEFT JOIN LATERAL (SELECT quota.cost_of(mp, e.est_input_tokens, e.max_output_tokens, 0) AS cost
-                       FROM quota.price_for(e.model) mp) c ON true
-    LEFT JOIN LATERAL (
-        SELECT array_agg(h.policy_id ORDER BY h.n) AS policies, array_agg(h.scope_id ORDER BY h.n) AS scopes,
-               array_agg(CASE WHEN p.window_mode = 'rolling' THEN quota.minute_bucket(now_ts) ELSE w.window_start END
-                         ORDER BY h.n) AS windows,
-               array_agg(h.amount ORDER BY h.n) AS amounts
-        FROM unnest(e.hold_policy, e.hold_scope, e.hold_amount) WITH ORDINALITY AS h(policy_id, scope_id, amount, n)
-        JOIN quota.policy p ON p.policy_id = h.policy_id
-        CROSS JOIN LATERAL quota.policy_window(p, now_ts) w) k ON true
-    -- the rollup rows in one order (the day is the same for all)
-    ORDER BY e.key_id, e.model, coalesce(e.channel_id, 0), e.request_id;
-END
-$$;
+-- Charges expired reservations at their estimate, as a settle of it would (an unknown outcome
+-- is not free), by the settle's own code (src/lifecycle/settle.rs, charge_expired): takes each
+-- reservation still there, moves its holds to the usage of their policies' windows now, marks,
+-- logs and acts on a window this spends and logs the alert thresholds it crosses, and writes one
+-- ledger row per reservation (settled_by 'sweep': est_input_tokens + max_output_tokens at the
+-- model's price; unbilled only for a model without a price). A late settle corrects the charge
+-- (quota.correct_swept).
+CREATE FUNCTION quota.charge_expired(request_ids text[], now_ts timestamptz) RETURNS void
+LANGUAGE c VOLATILE SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off
+AS 'MODULE_PATHNAME', 'charge_expired_wrapper';
 
 -- Charges reservations older than pg_quota.reservation_ttl (a crashed relay's, a lost settle)
 -- at their reservation (quota.charge_expired), or with pg_quota.expired_reservations =
@@ -220,11 +140,9 @@ DECLARE
     v_ended record;
 BEGIN
     WITH expired AS (
-        DELETE FROM quota.reservation r
-        WHERE r.request_id IN (SELECT r2.request_id FROM quota.reservation r2
-                               WHERE r2.created_at < v_now - v_ttl
-                               ORDER BY r2.request_id FOR UPDATE SKIP LOCKED)
-        RETURNING r.*
+        SELECT r.* FROM quota.reservation r
+        WHERE r.created_at < v_now - v_ttl
+        ORDER BY r.request_id FOR UPDATE SKIP LOCKED
     ), logged AS (
         INSERT INTO quota.event (at, kind, key_id, user_id, detail)
         SELECT v_now, 'reservation_expired', e.key_id, e.user_id,
@@ -236,8 +154,9 @@ BEGIN
     expired_reservations := cardinality(v_expired);
 
     IF v_charge THEN
-        PERFORM quota.charge_expired(v_expired, v_now);
+        PERFORM quota.charge_expired(ARRAY(SELECT e.request_id FROM unnest(v_expired) e), v_now);
     ELSE
+        DELETE FROM quota.reservation r WHERE r.request_id IN (SELECT e.request_id FROM unnest(v_expired) e);
         -- The expired reservations' holds are given back per counter, in lock order (a request
         -- that holds one counter while it waits for the next cannot be waiting for the sweep).
         INSERT INTO quota.released (request_id, key_id, user_id, channel_id, model, kind, reason, released_at)

@@ -21,12 +21,15 @@ pub(super) struct Settlement {
 }
 
 // Takes the reservations of a batch's settles (each request id once) and prices each one's
-// actual usage, in one statement: per reservation taken, the ordinal of its settle in $1.
+// actual usage, in one statement: per reservation taken, the ordinal of its settle in $1. Usage
+// not given prices the reservation's estimate (the sweep's charge: see charge_expired; a settle
+// without usage bills nothing, see counted).
 const TAKE: &str = "\
 WITH r AS (DELETE FROM quota.reservation r WHERE r.request_id = ANY($1) RETURNING r.*)
 SELECT i.n, r.key_id, r.user_id, r.channel_id, r.model, r.counted_in_key_global, r.counted_in_user_global,
-       r.hold_policy, r.hold_scope, r.hold_amount, r.hold_limit, quota.cost_of(mp, i.input, i.output, i.cached),
-       (SELECT g.generation FROM quota.policy_generation g)
+       r.hold_policy, r.hold_scope, r.hold_amount, r.hold_limit,
+       quota.cost_of(mp, coalesce(i.input, r.est_input_tokens), coalesce(i.output, r.max_output_tokens), i.cached),
+       (SELECT g.generation FROM quota.policy_generation g), r.est_input_tokens, r.max_output_tokens
 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) WITH ORDINALITY AS i(request_id, input, output, cached, n)
 JOIN r ON r.request_id = i.request_id
 LEFT JOIN LATERAL quota.price_for(r.model) mp ON true";
@@ -69,25 +72,26 @@ ORDER BY quota.lock_order(f.axis, (f.policy).policy_id)";
 // flat arrays $16-$19; the ledger's statement triggers add them to the day's rollups and to
 // quota.ledger_request) and moves the holds to their windows' usage: each counter once, with
 // the sums of the settles counting on it ($24 usage, $25 holds released), in the order given
-// (the lock order), rolling a stale window first. The ledger rows go in first, all of them (the
-// count runs the whole insert before any counter is read; an EXISTS would run one row, and the
-// rest at the statement's end), so the counter rows, which a busy key shares with every
-// request, stay locked from their update to the commit and no longer; the rollup rows come
-// after the counters (the triggers run at the statement's end), as the lock order wants.
-// Rolling windows count in rolling_usage instead ($24 holds 0 for them, and $23, the counters'
-// windows, -infinity: see Policy::counter_window). A counter deleted meanwhile (policy edited)
-// is created again, with nothing reserved. Returns each counter's usage and how its window
-// stands marked (marks!()).
+// (the lock order), rolling a stale window first; $26 names who settles (settle, or the sweep).
+// The ledger rows go in first, all of them (the count runs the whole insert before any counter
+// is read; an EXISTS would run one row, and the rest at the statement's end), so the counter
+// rows, which a busy key shares with every request, stay locked from their update to the commit
+// and no longer; the rollup rows come after the counters (the triggers run at the statement's
+// end), as the lock order wants. Rolling windows count in rolling_usage instead ($24 holds 0 for
+// them, and $23, the counters' windows, -infinity: see Policy::counter_window). A counter
+// deleted meanwhile (policy edited) is created again, with nothing reserved. Returns each
+// counter's usage and how its window stands marked (marks!()).
 const COUNT: &str = concat!(
     "\
 WITH ledger AS (
     INSERT INTO quota.usage_ledger (request_id, key_id, user_id, channel_id, model, input_tokens,
                                     output_tokens, cached_tokens, cost, billed, unbilled_reason,
                                     counted_in_key_global, counted_in_user_global,
-                                    counted_policy, counted_scope, counted_window, counted_amount, settled_at)
+                                    counted_policy, counted_scope, counted_window, counted_amount, settled_at,
+                                    settled_by)
     SELECT l.request_id, l.key_id, l.user_id, l.channel_id, l.model, l.input, l.output, l.cached, l.cost,
            l.billed, l.unbilled_reason, l.in_key_global, l.in_user_global, ($16::bigint[])[l.lo:l.hi],
-           ($17::bigint[])[l.lo:l.hi], ($18::timestamptz[])[l.lo:l.hi], ($19::numeric[])[l.lo:l.hi], $20
+           ($17::bigint[])[l.lo:l.hi], ($18::timestamptz[])[l.lo:l.hi], ($19::numeric[])[l.lo:l.hi], $20, $26
     FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::bigint[], $7::bigint[],
                 $8::bigint[], $9::numeric[], $10::boolean[], $11::text[], $12::boolean[], $13::boolean[],
                 $14::integer[], $15::integer[])
@@ -127,6 +131,9 @@ struct Taken {
     hold_amount: Vec<AnyNumeric>,
     hold_limit: Vec<AnyNumeric>,
     cost: Option<AnyNumeric>,
+    /// the reservation's estimate (est_input_tokens, max_output_tokens); none for a reservation
+    /// the sweep released
+    estimate: Option<(i64, i64)>,
 }
 
 #[pg_extern(sql = false)] // declared in sql/schema/40_lifecycle.sql
@@ -222,18 +229,50 @@ pub(super) fn settle_all(client: &mut SpiClient<'_>, items: &[SettleItem<'_>]) -
             pending.push(counted(client, i, request_id, t, usage, now_utc));
             continue;
         }
-        count(client, std::mem::take(&mut pending), now, &mut answers);
+        count(client, std::mem::take(&mut pending), now, "settle", &mut answers);
         match not_reserved(client, request_id, usage, now) {
             Ok(Ok(late)) => {
                 let late = counted(client, i, request_id, late, usage, now_utc);
-                count(client, vec![late], now, &mut answers)
+                count(client, vec![late], now, "settle", &mut answers)
             }
             Ok(Err(answer)) => answers[i] = Some(Ok(answer)),
             Err(e) => answers[i] = Some(Err(e)),
         }
     }
-    count(client, pending, now, &mut answers);
+    count(client, pending, now, "settle", &mut answers);
     answers.into_iter().map(|a| a.expect("every item is answered")).collect()
+}
+
+/// Charges reservations that expired (quota.sweep, with pg_quota.expired_reservations =
+/// 'charge') at their estimate: an unknown outcome is not free. By the settle's own code (take,
+/// count): each hold moves to the usage of its policy's window now, as it was held (not priced
+/// again), a window found ended spent is recovered, alert thresholds crossed are logged and a
+/// window spent is marked and acted on; one ledger row per reservation, settled_by 'sweep', with
+/// the estimate as its usage (a late settle corrects it: quota.correct_swept). A reservation
+/// already gone (settled meanwhile) is skipped.
+#[pg_extern(sql = false)] // declared in sql/schema/50_admin.sql
+fn charge_expired(request_ids: Vec<Option<String>>, now_ts: TimestampWithTimeZone) {
+    let items: Vec<SettleItem> = request_ids
+        .iter()
+        .map(|id| SettleItem { request_id: id.as_deref(), input_tokens: None, output_tokens: None, cached_tokens: Some(0) })
+        .collect();
+    let takers: Vec<usize> = (0..items.len()).collect();
+    let now_utc = crate::window::to_utc(now_ts);
+    Spi::connect_mut(|client| {
+        let mut taken: Vec<(usize, Taken)> = take(client, &items, &takers).into_iter().collect();
+        taken.sort_by_key(|(i, _)| *i);
+        let mut batch: Vec<Counted> = Vec::with_capacity(taken.len());
+        for (i, t) in taken {
+            let (est, max_out) = t.estimate.expect("a reservation taken has its estimate");
+            let mut charged = counted(client, i, items[i].request_id.unwrap_or(""), t, (Some(est), Some(max_out), 0), now_utc);
+            for k in &mut charged.counts {
+                k.actual = k.hold.clone();
+            }
+            batch.push(charged);
+        }
+        let mut answers: Vec<Option<Answer>> = (0..items.len()).map(|_| None).collect();
+        count(client, batch, now_ts, "sweep", &mut answers);
+    });
 }
 
 /// Takes the reservations of the items `takers` (see TAKE), by item.
@@ -267,6 +306,7 @@ fn take(client: &mut SpiClient<'_>, items: &[SettleItem<'_>], takers: &[usize]) 
                 hold_amount: col(&r, 10).unwrap(),
                 hold_limit: col(&r, 11).unwrap(),
                 cost: col(&r, 12),
+                estimate: Some((col(&r, 14).unwrap(), col(&r, 15).unwrap())),
             },
         );
     }
@@ -337,6 +377,7 @@ fn count(
     client: &mut SpiClient<'_>,
     batch: Vec<Counted<'_>>,
     now: TimestampWithTimeZone,
+    settled_by: &str,
     answers: &mut [Option<Answer>],
 ) {
     if batch.is_empty() {
@@ -395,6 +436,7 @@ fn count(
             .collect::<Vec<_>>()
             .into(),
         ordered.iter().map(|t| t.hold.clone()).collect::<Vec<_>>().into(),
+        settled_by.into(),
     ];
     let written: Vec<((i64, i64), AnyNumeric, bool, bool)> = run(client, COUNT, &args)
         .map(|r| {
@@ -505,6 +547,7 @@ fn not_reserved(
         hold_amount: vec![],
         hold_limit: vec![],
         cost: col(&r, 6),
+        estimate: None,
     };
     let args =
         [taken.key_id.into(), taken.user_id.into(), taken.model.as_str().into(), taken.channel_id.into(), now.into()];

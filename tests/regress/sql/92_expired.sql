@@ -86,5 +86,38 @@ SAVEPOINT a;
 SET LOCAL pg_quota.expired_reservations = 'forgive';
 ROLLBACK TO a;
 
+-- The sweep's charge is a settle of the estimate, by the same code: twin keys with the same
+-- policies (a strict token limit that disables the key once spent, with an alert threshold,
+-- and a rolling window), one request each of the same estimate; one is settled with its
+-- estimate, the other expires and the sweep charges it. Counters, marks, events, ledger rows,
+-- rollups and the suspension come out the same.
+SET LOCAL pg_quota.expired_reservations = 'charge';
+SET LOCAL pg_quota.fake_now = '2026-06-02 00:40:00+00';
+SELECT quota.create_key(quota.create_user('twin-settled'), 'twin-settled') AS tw_s_key,
+       quota.create_key(quota.create_user('twin-swept'), 'twin-swept') AS tw_c_key \gset
+SELECT key_id AS tw_s FROM quota.api_key WHERE name = 'twin-settled' \gset
+SELECT key_id AS tw_c FROM quota.api_key WHERE name = 'twin-swept' \gset
+INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit, on_exhausted, alert_at)
+SELECT 'key', k, 'tokens', 'day', 1000, 'disable', '{0.5}' FROM unnest(ARRAY[:tw_s, :tw_c]) k;
+INSERT INTO quota.policy (subject_type, subject_id, metric, period, period_minutes, window_mode, quota_limit)
+SELECT 'key', k, 'cost', 'minutes', 30, 'rolling', 1 FROM unnest(ARRAY[:tw_s, :tw_c]) k;
+SELECT allowed FROM quota.admit(:'tw_s_key', 'tw-s', 'gpt-x', 400, 600);
+SELECT allowed FROM quota.admit(:'tw_c_key', 'tw-c', 'gpt-x', 400, 600);
+SELECT billed, cost FROM quota.settle('tw-s', 400, 600);
+SET LOCAL pg_quota.fake_now = '2026-06-02 00:51:00+00';
+SELECT expired_reservations FROM quota.sweep();
+SELECT k.name, s.metric, s.window_mode, s.used, s.reserved, s.state, a.suspended_until
+FROM unnest(ARRAY[:tw_s, :tw_c]) AS k0(key_id) JOIN quota.api_key a ON a.key_id = k0.key_id
+JOIN LATERAL quota.status(k0.key_id) s ON true JOIN quota.api_key k ON k.key_id = k0.key_id
+ORDER BY k.name DESC, s.policy_id;
+SELECT k.name, array_agg(e.kind ORDER BY e.event_id) AS events
+FROM quota.api_key k JOIN quota.event e ON e.key_id = k.key_id AND e.kind <> 'reservation_expired'
+WHERE k.key_id IN (:tw_s, :tw_c) GROUP BY k.name ORDER BY k.name DESC;
+SELECT request_id, settled_by, input_tokens, output_tokens, cost, billed, counted_amount
+FROM quota.usage_ledger WHERE request_id IN ('tw-s', 'tw-c') ORDER BY request_id DESC;
+SELECT k.name, d.requests, d.input_tokens, d.output_tokens, d.cost
+FROM quota.usage_daily d JOIN quota.api_key k ON k.key_id = d.key_id WHERE d.key_id IN (:tw_s, :tw_c)
+ORDER BY k.name DESC;
+
 SELECT count(*) AS drifting_counters FROM quota.drift();
 ROLLBACK;
