@@ -3,7 +3,8 @@
 # before, settle after, on a throwaway cluster), both release builds, non-streaming chat
 # completions. Latency at a fixed moderate rate (hey -q, one worker per key, 4 keys; the
 # targets take turns in rounds); throughput at max rate (wrk, a random key of 64 per request,
-# 32 connections, then 128 with the relay on the floor without WAL flushes as its ceiling).
+# 32 connections, then 128 with the relay on the floor without WAL flushes as its ceiling, and
+# the relay batching on the floor as batching's ceiling).
 # Also the relay's floor: the same relay on a database whose admit and settle make only the
 # data model's row writes (tests/bench/relay_floor.sql), with durable commits and without WAL
 # flushes. Prints one small table, with the mean admit round trip and upstream call that each
@@ -19,7 +20,7 @@
 # asynchronous replication waits for), taking turns with the direct call; no throughput run.
 # The relay runs twice on the same database: with natural batching (--batch-max, default 64:
 # quota.admit_many / quota.settle_many) and with --batch-max 1 (every call alone); the floor
-# relays run with --batch-max 1 (their database's floor functions are single calls).
+# relays of the latency runs run with --batch-max 1, two more batch on the floor (max rate only).
 # PG_BIN / PG_CONFIG name the PostgreSQL to use (scripts/lib.sh), PGQ_BENCH_PORT its port.
 set -euo pipefail
 LOG_TAG=bench
@@ -53,8 +54,8 @@ cleanup() {
 }
 trap cleanup EXIT
 cluster_init "$WORK/cluster"
-# (five relays with pools of up to 16 connections each, all grown by the 128-connection runs)
-cluster_start "$WORK/cluster" "$PORT" "shared_buffers=512MB" "max_connections=120" ${BENCH_PG_EXTRA:-}
+# (seven relays with pools of up to 16 connections each, grown by the 128-connection runs)
+cluster_start "$WORK/cluster" "$PORT" "shared_buffers=512MB" "max_connections=150" ${BENCH_PG_EXTRA:-}
 export PGHOST="$WORK/cluster/socket" PGPORT=$PORT PGUSER=postgres PGDATABASE=postgres
 if [ "$MODE" = replication ]; then
   cluster_standby_of "$WORK/cluster" "$PORT" "$WORK/standby"
@@ -100,6 +101,14 @@ FLOOR=$SPAWNED_URL
 spawn_listening "$WORK/floor-nosync.log" "$BIN" serve --listen 127.0.0.1:0 --upstream-url "$MOCK/v1" \
   --database-url "host=$PGHOST port=$PORT user=postgres dbname=relay_floor options='-c synchronous_commit=off'" --batch-max 1
 FLOOR_NOSYNC=$SPAWNED_URL
+# the same floor with batching (relay_floor.sql's admit_many / settle_many): the most that
+# batching through this relay gives on this machine, whatever the engine
+spawn_listening "$WORK/floor-batch.log" "$BIN" serve --listen 127.0.0.1:0 --upstream-url "$MOCK/v1" \
+  --database-url "host=$PGHOST port=$PORT user=postgres dbname=relay_floor"
+FLOOR_BATCH=$SPAWNED_URL
+spawn_listening "$WORK/floor-batch-nosync.log" "$BIN" serve --listen 127.0.0.1:0 --upstream-url "$MOCK/v1" \
+  --database-url "host=$PGHOST port=$PORT user=postgres dbname=relay_floor options='-c synchronous_commit=off'"
+FLOOR_BATCH_NOSYNC=$SPAWNED_URL
 fi
 
 BODY='{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"Hello, how are you today?"}]}'
@@ -242,6 +251,9 @@ single_rps=$(throughput "$SINGLE/v1/chat/completions")
 relay_rps_128=$(throughput "$RELAY/v1/chat/completions" 128)
 single_rps_128=$(throughput "$SINGLE/v1/chat/completions" 128)
 ceiling_rps_128=$(throughput "$FLOOR_NOSYNC/v1/chat/completions" 128)
+# and batching's own ceiling: the floor's batched functions, with durable commits and without
+floor_batch_rps_128=$(throughput "$FLOOR_BATCH/v1/chat/completions" 128)
+floor_batch_nosync_rps_128=$(throughput "$FLOOR_BATCH_NOSYNC/v1/chat/completions" 128)
 
 row() { # label p50 p99 admit upstream
   awk -v l="$1" -v p50="$2" -v p99="$3" -v a="$4" -v u="$5" -v d50="$direct_p50" -v d99="$direct_p99" \
@@ -261,4 +273,6 @@ awk -v b="$relay_rps" -v s="$single_rps" 'BEGIN {
   printf "  max rate through the relay: batching %d req/s, --batch-max 1 %d req/s, ratio %.2f (goal >= 4)\n", b, s, b / s }'
 awk -v b="$relay_rps_128" -v s="$single_rps_128" -v c="$ceiling_rps_128" 'BEGIN {
   printf "  with 128 connections: batching %d req/s, --batch-max 1 %d req/s, ratio %.2f; the relay on the floor without WAL flushes %d req/s\n", b, s, b / s, c }'
+awk -v f="$floor_batch_rps_128" -v n="$floor_batch_nosync_rps_128" -v s="$single_rps_128" 'BEGIN {
+  printf "  batching on the floor, 128 connections: %d req/s (%.2f x --batch-max 1 on pg_quota), without WAL flushes %d req/s (%.2f x)\n", f, f / s, n, n / s }'
 left
