@@ -4,7 +4,7 @@
 # completions. Latency at a fixed moderate rate (hey -q, one worker per key, 4 keys; the
 # targets take turns in rounds); throughput at max rate (wrk, a random key of 64 per request,
 # 32 connections, then 128 with the relay on the floor without WAL flushes as its ceiling, and
-# the relay batching on the floor as batching's ceiling).
+# the relay batching on the floor, relay_floor_batch.sql, as batching's ceiling).
 # Also the relay's floor: the same relay on a database whose admit and settle make only the
 # data model's row writes (tests/bench/relay_floor.sql), with durable commits and without WAL
 # flushes. Prints one small table, with the mean admit round trip and upstream call that each
@@ -101,13 +101,17 @@ FLOOR=$SPAWNED_URL
 spawn_listening "$WORK/floor-nosync.log" "$BIN" serve --listen 127.0.0.1:0 --upstream-url "$MOCK/v1" \
   --database-url "host=$PGHOST port=$PORT user=postgres dbname=relay_floor options='-c synchronous_commit=off'" --batch-max 1
 FLOOR_NOSYNC=$SPAWNED_URL
-# the same floor with batching (relay_floor.sql's admit_many / settle_many): the most that
-# batching through this relay gives on this machine, whatever the engine
+# the floor with batching (relay_floor_batch.sql: admit_many / settle_many, and single calls as
+# batches of one), in a database of its own: the most that batching through this relay gives
+# on this machine, whatever the engine
+psql -X -q -c "CREATE DATABASE relay_floor_batch" || fail "creating the batching floor's database"
+psql -X -q -v ON_ERROR_STOP=1 -d relay_floor_batch -c "CREATE EXTENSION pg_quota" -f tests/bench/floor_setup.sql \
+  -f tests/bench/relay_floor.sql -f tests/bench/relay_floor_batch.sql >/dev/null || fail "batching floor setup"
 spawn_listening "$WORK/floor-batch.log" "$BIN" serve --listen 127.0.0.1:0 --upstream-url "$MOCK/v1" \
-  --database-url "host=$PGHOST port=$PORT user=postgres dbname=relay_floor"
+  --database-url "host=$PGHOST port=$PORT user=postgres dbname=relay_floor_batch"
 FLOOR_BATCH=$SPAWNED_URL
 spawn_listening "$WORK/floor-batch-nosync.log" "$BIN" serve --listen 127.0.0.1:0 --upstream-url "$MOCK/v1" \
-  --database-url "host=$PGHOST port=$PORT user=postgres dbname=relay_floor options='-c synchronous_commit=off'"
+  --database-url "host=$PGHOST port=$PORT user=postgres dbname=relay_floor_batch options='-c synchronous_commit=off'"
 FLOOR_BATCH_NOSYNC=$SPAWNED_URL
 fi
 

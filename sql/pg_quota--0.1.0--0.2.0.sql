@@ -648,7 +648,8 @@ GRANT EXECUTE ON FUNCTION quota.ledger_partitions(), quota.maintain_ledger() TO 
 -- Issue 20: alerts and shadow mode
 -- New policy columns (enforce: shadow mode; alert_at: thresholds), the counter's alert marks,
 -- two event kinds, the policy checks and re-arming (policy_validate, clear_usage,
--- policy_judged_afresh), shadow policies in limits of their own (policies_for), the sweep's
+-- policy_judged_afresh), shadow policies in limits of their own (policies_for; as of issue 19
+-- it also looks policies up by subject, one lookup each, so kept plans stay keyed), the sweep's
 -- charge (charge_expired: thresholds, no marks for shadow policies), quota.status with the
 -- enforce column (a new result type: dropped and created again), and 70_alerts.sql whole.
 ALTER TABLE quota.policy ADD COLUMN enforce boolean NOT NULL DEFAULT true, ADD COLUMN alert_at numeric[];
@@ -772,21 +773,31 @@ RETURNS TABLE (policy quota.policy, scope_id bigint, axis text, limit_key text, 
 LANGUAGE sql STABLE AS $$
     WITH groups AS (
         SELECT m.group_id FROM quota.user_group_member m WHERE m.user_id = policies_for.user_id
+    ), subjects AS (
+        -- a lookup by subject each (as one OR of them, the plan that the lifecycle made while
+        -- there were few policies, and kept, read every policy once there were many)
+        SELECT p FROM quota.policy p
+        WHERE p.enabled AND p.subject_type = 'key' AND p.subject_id = policies_for.key_id
+        UNION ALL
+        SELECT p FROM quota.policy p
+        WHERE p.enabled AND p.subject_type = 'user' AND p.subject_id = policies_for.user_id
+        UNION ALL
+        SELECT p FROM quota.policy p
+        WHERE p.enabled AND p.subject_type = 'user_group'
+          AND p.subject_id = ANY (ARRAY(SELECT g.group_id FROM groups g))
+        UNION ALL
+        SELECT p FROM quota.policy p
+        WHERE p.enabled AND p.subject_type = 'channel' AND p.subject_id = policies_for.channel_id
     ), matched AS (
-        SELECT p AS policy, quota.policy_axis(p.subject_type) AS axis
-        FROM quota.policy p
-        WHERE p.enabled
-          AND (   (p.subject_type = 'key' AND p.subject_id = policies_for.key_id)
-               OR (p.subject_type = 'user' AND p.subject_id = policies_for.user_id)
-               OR (p.subject_type = 'user_group' AND p.subject_id IN (SELECT g.group_id FROM groups g))
-               OR (p.subject_type = 'channel' AND p.subject_id = policies_for.channel_id))
-          AND (policies_for.model IS NULL OR p.model_group IS NULL
-               OR p.model_group = coalesce(
-                      (SELECT mg.model_group_id FROM quota.model_group_member mg
-                        WHERE mg.model = policies_for.model),
-                      -- a snapshot or alias counts in the group of the model it is priced as
-                      (SELECT mg.model_group_id FROM quota.model_group_member mg
-                        WHERE mg.model = quota.price_model(policies_for.model))))
+        SELECT s.p AS policy, quota.policy_axis((s.p).subject_type) AS axis
+        FROM subjects s
+        WHERE policies_for.model IS NULL OR (s.p).model_group IS NULL
+              OR (s.p).model_group = coalesce(
+                     (SELECT mg.model_group_id FROM quota.model_group_member mg
+                       WHERE mg.model = policies_for.model),
+                     -- a snapshot or alias counts in the group of the model it is priced as
+                     (SELECT mg.model_group_id FROM quota.model_group_member mg
+                       WHERE mg.model = quota.price_model(policies_for.model)))
     ), kept AS (
         SELECT m.policy, m.axis,
                concat_ws('/', m.axis, coalesce((m.policy).model_group::text, '*'), (m.policy).metric,

@@ -76,21 +76,31 @@ RETURNS TABLE (policy quota.policy, scope_id bigint, axis text, limit_key text, 
 LANGUAGE sql STABLE AS $$
     WITH groups AS (
         SELECT m.group_id FROM quota.user_group_member m WHERE m.user_id = policies_for.user_id
+    ), subjects AS (
+        -- a lookup by subject each (as one OR of them, the plan that the lifecycle made while
+        -- there were few policies, and kept, read every policy once there were many)
+        SELECT p FROM quota.policy p
+        WHERE p.enabled AND p.subject_type = 'key' AND p.subject_id = policies_for.key_id
+        UNION ALL
+        SELECT p FROM quota.policy p
+        WHERE p.enabled AND p.subject_type = 'user' AND p.subject_id = policies_for.user_id
+        UNION ALL
+        SELECT p FROM quota.policy p
+        WHERE p.enabled AND p.subject_type = 'user_group'
+          AND p.subject_id = ANY (ARRAY(SELECT g.group_id FROM groups g))
+        UNION ALL
+        SELECT p FROM quota.policy p
+        WHERE p.enabled AND p.subject_type = 'channel' AND p.subject_id = policies_for.channel_id
     ), matched AS (
-        SELECT p AS policy, quota.policy_axis(p.subject_type) AS axis
-        FROM quota.policy p
-        WHERE p.enabled
-          AND (   (p.subject_type = 'key' AND p.subject_id = policies_for.key_id)
-               OR (p.subject_type = 'user' AND p.subject_id = policies_for.user_id)
-               OR (p.subject_type = 'user_group' AND p.subject_id IN (SELECT g.group_id FROM groups g))
-               OR (p.subject_type = 'channel' AND p.subject_id = policies_for.channel_id))
-          AND (policies_for.model IS NULL OR p.model_group IS NULL
-               OR p.model_group = coalesce(
-                      (SELECT mg.model_group_id FROM quota.model_group_member mg
-                        WHERE mg.model = policies_for.model),
-                      -- a snapshot or alias counts in the group of the model it is priced as
-                      (SELECT mg.model_group_id FROM quota.model_group_member mg
-                        WHERE mg.model = quota.price_model(policies_for.model))))
+        SELECT s.p AS policy, quota.policy_axis((s.p).subject_type) AS axis
+        FROM subjects s
+        WHERE policies_for.model IS NULL OR (s.p).model_group IS NULL
+              OR (s.p).model_group = coalesce(
+                     (SELECT mg.model_group_id FROM quota.model_group_member mg
+                       WHERE mg.model = policies_for.model),
+                     -- a snapshot or alias counts in the group of the model it is priced as
+                     (SELECT mg.model_group_id FROM quota.model_group_member mg
+                       WHERE mg.model = quota.price_model(policies_for.model)))
     ), kept AS (
         SELECT m.policy, m.axis,
                concat_ws('/', m.axis, coalesce((m.policy).model_group::text, '*'), (m.policy).metric,

@@ -14,6 +14,7 @@ ALTER TABLE quota.reservation SET (autovacuum_enabled = false);
 ALTER TABLE quota.released SET (autovacuum_enabled = false);
 ALTER TABLE quota.counter SET (autovacuum_enabled = false);
 ALTER TABLE quota.app_user SET (autovacuum_enabled = false);
+ALTER TABLE quota.policy SET (autovacuum_enabled = false);
 INSERT INTO quota.model_price VALUES ('gpt-plan', 1, 2, NULL);
 SELECT quota.create_user('paula') AS paula \gset
 SELECT quota.create_key(:paula, 'plans') AS key \gset
@@ -45,17 +46,20 @@ FROM generate_series(1, 5000) i, quota.api_key k;
 INSERT INTO quota.released (request_id, kind, key_id, user_id, model, released_at)
 SELECT 'plan-gone-' || i, 'refunded', k.key_id, k.user_id, 'gpt-plan', now()
 FROM generate_series(1, 5000) i, quota.api_key k;
--- (and the users and counters, the counters by 5,000 scopes the policy does not cover)
+-- (and the users and counters, the counters by 5,000 scopes paula's policy does not cover)
 INSERT INTO quota.app_user (name) SELECT 'plan-user-' || i FROM generate_series(1, 5000) i;
 INSERT INTO quota.counter (policy_id, scope_id, window_start, used)
 SELECT p.policy_id, 2000000 + i, date_trunc('day', now()), 0 FROM generate_series(1, 5000) i, quota.policy p;
+-- (and the policies, one for each of those users)
+INSERT INTO quota.policy (subject_type, subject_id, metric, period, quota_limit)
+SELECT 'user', u.user_id, 'requests', 'day', 10 FROM quota.app_user u WHERE u.name LIKE 'plan-user-%';
 SELECT pg_stat_force_next_flush();
 -- (kept in psql variables: a temporary table would change the search path, and that alone
 -- makes every kept plan again)
 SELECT string_agg(relname || '=' || seq_scan, ',' ORDER BY relname) AS scans_before FROM pg_stat_user_tables
 WHERE relname IN ('usage_ledger_default', 'ledger_request', 'reservation', 'released') \gset
 SELECT string_agg(indexrelname || '=' || idx_tup_read, ',' ORDER BY indexrelname) AS reads_before
-FROM pg_stat_user_indexes WHERE relname IN ('app_user', 'counter', 'ledger_request', 'reservation', 'released') \gset
+FROM pg_stat_user_indexes WHERE relname IN ('app_user', 'counter', 'ledger_request', 'policy', 'reservation', 'released') \gset
 SELECT allowed FROM quota.admit(:'key', 'plan-1', 'gpt-plan', 1, 1);
 SELECT settled FROM quota.settle('plan-1', 1, 1);
 SELECT allowed FROM quota.admit(:'key', 'plan-2', 'gpt-plan', 1, 1);
@@ -95,7 +99,8 @@ SELECT seq_scan - :key_scans_before AS full_scans_of_api_key FROM pg_stat_user_t
 -- It finds the spent windows that have ended without reading every counter: of 5,000 counters,
 -- one is marked spent in yesterday's window.
 INSERT INTO quota.counter (policy_id, scope_id, window_start, used)
-SELECT p.policy_id, 1000000 + i, date_trunc('day', now()), 1 FROM generate_series(1, 5000) i, quota.policy p;
+SELECT p.policy_id, 1000000 + i, date_trunc('day', now()), 1 FROM generate_series(1, 5000) i, quota.policy p
+WHERE p.subject_type = 'user' AND p.subject_id = :paula;
 UPDATE quota.counter SET exhausted_at = now() - interval '1 day' WHERE scope_id = 1000042;
 ANALYZE quota.counter;
 SELECT pg_stat_force_next_flush();
@@ -128,6 +133,7 @@ BEGIN
     RETURN (plan -> 0 -> 'Plan' ->> 'Plan Rows')::bigint;
 END
 $$;
+ANALYZE quota.policy;
 SELECT pg_temp.estimated_rows($$SELECT * FROM quota.window_bounds('day', NULL, 'fixed', now(), 'UTC', 1, 0, now())$$)
        AS window_bounds_rows,
        pg_temp.estimated_rows($$SELECT w.* FROM quota.policy p, quota.policy_window(p, now()) w$$) AS policy_window_rows,
