@@ -1,9 +1,10 @@
 -- The floor of this data model: the row writes of one admit+settle pair and nothing else (no
 -- key lookup, policy selection, window math, pricing, idempotency or exhaustion checks). Copies
--- of the engine's tables, with their constraints and indexes, and the ledger's rollup trigger:
+-- of the engine's tables, with their constraints and indexes, and the ledger's triggers (the
+-- day's rollup, the request ids):
 --   admit:  insert the reservation row; add the hold to the counter
---   settle: delete the reservation row; insert the ledger row (its trigger upserts the day's
---           rollup); move the hold to the counter's usage
+--   settle: delete the reservation row; insert the ledger row (its triggers upsert the day's
+--           rollup and file its request id); move the hold to the counter's usage
 -- The counter is written with a plain UPDATE, the cheapest form (the engine upserts, which
 -- also creates a scope's first counter row). So a pair can only approach this figure: the
 -- distance between the two is the engine's own work.
@@ -13,6 +14,21 @@ CREATE TABLE bench_floor.counter (LIKE quota.counter INCLUDING ALL) WITH (fillfa
 CREATE TABLE bench_floor.usage_ledger (LIKE quota.usage_ledger INCLUDING ALL);
 CREATE TRIGGER usage_daily_add AFTER INSERT ON bench_floor.usage_ledger
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION quota.usage_daily_add();
+-- The ledger is partitioned: LIKE copies none of its partitions' indexes, which the upkeep
+-- makes (quota.maintain_ledger), nor the table of its request ids that its trigger fills.
+CREATE INDEX ON bench_floor.usage_ledger (key_id, settled_at);
+CREATE INDEX ON bench_floor.usage_ledger USING brin (settled_at) WITH (autosummarize = on);
+CREATE TABLE bench_floor.ledger_request (LIKE quota.ledger_request INCLUDING ALL);
+CREATE FUNCTION bench_floor.ledger_request_add() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO bench_floor.ledger_request (request_id, settled_by, settled_at, billed, unbilled_reason, cost)
+    SELECT n.request_id, n.settled_by, n.settled_at, n.billed, n.unbilled_reason, n.cost FROM new_rows n;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER ledger_request_add AFTER INSERT ON bench_floor.usage_ledger
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION bench_floor.ledger_request_add();
 INSERT INTO bench_floor.counter (policy_id, scope_id, window_start)
 SELECT 1, k, date_trunc('day', now()) FROM generate_series(1, 1000) k;
 
