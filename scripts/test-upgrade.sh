@@ -24,6 +24,31 @@ flunk() { failed=$((failed + 1)); say "FAIL $*"; }
 check() { local what=$1; shift; if "$@" >"$WORK/check.out" 2>&1; then pass "$what"; else flunk "$what"; sed 's/^/     /' "$WORK/check.out" | head -n 40; fi; }
 fresh_db() { "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" -c "CREATE DATABASE $1"; }
 value() { "${PSQL[@]}" -At -d "$1" -c "$2"; }
+# old_release_sweeps DB: on the old release's schema, served by the new library (as between the
+# install of a new build and ALTER EXTENSION UPDATE), the sweep charges an expired reservation
+# of a rolling window (the old sweep calls functions of the library that the new schema no
+# longer declares, such as minute_bucket); prints t when the charge is in the ledger and the
+# window's bucket. The fill's open reservations are not expired.
+old_release_sweeps() {
+  "${PSQL[@]}" -At -d "$1" <<'SQL'
+BEGIN;
+SET LOCAL pg_quota.fake_now = '2000-01-01 00:00:00+00';
+SELECT quota.create_key(quota.create_user('upgrade-sweep'), 'upgrade-sweep') AS key \gset
+INSERT INTO quota.policy (subject_type, subject_id, metric, period, period_minutes, window_mode, quota_limit)
+SELECT 'key', key_id, 'tokens', 'minutes', 60, 'rolling', 1000000 FROM quota.api_key WHERE name = 'upgrade-sweep';
+SELECT allowed AS admitted FROM quota.admit(:'key', 'upgrade-sweep-1', 'gpt-4o-mini', 100, 50) \gset
+-- (the fill's open reservations were made at 10:00 that day)
+SET LOCAL pg_quota.fake_now = '2026-11-27 10:05+00';
+SET LOCAL pg_quota.reservation_ttl = '1h';
+SELECT expired_reservations AS swept FROM quota.sweep() \gset
+SELECT :'admitted'::boolean AND :swept = 1
+       AND EXISTS (SELECT 1 FROM quota.usage_ledger WHERE request_id = 'upgrade-sweep-1' AND settled_by = 'sweep')
+       AND (SELECT sum(r.used) FROM quota.rolling_usage r JOIN quota.policy p USING (policy_id)
+            JOIN quota.api_key k ON k.key_id = p.subject_id AND p.subject_type = 'key'
+            WHERE k.name = 'upgrade-sweep') = 150;
+COMMIT;
+SQL
+}
 
 fresh_db pgq_upgrade_fresh >/dev/null && "${PSQL[@]}" -d pgq_upgrade_fresh -c 'CREATE EXTENSION pg_quota' >/dev/null \
   || fail "a fresh install of pg_quota $NEW"
@@ -38,6 +63,8 @@ for old in $releases; do
   fresh_db "$db" >/dev/null || fail "create database $db"
   check "install $old and fill it (users, keys, policies, groups, channels, ledger, open reservations)" \
     bash -c "${PSQL[*]} -d $db -c \"CREATE EXTENSION pg_quota VERSION '$old'\" && ${PSQL[*]} -d $db -f tests/upgrade/fill.sql"
+  check "$old served by the new library: its sweep charges a rolling window's expired reservation" \
+    test "$(old_release_sweeps "$db")" = t
   "${PSQL[@]}" -d "$db" -f tests/upgrade/contents.sql >"$WORK/before.rows"
   check "ALTER EXTENSION pg_quota UPDATE from $old" "${PSQL[@]}" -d "$db" -c 'ALTER EXTENSION pg_quota UPDATE'
   check "the upgraded database reports version $NEW" test "$(value "$db" "SELECT extversion FROM pg_extension WHERE extname = 'pg_quota'")" = "$NEW"
