@@ -1647,7 +1647,7 @@ pub(super) fn file(client: &mut SpiClient<'_>, pending: Pending, now: TimestampW
         windows.keys().map(|k| k.0).collect::<Vec<_>>().into(),
         windows.keys().map(|k| k.1).collect::<Vec<_>>().into(),
         windows.values().copied().collect::<Vec<_>>().into(),
-        pending.unfile.clone().into(),
+        pending.unfile.into(),
         held().map(|h| h.0).collect::<Vec<_>>().into(),
         held().map(|h| h.1).collect::<Vec<_>>().into(),
         held().map(|h| h.2.clone()).collect::<Vec<_>>().into(),

@@ -254,7 +254,12 @@ pub(super) fn settle_all(client: &mut SpiClient<'_>, items: &[SettleItem<'_>]) -
 fn charge_expired(request_ids: Vec<Option<String>>, now_ts: TimestampWithTimeZone) {
     let items: Vec<SettleItem> = request_ids
         .iter()
-        .map(|id| SettleItem { request_id: id.as_deref(), input_tokens: None, output_tokens: None, cached_tokens: Some(0) })
+        .map(|id| SettleItem {
+            request_id: id.as_deref(),
+            input_tokens: None,
+            output_tokens: None,
+            cached_tokens: Some(0),
+        })
         .collect();
     let takers: Vec<usize> = (0..items.len()).collect();
     let now_utc = crate::window::to_utc(now_ts);
@@ -264,7 +269,8 @@ fn charge_expired(request_ids: Vec<Option<String>>, now_ts: TimestampWithTimeZon
         let mut batch: Vec<Counted> = Vec::with_capacity(taken.len());
         for (i, t) in taken {
             let (est, max_out) = t.estimate.expect("a reservation taken has its estimate");
-            let mut charged = counted(client, i, items[i].request_id.unwrap_or(""), t, (Some(est), Some(max_out), 0), now_utc);
+            let mut charged =
+                counted(client, i, items[i].request_id.unwrap_or(""), t, (Some(est), Some(max_out), 0), now_utc);
             for k in &mut charged.counts {
                 k.actual = k.hold.clone();
             }
